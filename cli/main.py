@@ -1,0 +1,55 @@
+"""The `optima` command. Heavy imports (torch, open_clip) happen inside commands,
+so `optima --help` answers at once."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+                  help="OPTIMA: module-wise adaptive distillation of multimodal models, declared in gin.")
+
+
+@app.callback()
+def _root() -> None:
+    """OPTIMA: module-wise adaptive distillation of multimodal models, declared in gin."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A user error becomes one line on stderr and its exit code (2 for config
+    errors); OPTIMA_DEBUG=1 shows the traceback instead."""
+    from optima.errors import OptimaError
+
+    try:
+        yield
+    except OptimaError as e:
+        if os.environ.get("OPTIMA_DEBUG"):
+            raise
+        typer.echo(f"optima: error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="Experiment gin file, e.g. gin/quickstart.gin."),
+    binding: Optional[List[str]] = typer.Option(
+        None, "--binding", "-b", help="Extra gin binding, repeatable: -b 'distillation.reward = @kd_reward()'."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where logs go (default runs/<config>-<time>)."),
+    no_plugins: bool = typer.Option(False, "--no-plugins", help="Load built-in plugins only."),
+) -> None:
+    """Run the experiment a gin file declares."""
+    with user_errors():
+        from optima.cli.run import run_command
+
+        run_command(config, binding or [], run_dir, external_plugins=False if no_plugins else None)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

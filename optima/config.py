@@ -1,0 +1,119 @@
+"""gin glue: make every component configurable, parse files and bindings, and turn
+gin's errors into one-line `ConfigError`s that name the file, line or binding."""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import gin
+
+from optima import registry as registry_mod
+from optima.errors import ConfigError
+
+#: gin name -> factory registered by this process (gin cannot register a name twice)
+_REGISTERED: dict[str, Callable] = {}
+#: The repository's `gin/` folder, so `include 'common/x.gin'` works from anywhere.
+GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+
+
+def _register(name: str, factory: Callable, module: str | None = None) -> None:
+    full = f"{module}.{name}" if module else name
+    if _REGISTERED.get(full) is factory:
+        return
+    if full in _REGISTERED:  # another plugin set in this process (tests): replace it
+        gin.config._REGISTRY.pop(full)  # gin has no public unregister
+    gin.external_configurable(factory, name=name, module=module)
+    _REGISTERED[full] = factory
+
+
+def setup(external_plugins: bool | None = None) -> registry_mod.Registry:
+    """Load plugins and make every component and core stage a gin configurable."""
+    import torch
+
+    import optima.experiment  # noqa: F401  (defines experiment, teacher_training, distillation)
+
+    reg = registry_mod.load(external=external_plugins)
+    for component in reg.components.values():
+        _register(component.gin_name, component.factory)
+    for opt in ("AdamW", "Adam", "SGD", "Adafactor"):
+        _register(opt, getattr(torch.optim, opt), module="torch.optim")
+    return reg
+
+
+def known_names() -> list[str]:
+    names = set()
+    for selector, _ in gin.config._REGISTRY.items():
+        names.add(selector)
+        names.add(selector.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def parse(config_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+    """Clear gin and parse `config_files` then `bindings`; raise `ConfigError`."""
+    gin.clear_config()
+    for f in config_files:
+        if not os.path.isfile(f):
+            raise ConfigError(f"{f}: no such gin file")
+        gin.add_config_file_search_path(os.path.dirname(os.path.abspath(f)))
+    if GIN_DIR.is_dir():
+        gin.add_config_file_search_path(str(GIN_DIR))
+    for b in bindings:
+        if "=" not in b:
+            raise ConfigError(f"binding {b!r} is not of the form 'configurable.parameter = value' "
+                              f"(e.g. -b 'distillation.rounds = 10')")
+    # gin logs an ERROR for every search path an include is not found in
+    logging.getLogger().disabled = True
+    try:
+        gin.parse_config_files_and_bindings(list(config_files), list(bindings), finalize_config=False)
+    except SyntaxError as e:
+        where = f"{e.filename}:{e.lineno}" if e.filename and e.filename != "<string>" else "binding"
+        raise ConfigError(f"{where}: gin syntax error: {e.msg}" + (f" in {e.text.strip()!r}" if e.text else "")) \
+            from None
+    except (ValueError, KeyError, IOError) as e:
+        raise translate(e) from None
+    finally:
+        logging.getLogger().disabled = False
+
+
+def translate(e: BaseException) -> ConfigError:
+    """gin's (often multi-line) errors -> one line with a hint."""
+    msg = str(e).strip().strip("'\"")
+    first = msg.splitlines()[0] if msg else type(e).__name__
+    location = _location(msg)
+    m = re.search(r"No configurable matching '([^']+)'", msg)
+    if m:
+        name = m.group(1).split("/")[-1]
+        near = difflib.get_close_matches(name, known_names(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else "; `optima plugins` lists what exists"
+        return ConfigError(f"{location}unknown configurable '{m.group(1)}'{hint}")
+    m = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", msg)
+    if m:
+        return ConfigError(f"{location}'{m.group(1)}' has no parameter '{m.group(2)}'")
+    m = re.search(r"Required bindings for `([^`]+)` not provided in config: \[([^\]]*)\]", msg)
+    if m:
+        params = [p.strip(" '") for p in m.group(2).split(",")]
+        return ConfigError(f"missing required binding(s) {', '.join(f'{m.group(1)}.{p}' for p in params)}: "
+                           f"set them in the gin file or with -b")
+    if isinstance(e, IOError) or "Unable to open file" in msg:
+        return ConfigError(f"{first}")
+    return ConfigError(f"{location}{first}")
+
+
+def _location(msg: str) -> str:
+    m = re.search(r'In file "([^"]+)", line (\d+)', msg)
+    return f"{m.group(1)}:{m.group(2)}: " if m else ""
+
+
+_GIN_CALL_ERRORS = ("Required bindings", "No configurable matching", "doesn't have a parameter")
+
+
+def translate_call_error(e: BaseException) -> BaseException:
+    """Errors gin raises when a configurable is called (e.g. a missing required
+    binding) become `ConfigError`s; anything else is returned unchanged."""
+    if isinstance(e, ConfigError) or not any(s in str(e) for s in _GIN_CALL_ERRORS):
+        return e
+    return translate(e)

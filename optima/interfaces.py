@@ -1,0 +1,168 @@
+"""The core interfaces of OPTIMA. Nothing here knows about CoCa or any task.
+
+A plugin fills these in; the engine (`optima.engine`) only talks to them:
+
+- `Module`: a named, ordered group of transformer layers of a model.
+- `DistillableModel`: a model split into `Module`s that maps a batch to features.
+- `Reward`: per-round accumulated full-model losses -> a reward in [0, 1].
+- `Policy`: picks an arm each round and learns from its reward.
+- `Loss`: the step objective for the played arm plus the full-model terms.
+- `Task`: data splits, the task loss and the metric.
+
+`ArmSpace` (the arms over a model's modules) is concrete: see `optima.arms`.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+Batch = Mapping[str, Any]
+# The quantities a round accumulates for the reward: "kd", "hidden", "attn".
+LossTerms = Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One transformer layer as distillation sees it.
+
+    `block` is the sub-module whose forward output is the layer's hidden state
+    `(batch, seq, width)`; `attentions` are the `nn.MultiheadAttention`s whose
+    head-averaged probabilities are matched (a decoder layer has a self- and a
+    cross-attention).
+    """
+
+    block: nn.Module
+    attentions: tuple[nn.MultiheadAttention, ...]
+
+
+@dataclass(frozen=True)
+class Module:
+    """A named, ordered group of transformer layers (e.g. CoCa's image encoder).
+
+    Hidden states and attention probabilities of its layers are read through an
+    `optima.taps.Recorder` attached to the model.
+    """
+
+    name: str
+    layers: tuple[Layer, ...]
+
+    @property
+    def width(self) -> int:
+        return self.layers[0].attentions[0].embed_dim
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+class DistillableModel(nn.Module, abc.ABC):
+    """A multimodal model split into `Module`s, same names for teacher and student."""
+
+    #: Width of the features `forward` returns (what a head consumes).
+    feature_dim: int
+
+    @abc.abstractmethod
+    def distill_modules(self) -> Sequence[Module]:
+        """The model's modules, in a fixed order."""
+
+    @abc.abstractmethod
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Features `(batch, seq, feature_dim)` for a task head."""
+
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.distill_modules())
+
+
+class Head(nn.Module, abc.ABC):
+    """Maps a model's features to task outputs (logits)."""
+
+    @abc.abstractmethod
+    def forward(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+class Task(abc.ABC):
+    """Data and evaluation of one task. Batches are dicts of tensors."""
+
+    #: Number of outputs the head must produce.
+    num_outputs: int
+
+    @abc.abstractmethod
+    def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> Iterator[Batch]:
+        """One pass over `split` ("train", "val" or "test")."""
+
+    @abc.abstractmethod
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The task loss `L_pred`."""
+
+    @abc.abstractmethod
+    def metric(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
+        """Per-batch sums of the metric, e.g. `{"correct": 7, "count": 8}`."""
+
+    @abc.abstractmethod
+    def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
+        """Metric sums over a split -> reported metrics, e.g. `{"accuracy": 0.9}`."""
+
+
+class Reward(abc.ABC):
+    """Turns the full-model losses of two consecutive rounds into a reward in [0, 1]."""
+
+    #: The loss terms this reward reads, a subset of ("kd", "hidden", "attn").
+    terms: tuple[str, ...]
+
+    @abc.abstractmethod
+    def __call__(self, previous: LossTerms, current: LossTerms) -> float: ...
+
+
+class Policy(abc.ABC):
+    """A bandit over arms `0..num_arms-1`. Draws only from its own seeded generator,
+    so that every process given the same seed and rewards plays the same arms."""
+
+    num_arms: int
+
+    @abc.abstractmethod
+    def select(self) -> int: ...
+
+    @abc.abstractmethod
+    def update(self, arm: int, reward: float) -> None: ...
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Per-arm tensors worth logging each round (e.g. posterior mean, sd, count)."""
+        return {}
+
+
+@dataclass
+class StepLosses:
+    """What `Loss` returns for one step."""
+
+    #: The objective to back-propagate: task + KD + the played arm's layer losses.
+    objective: torch.Tensor
+    #: Full-model values (all layers, no grad) of "kd", "hidden", "attn", plus "task".
+    full: dict[str, float] = field(default_factory=dict)
+
+
+class Loss(nn.Module, abc.ABC):
+    """The distillation objective. It may own parameters (e.g. projections),
+    which are trained with the student."""
+
+    @abc.abstractmethod
+    def forward(self, student: "Capture", teacher: "Capture", task_loss: torch.Tensor,
+                arm_layers: frozenset[tuple[str, int]], need: frozenset[str]) -> StepLosses:
+        """`arm_layers`: `(module, layer index)` pairs that get layer losses with
+        gradients; `need`: full-model terms the reward reads (others may be skipped)."""
+
+
+@dataclass
+class Capture:
+    """One forward pass of a network: its logits and its recorder."""
+
+    logits: torch.Tensor
+    recorder: Any  # optima.taps.Recorder (kept untyped to avoid an import cycle)
