@@ -28,7 +28,8 @@ def user_errors():
     except OptimaError as e:
         if os.environ.get("OPTIMA_DEBUG"):
             raise
-        typer.echo(f"optima: error: {e}", err=True)
+        # gin appends "In call to configurable ..." lines; the first line is the message
+        typer.echo(f"optima: error: {str(e).splitlines()[0]}", err=True)
         raise typer.Exit(e.exit_code) from None
 
 

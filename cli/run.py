@@ -35,6 +35,9 @@ class RichReporter(Reporter):
     def on_round(self, result):
         reward = "-" if result.reward is None else f"{result.reward:.3f}"
         self.status = f"round {result.round} arm {result.arm_label} reward {reward} | "
+        if not self.progress.console.is_terminal:  # no live bar in logs: one line per round
+            losses = " ".join(f"{k}={v:.4g}" for k, v in result.totals.items())
+            self.progress.console.print(f"{self.status}round losses {losses}")
 
     def on_message(self, text):
         self.progress.console.print(text)

@@ -84,7 +84,7 @@ def translate(e: BaseException) -> ConfigError:
     msg = str(e).strip().strip("'\"")
     first = msg.splitlines()[0] if msg else type(e).__name__
     location = _location(msg)
-    m = re.search(r"No configurable matching '([^']+)'", msg)
+    m = re.search(r"No configurable matching (?:reference )?'@?([^'(]+)(?:\(\))?'", msg)
     if m:
         name = m.group(1).split("/")[-1]
         near = difflib.get_close_matches(name, known_names(), n=3, cutoff=0.5)

@@ -112,6 +112,11 @@ def coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", overrides: Mappi
     cfg = coca_config(arch, overrides, layers)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         coca = CoCa(**cfg)
+    # open_clip leaves the decoder's vocabulary projection as torch.empty (its
+    # init_parameters is never called): garbage memory, which would also make the
+    # teacher cache key non-deterministic.
+    dec = coca.text_decoder
+    torch.nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
     if pretrained:
         _load_pretrained(coca, arch, pretrained)
     return CoCaModel(coca)

@@ -1,0 +1,32 @@
+# Two entry points for a fresh clone (see README):
+#   make demo   set up .venv and run the quickstart
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first, pinned to the release this project is tested with;
+# pip takes it from the local wheel cache where there is one.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/optima: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(BIN)/optima
+
+setup: $(BIN)/optima
+
+demo: setup
+	$(BIN)/optima run gin/quickstart.gin
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/step_time.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from optima.arms import ArmSpace
+from optima.errors import ConfigError
+from optima.plugins.coca import coca_model
+from optima.plugins.losses import kd_loss, layer_map, optima_loss
+
+from conftest import TINY_COCA
+
+
+def test_default_arm_space_is_every_nonempty_subset():
+    arms = ArmSpace(["image", "text", "multimodal"])
+    assert len(arms) == 7
+    assert arms.labels() == ["image", "text", "multimodal", "image+text", "image+multimodal",
+                             "text+multimodal", "image+text+multimodal"]
+    assert len(ArmSpace(["a", "b", "c", "d"])) == 15
+
+
+def test_explicit_arms_are_canonicalised_and_checked():
+    arms = ArmSpace(["image", "text", "multimodal"], [["multimodal", "image"], "text"])
+    assert arms.arms == (("image", "multimodal"), ("text",))
+    assert arms.index(["multimodal", "image"]) == 0
+    with pytest.raises(ConfigError, match="unknown module.*'audio'.*valid modules: image, text, multimodal"):
+        ArmSpace(["image", "text", "multimodal"], [["audio"]])
+    with pytest.raises(ConfigError, match="listed twice"):
+        ArmSpace(["image"], [["image"], ["image"]])
+
+
+@pytest.mark.parametrize("n_student, n_teacher, expected", [
+    (2, 12, [5, 11]),          # r = 6: g(1)=6, g(2)=12 (1-based)
+    (4, 12, [2, 5, 8, 11]),    # r = 3
+    (6, 24, [3, 7, 11, 15, 19, 23]),
+    (4, 4, [0, 1, 2, 3]),      # same depth: one to one
+    (5, 12, [1, 3, 5, 7, 9]),  # r = 12 // 5 = 2, rounded down
+])
+def test_layer_map(n_student, n_teacher, expected):
+    assert layer_map(n_student, n_teacher) == expected
+
+
+def test_layer_map_rejects_deeper_student():
+    with pytest.raises(ConfigError, match="1..2 layers"):
+        layer_map(3, 2)
+
+
+def test_kd_loss_is_kl_teacher_to_student():
+    s, t = torch.randn(5, 3), torch.randn(5, 3)
+    p_t = t.softmax(-1)
+    expected = (p_t * (p_t.log() - s.log_softmax(-1))).sum(-1).mean()
+    assert torch.allclose(kd_loss(s, t), expected, atol=1e-6)
+    assert kd_loss(t, t).abs() < 1e-6
+
+
+def _captures(student, teacher, batch):
+    from optima.engine import Network
+    from optima.interfaces import Capture
+    from optima.plugins.heads import attentional_pooler_head
+    from optima.taps import Recorder
+
+    out = []
+    for model in (student, teacher):
+        rec = Recorder(model.distill_modules())
+        net = Network(model, attentional_pooler_head(model.feature_dim, 3))
+        out.append(Capture(net(batch), rec))
+    return out
+
+
+def test_only_the_arm_layers_get_gradients(tiny_batch):
+    torch.manual_seed(0)
+    teacher, student = coca_model(TINY_COCA), coca_model(TINY_COCA, layers=(2, 2, 2))
+    loss = optima_loss(student.distill_modules(), teacher.distill_modules())
+    s_cap, t_cap = _captures(student, teacher, tiny_batch)
+    arm = frozenset({("image", 0), ("image", 1)})
+    out = loss(s_cap, t_cap, torch.zeros(()), arm, frozenset({"kd", "hidden", "attn"}))
+    out.objective.backward()
+    assert loss.proj["image_0"].weight.grad is not None
+    assert loss.proj["text_0"].weight.grad is None and loss.proj["multimodal_1"].weight.grad is None
+    # the full-model values cover every layer, whatever the arm
+    all_layers = frozenset(loss.pairs)
+    s_cap, t_cap = _captures(student, teacher, tiny_batch)
+    with torch.no_grad():
+        full = loss(s_cap, t_cap, torch.zeros(()), all_layers, frozenset({"kd", "hidden", "attn"})).full
+    assert out.full["hidden"] == pytest.approx(full["hidden"], rel=1e-5)
+    assert out.full["attn"] == pytest.approx(full["attn"], rel=1e-5)
+    assert set(full) == {"task", "kd", "hidden", "attn"}
+
+
+def test_layer_losses_match_a_hand_computation(tiny_batch):
+    torch.manual_seed(1)
+    teacher, student = coca_model(TINY_COCA), coca_model(TINY_COCA, layers=(2, 2, 2))
+    loss = optima_loss(student.distill_modules(), teacher.distill_modules(), kd_weight=0.0, hidden_weight=2.0,
+                       attn_weight=0.0)
+    s_cap, t_cap = _captures(student, teacher, tiny_batch)
+    key = ("text", 1)
+    out = loss(s_cap, t_cap, torch.zeros(()), frozenset({key}), frozenset())
+    # teacher text layer g(2) = 2 * (4 // 2) = 4, index 3
+    expected = 2.0 * torch.nn.functional.mse_loss(loss.proj["text_1"](s_cap.recorder.hidden(key)),
+                                                  t_cap.recorder.hidden(("text", 3)))
+    assert torch.allclose(out.objective, expected, atol=1e-6)
+
+
+def test_negative_loss_weight_is_a_config_error():
+    teacher = coca_model(TINY_COCA)
+    with pytest.raises(ConfigError, match="optima_loss.attn_weight must be >= 0"):
+        optima_loss(teacher.distill_modules(), teacher.distill_modules(), attn_weight=-1.0)

@@ -1,0 +1,61 @@
+"""The quickstart end to end with tiny bindings, and what it leaves behind."""
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
+
+from optima.cli.main import app
+
+TINY = [
+    "synthetic_ve_task.train_size = 256", "synthetic_ve_task.test_size = 64", "synthetic_ve_task.val_size = 0",
+    "teacher_training.steps = 4", "teacher_training.warmup_steps = 0", "teacher_training.batch_size = 16",
+    "distillation.rounds = 4", "distillation.steps_per_round = 2", "distillation.batch_size = 16",
+    "distillation.warmup_steps = 0", "optima_policy.warmup_rounds = 7",
+]
+
+
+def _run(run_dir, *extra):
+    args = ["run", "gin/quickstart.gin", "--run-dir", str(run_dir)]
+    for b in TINY + list(extra):
+        args += ["-b", b]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    out = _run(tmp_path / "run")
+    run = tmp_path / "run"
+    assert "test accuracy" in out and "teacher" in out and "student" in out
+    header, body = (run / "config.gin").read_text().split("\n", 1)
+    assert header.startswith("# optima run gin/quickstart.gin") and "distillation.rounds = 4" in body
+    operative = (run / "operative_config.gin").read_text()
+    assert "optima_policy.variance_scale = 0.001" in operative
+    summary = json.loads((run / "metrics.json").read_text())
+    assert len(summary["plays"]) == 4 and summary["rewards"][0] is None
+    assert all(0.0 <= r <= 1.0 for r in summary["rewards"][1:])
+    assert 0.0 <= summary["metrics"]["student"]["accuracy"] <= 1.0
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for term in ("task", "kd", "hidden", "attn"):
+        assert f"distill/loss/{term}" in scalars
+    assert {"teacher/loss/task", "round/arm", "round/reward", "policy/entropy",
+            "eval/teacher/accuracy", "eval/student/accuracy"} <= scalars
+    for arm in ("image", "text+multimodal", "image+text+multimodal"):
+        assert f"policy/mean/{arm}" in scalars and f"policy/count/{arm}" in scalars and f"policy/sd/{arm}" in scalars
+    assert len(events.Scalars("distill/loss/kd")) == 8  # one per step
+    assert [int(e.value) for e in events.Scalars("round/arm")] == summary["plays"]
+    assert len(events.Scalars("round/reward")) == 3  # no reward in the first round
+
+    # the teacher is cached: a second run reuses it and logs no teacher step
+    out2 = _run(tmp_path / "run2", "distillation.reward = @kd_reward()")
+    assert "teacher: reusing" in out2
+    events2 = EventAccumulator(str(tmp_path / "run2" / "tensorboard"))
+    events2.Reload()
+    assert "teacher/loss/task" not in events2.Tags()["scalars"]
+    assert "distillation.reward = @kd_reward()" in (tmp_path / "run2" / "operative_config.gin").read_text()
