@@ -18,7 +18,7 @@ import torch
 from optima.arms import ArmSpace
 from optima.engine import BatchStream, Distiller, Network
 from optima.plugins.coca import coca_model
-from optima.plugins.heads import attentional_pooler_head
+from optima.plugins.heads import AttentionalPoolerHead
 from optima.plugins.losses import optima_loss
 from optima.plugins.policies import FixedPolicy
 from optima.plugins.rewards import combined_reward
@@ -46,8 +46,8 @@ def main():
     dev = torch.device("cpu")
     task = SyntheticVisualEntailment(image_size=64, train_size=B * 4, val_size=0, test_size=0)
     teacher_m, student_m = coca_model(arch(8)), coca_model(arch(4), layers=(4, 4, 4))
-    teacher = Network(teacher_m, attentional_pooler_head(W, 3))
-    student = Network(student_m, attentional_pooler_head(W, 3))
+    teacher = Network(teacher_m, AttentionalPoolerHead(W, 3))
+    student = Network(student_m, AttentionalPoolerHead(W, 3))
     loss = optima_loss(student_m.distill_modules(), teacher_m.distill_modules())
     opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-4)
     arms = ArmSpace(student_m.module_names())

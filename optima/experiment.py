@@ -145,10 +145,10 @@ def experiment(run_dir: str, reporters: Sequence[Reporter] = (), *, task: Callab
     seed_everything(seed)
     the_task = task()
     teacher_model = teacher()
-    teacher_net = Network(teacher_model, head(teacher_model.feature_dim, the_task.num_outputs)).to(dev)
+    teacher_net = Network(teacher_model, head(teacher_model, the_task)).to(dev)
     seed_everything(seed + 1)
     student_model = student()
-    student_net = Network(student_model, head(student_model.feature_dim, the_task.num_outputs)).to(dev)
+    student_net = Network(student_model, head(student_model, the_task)).to(dev)
 
     tb = TensorBoardReporter(os.path.join(run_dir, "tensorboard"))
     reporter = Reporters([tb, *reporters])

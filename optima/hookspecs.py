@@ -26,8 +26,9 @@ def optima_register_tasks(register):
 
 @hookspec
 def optima_register_heads(register):
-    """Task heads. `factory(feature_dim, num_outputs, **bindings) -> optima.interfaces.Head`;
-    bound unevaluated in gin (`@attentional_pooler_head`, no parentheses)."""
+    """Task heads. `factory(model, task, **bindings) -> optima.interfaces.Head`, given the
+    `DistillableModel` it sits on and the `Task`; bound unevaluated in gin
+    (`@attentional_pooler_head`, no parentheses)."""
 
 
 @hookspec

@@ -5,7 +5,7 @@ import torch
 from open_clip.transformer import AttentionalPooler
 from torch import nn
 
-from optima.interfaces import Head
+from optima.interfaces import DistillableModel, Head, Task
 
 
 class AttentionalPoolerHead(Head):
@@ -21,6 +21,6 @@ class AttentionalPoolerHead(Head):
         return self.classifier(self.pool(features)[:, 0])
 
 
-def attentional_pooler_head(feature_dim: int, num_outputs: int, heads: int = 4) -> AttentionalPoolerHead:
-    """Attentional pooler (1 query) + linear layer."""
-    return AttentionalPoolerHead(feature_dim, num_outputs, heads)
+def attentional_pooler_head(model: DistillableModel, task: Task, heads: int = 4) -> AttentionalPoolerHead:
+    """Attentional pooler (1 query) + linear layer over `model`'s features, `task.num_outputs` classes."""
+    return AttentionalPoolerHead(model.feature_dim, task.num_outputs, heads)

@@ -54,13 +54,13 @@ def test_kd_loss_is_kl_teacher_to_student():
 def _captures(student, teacher, batch):
     from optima.engine import Network
     from optima.interfaces import Capture
-    from optima.plugins.heads import attentional_pooler_head
+    from optima.plugins.heads import AttentionalPoolerHead
     from optima.taps import Recorder
 
     out = []
     for model in (student, teacher):
         rec = Recorder(model.distill_modules())
-        net = Network(model, attentional_pooler_head(model.feature_dim, 3))
+        net = Network(model, AttentionalPoolerHead(model.feature_dim, 3))
         out.append(Capture(net(batch), rec))
     return out
 
