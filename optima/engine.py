@@ -19,13 +19,22 @@ from optima.taps import Recorder
 
 
 class Network(nn.Module):
-    """A model and its task head: `batch -> logits`."""
+    """A model and its task head: `batch -> logits`.
+
+    A batch with several images per example (`image` of shape `(B, n, 3, H, W)`,
+    e.g. NLVR2's pairs) runs as one forward of `B * n` (image, text) pairs, so the
+    recorder sees every layer once; the head receives `(B * n, L, D)` features.
+    """
 
     def __init__(self, model: DistillableModel, head: Head):
         super().__init__()
         self.model, self.head = model, head
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        images = batch["image"]
+        if images.dim() == 5:
+            n = images.shape[1]
+            batch = {**batch, "image": images.flatten(0, 1), "text": batch["text"].repeat_interleave(n, 0)}
         return self.head(self.model(batch))
 
 
@@ -78,15 +87,11 @@ def evaluate(network: Network, task: Task, split: str, batch_size: int, device: 
              amp: bool = False) -> dict[str, float]:
     was_training = network.training
     network.eval()
-    totals: dict[str, float] = {}
-    for batch in task.batches(split, batch_size, shuffle=False, seed=0):
-        batch = to_device(batch, device)
-        with autocast(device, amp):
-            logits = network(batch)
-        for k, v in task.metric(logits.float(), batch).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+    batches = (to_device(b, device) for b in task.batches(split, batch_size, shuffle=False, seed=0))
+    with autocast(device, amp):
+        metrics = task.evaluate(network, batches)
     network.train(was_training)
-    return task.summarize(totals)
+    return metrics
 
 
 class Callback(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -104,6 +104,15 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
         """Metric sums over a split -> reported metrics, e.g. `{"accuracy": 0.9}`."""
+
+    def evaluate(self, network: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        """Metrics of `network` (`batch -> logits`) over `batches` (already on its device),
+        called under `no_grad` in eval mode. Override for generation (e.g. captioning)."""
+        totals: dict[str, float] = {}
+        for batch in batches:
+            for k, v in self.metric(network(batch).float(), batch).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        return self.summarize(totals)
 
 
 class Reward(abc.ABC):

@@ -97,6 +97,10 @@ class CoCaModel(DistillableModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.decode(*self.encode(batch))
 
+    def vocab_projection(self) -> nn.Parameter:
+        """The decoder's `(width, vocab)` output projection (for captioning heads)."""
+        return self.coca.text_decoder.text_projection
+
 
 def coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", overrides: Mapping[str, Any] | None = None,
                layers: Sequence[int] | None = None, pretrained: str | None = None,
