@@ -54,7 +54,7 @@ def main():
     d = Distiller(teacher=teacher, student=student, task=task, loss=loss, arms=arms,
                   policy=FixedPolicy(len(arms)), reward=combined_reward(), optimizer=opt,
                   scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                  stream=BatchStream(task, "train", B, 0, dev), steps_per_round=1, device=dev)
+                  stream=BatchStream(task, "train", B, 0, dev), steps_per_round=1, rounds=1, device=dev)
     batch = next(d.stream)
 
     def timed(arm, need, n=3):

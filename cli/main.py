@@ -40,12 +40,14 @@ def run(
         None, "--binding", "-b", help="Extra gin binding, repeatable: -b 'distillation.reward = @kd_reward()'."),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where logs go (default runs/<config>-<time>)."),
     no_plugins: bool = typer.Option(False, "--no-plugins", help="Load built-in plugins only."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve the pipeline and print the plan; train nothing."),
 ) -> None:
     """Run the experiment a gin file declares."""
     with user_errors():
         from optima.cli.run import run_command
 
-        run_command(config, binding or [], run_dir, external_plugins=False if no_plugins else None)
+        run_command(config, binding or [], run_dir, external_plugins=False if no_plugins else None,
+                    dry_run=dry_run)
 
 
 def main() -> None:

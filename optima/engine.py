@@ -96,7 +96,7 @@ def evaluate(network: Network, task: Task, split: str, batch_size: int, device: 
 
 class Callback(Protocol):
     def on_step(self, stage: str, step: int, losses: dict[str, float], lr: float) -> None: ...
-    def on_round(self, result: "RoundResult") -> None: ...
+    def on_round(self, stage: str, result: "RoundResult") -> None: ...
 
 
 def finetune(network: Network, task: Task, *, steps: int, batch_size: int, optimizer: torch.optim.Optimizer,
@@ -168,8 +168,10 @@ class Distiller:
 
     def __init__(self, *, teacher: Network, student: Network, task: Task, loss: Loss, arms: ArmSpace,
                  policy: Policy, reward: Reward, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 stream: BatchStream, steps_per_round: int, device: torch.device,
-                 grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Callback] = ()):
+                 stream: BatchStream, steps_per_round: int, rounds: int, device: torch.device,
+                 grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Callback] = (),
+                 name: str = "student"):
+        self.name, self.rounds = name, rounds
         self.teacher, self.student, self.task, self.loss = teacher, student, task, loss
         self.arms, self.policy, self.reward = arms, policy, reward
         self.optimizer, self.scheduler, self.stream = optimizer, scheduler, stream
@@ -217,7 +219,7 @@ class Distiller:
             full = self.train_step(next(self.stream), layers)
             round_losses.add(full)
             for cb in self.callbacks:
-                cb.on_step("distill", self.step, full, self.optimizer.param_groups[0]["lr"])
+                cb.on_step(self.name, self.step, full, self.optimizer.param_groups[0]["lr"])
         totals = round_losses.totals()
         reward = None
         if self.previous is not None:
@@ -227,11 +229,11 @@ class Distiller:
         result = RoundResult(self.round, arm, self.arms.label(arm), reward, totals, self.policy.diagnostics())
         self.history.append(result)
         for cb in self.callbacks:
-            cb.on_round(result)
+            cb.on_round(self.name, result)
         return result
 
-    def run(self, rounds: int) -> list[RoundResult]:
-        while self.round < rounds:
+    def run(self) -> list[RoundResult]:
+        while self.round < self.rounds:
             self.play_round()
         return self.history
 

@@ -1,23 +1,30 @@
-"""The experiment a gin file declares: fine-tune (or reuse) a teacher, distil a
-student with OPTIMA, evaluate both. Each stage is a gin configurable:
+"""The pipeline a gin file declares, as stages (each a gin configurable):
 
-- `experiment`: the task, the two models, the head, the seed, the device;
-- `teacher_training`: the teacher's task fine-tuning (cached, see below);
-- `distillation`: rounds, steps per round `T`, policy, reward, loss, arms.
+1. `teacher_training`: the teacher fine-tuned on the task (or a checkpoint as is);
+2. students built by their model factories (e.g. layers sampled from CoCa-Base);
+3. `distillation`: each student distilled with any policy and reward, in order:
+   `experiment.students = {'tiny12': @tiny12/coca_model, 'tiny6': @tiny6/coca_model}`
+   distils Large -> Tiny12 -> Tiny6 (each student teaches the next). A stage runs
+   inside the gin scope of its name, so `tiny6/distillation.rounds = 10` overrides
+   one stage;
+4. evaluation of every network on the task's test split.
 
-A finished teacher is cached under `teacher_training.cache_dir` by a hash of its
-initial weights (architecture, initialisation and checkpoint), the task's
-fingerprint and every binding of the stage (`teacher_training.*` and anything in
-the `teacher/` scope); a rerun, or a second student, reuses it.
+Stages 1 and 3 are cached under `experiment.cache_dir` by a key over everything
+that decides their result: the initial weights (architecture, initialisation,
+checkpoint), the task's fingerprint, the upstream stage's key, the seed and the
+stage's gin bindings (`teacher_training.*` and the `teacher/` scope for the
+teacher; for a student stage every binding outside the teacher's and the other
+stages' scopes). A rerun, or a second experiment that shares a stage, reuses it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import numpy as np
@@ -27,6 +34,8 @@ from optima.arms import ArmSpace
 from optima.engine import BatchStream, Distiller, Network, evaluate, finetune
 from optima.errors import ConfigError
 from optima.reporting import Reporter, Reporters, TensorBoardReporter
+
+TEACHER = "teacher"
 
 
 def seed_everything(seed: int) -> None:
@@ -41,10 +50,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def default_cache_dir() -> str:
+    return os.environ.get("OPTIMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "optima"))
+
+
 @gin.configurable
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int,
                         warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the optimizer's lr, then linear decay to zero."""
+    """Linear warm-up to each group's lr, then linear decay to zero."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -52,10 +65,16 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _stage_bindings(config_text: str, prefixes: Sequence[str]) -> str:
-    """The lines of gin's config text that configure one stage."""
-    return "\n".join(line for line in config_text.splitlines() if line.startswith(tuple(prefixes)))
+def param_groups(pretrained: Sequence[torch.nn.Module], new: Sequence[torch.nn.Module],
+                 new_lr: float | None) -> list[dict[str, Any]]:
+    """Pretrained weights at the optimizer's lr; new parts (heads, projections) at
+    `new_lr` when given (CoCa's recipe: e.g. 1e-3 pooler vs 5e-5 encoder)."""
+    old = [p for m in pretrained for p in m.parameters() if p.requires_grad]
+    fresh = [p for m in new for p in m.parameters() if p.requires_grad]
+    return [{"params": old}, {"params": fresh, **({"lr": new_lr} if new_lr is not None else {})}]
 
+
+# --- stage keys ------------------------------------------------------------------
 
 def _weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
@@ -65,116 +84,185 @@ def _weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("OPTIMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "optima"))
+def _bindings(stage: str, stages: Sequence[str]) -> str:
+    """The lines of gin's config text that configure `stage` (see module doc)."""
+    lines = gin.config_str().splitlines()
+    if stage == TEACHER:
+        return "\n".join(l for l in lines if l.startswith(("teacher_training.", "teacher/")))
+    others = tuple(f"{s}/" for s in stages if s != stage) + ("teacher_training.", "teacher/")
+    return "\n".join(l for l in lines if not l.startswith(others))
 
 
-@gin.configurable(denylist=["network", "task", "seed", "device", "reporter"])
-def teacher_training(network: Network, task, seed: int, device: torch.device, reporter: Reporter, *,
+def stage_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_atomic(network: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(network, str(tmp))
+    os.replace(tmp, path)  # a half-written stage is never reused
+
+
+# --- stages ----------------------------------------------------------------------
+
+@gin.configurable(denylist=["network", "task", "seed", "device", "reporter", "cache"])
+def teacher_training(network: Network, task, seed: int, device: torch.device, reporter: Reporter, cache: Path, *,
                      steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
-                     optimizer: Callable = gin.REQUIRED, warmup_steps: int = 0, grad_clip: float = 1.0,
-                     amp: bool = False, cache_dir: str | None = None) -> dict[str, Any]:
-    """Fine-tune the teacher on the task, or load the cached result. Returns cache info."""
-    from safetensors.torch import load_model, save_model
+                     optimizer: Callable = gin.REQUIRED, head_lr: float | None = None, warmup_steps: int = 0,
+                     grad_clip: float = 1.0, amp: bool = False) -> dict[str, Any]:
+    """Fine-tune the teacher on the task (`steps = 0`: use it as loaded), or load
+    the cached result."""
+    from safetensors.torch import load_model
 
-    key = hashlib.sha256(json.dumps({
-        "weights": _weights_digest(network),
-        "task": task.fingerprint(),
-        "bindings": _stage_bindings(gin.config_str(), ("teacher_training.", "teacher/")),
-        "seed": seed,
-    }, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = Path(cache_dir or default_cache_dir()) / f"teacher-{key}.safetensors"
+    if steps < 0 or batch_size < 1:
+        raise ConfigError(f"teacher_training.steps must be >= 0 and .batch_size >= 1, got {steps}, {batch_size}")
+    key = stage_key(weights=_weights_digest(network), task=task.fingerprint(), seed=seed,
+                    bindings=_bindings(TEACHER, ()))
+    if steps == 0:
+        return {"key": key, "cached": False, "trained": False}
+    path = cache / f"teacher-{key}.safetensors"
     if path.exists():
         load_model(network, str(path), device=str(device))
         reporter.on_message(f"teacher: reusing {path}")
-        return {"cached": True, "path": str(path)}
-    reporter.on_stage("teacher", steps, "step")
-    opt = optimizer(network.parameters())
+        return {"key": key, "cached": True, "path": str(path)}
+    reporter.on_stage(TEACHER, steps, "step")
+    opt = optimizer(param_groups([network.model], [network.head], head_lr))
     finetune(network, task, steps=steps, batch_size=batch_size, optimizer=opt,
              scheduler=linear_warmup_decay(opt, steps, warmup_steps), seed=seed, device=device,
-             grad_clip=grad_clip, amp=amp, on_step=lambda s, l, lr: reporter.on_step("teacher", s, l, lr))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_model(network, str(tmp))
-    os.replace(tmp, path)  # atomic: a half-written teacher is never reused
+             grad_clip=grad_clip, amp=amp, on_step=lambda s, l, lr: reporter.on_step(TEACHER, s, l, lr))
+    _save_atomic(network, path)
     reporter.on_message(f"teacher: cached at {path}")
-    return {"cached": False, "path": str(path)}
+    return {"key": key, "cached": False, "path": str(path)}
 
 
-@gin.configurable(denylist=["teacher", "student", "task", "seed", "device", "reporter"])
-def distillation(teacher: Network, student: Network, task, seed: int, device: torch.device, reporter: Reporter, *,
-                 rounds: int = gin.REQUIRED, steps_per_round: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
-                 policy: Callable = gin.REQUIRED, reward=gin.REQUIRED, loss: Callable = gin.REQUIRED,
-                 optimizer: Callable = gin.REQUIRED, arms: Sequence[Sequence[str]] | None = None,
+@gin.configurable(denylist=["name", "teacher", "student", "task", "seed", "device", "reporter"])
+def distillation(name: str, teacher: Network, student: Network, task, seed: int, device: torch.device,
+                 reporter: Reporter, *, rounds: int = gin.REQUIRED, steps_per_round: int = gin.REQUIRED,
+                 batch_size: int = gin.REQUIRED, policy: Callable = gin.REQUIRED, reward=gin.REQUIRED,
+                 loss: Callable = gin.REQUIRED, optimizer: Callable = gin.REQUIRED,
+                 arms: Sequence[Sequence[str]] | None = None, head_lr: float | None = None,
                  warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False) -> Distiller:
-    """Distil `student` from `teacher` for `rounds` rounds of `steps_per_round` (T) steps."""
-    if rounds < 1 or steps_per_round < 1 or batch_size < 1:
-        raise ConfigError(f"distillation.rounds, .steps_per_round and .batch_size must be >= 1, got "
-                          f"{rounds}, {steps_per_round}, {batch_size}")
+    """Build the `Distiller` of one stage: `rounds` rounds of `steps_per_round` (T) steps."""
+    for binding, value in (("rounds", rounds), ("steps_per_round", steps_per_round), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"distillation.{binding} must be an integer >= 1, got {value!r}")
     arm_space = ArmSpace(student.model.module_names(), arms)
     if arm_space.names != teacher.model.module_names():
         raise ConfigError(f"teacher modules {teacher.model.module_names()} differ from the student's {arm_space.names}")
-    objective = loss(student.model.distill_modules(), teacher.model.distill_modules()).to(device)
-    params = list(student.parameters()) + list(objective.parameters())
-    opt = optimizer(params)
+    objective = loss(student.model.distill_modules(), teacher.model.distill_modules(),
+                     **_layouts(student.model, teacher.model)).to(device)
+    opt = optimizer(param_groups([student.model], [student.head, objective], head_lr))
     total = rounds * steps_per_round
-    distiller = Distiller(
-        teacher=teacher, student=student, task=task, loss=objective, arms=arm_space,
+    return Distiller(
+        name=name, teacher=teacher, student=student, task=task, loss=objective, arms=arm_space,
         policy=policy(num_arms=len(arm_space), seed=seed), reward=reward, optimizer=opt,
-        scheduler=linear_warmup_decay(opt, total, warmup_steps), stream=BatchStream(task, "train", batch_size,
-                                                                                     seed + 1, device),
-        steps_per_round=steps_per_round, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter])
-    reporter.on_arms(arm_space.labels())
-    reporter.on_stage("distill", total, "step")
-    distiller.run(rounds)
-    distiller.close()
-    return distiller
+        scheduler=linear_warmup_decay(opt, total, warmup_steps),
+        stream=BatchStream(task, "train", batch_size, seed + 1, device), steps_per_round=steps_per_round,
+        rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter])
 
 
-@gin.configurable(denylist=["run_dir", "reporters"])
-def experiment(run_dir: str, reporters: Sequence[Reporter] = (), *, task: Callable = gin.REQUIRED,
-               teacher: Callable = gin.REQUIRED, student: Callable = gin.REQUIRED, head: Callable = gin.REQUIRED,
-               seed: int = 0, device: str = "auto", eval_batch_size: int = 256) -> dict[str, Any]:
-    """Teacher fine-tuning (cached), OPTIMA distillation, test evaluation.
+def _layouts(student, teacher) -> dict[str, Any]:
+    """Token layouts (class token + patch grid) of models that declare them, so the
+    loss can pool a teacher's finer patch grid onto the student's."""
+    if not (hasattr(student, "token_layout") and hasattr(teacher, "token_layout")):
+        return {}
+    names = student.module_names()
+    return {"student_layouts": {m: student.token_layout(m) for m in names},
+            "teacher_layouts": {m: teacher.token_layout(m) for m in names}}
 
-    Writes TensorBoard events, `metrics.json` and `student.safetensors` to `run_dir`.
+
+@gin.configurable(denylist=["run_dir", "reporters", "dry_run"])
+def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run: bool = False, *,
+               task: Callable = gin.REQUIRED, teacher: Callable = gin.REQUIRED, head: Callable = gin.REQUIRED,
+               student: Callable | None = None, students: Mapping[str, Callable] | None = None,
+               seed: int = 0, device: str = "auto", eval_batch_size: int = 256,
+               cache_dir: str | None = None) -> dict[str, Any]:
+    """Teacher (cached), one or more distillation stages (cached), test evaluation.
+
+    `student` is shorthand for `students = {'student': ...}`. Writes TensorBoard
+    events (one run per stage), `metrics.json` and `<student>.safetensors` to
+    `run_dir`. With `dry_run`, builds every model on the meta device and returns
+    the plan instead (nothing is loaded, trained or written).
     """
-    from safetensors.torch import save_model
+    if (student is None) == (students is None):
+        raise ConfigError("bind exactly one of experiment.student and experiment.students")
+    stages = dict(students) if students is not None else {"student": student}
+    if TEACHER in stages:
+        raise ConfigError(f"'{TEACHER}' is reserved; rename that student in experiment.students")
+    if dry_run:
+        from optima.plan import dry_run_plan
+
+        return dry_run_plan(task, teacher, head, stages, seed)
 
     dev = resolve_device(device)
+    cache = Path(cache_dir or default_cache_dir())
     seed_everything(seed)
     the_task = task()
-    teacher_model = teacher()
-    teacher_net = Network(teacher_model, head(teacher_model, the_task)).to(dev)
-    seed_everything(seed + 1)
-    student_model = student()
-    student_net = Network(student_model, head(student_model, the_task)).to(dev)
+    with gin.config_scope(TEACHER):
+        teacher_net = _network(teacher, head, the_task, dev)
 
     tb = TensorBoardReporter(os.path.join(run_dir, "tensorboard"))
     reporter = Reporters([tb, *reporters])
+    summary: dict[str, Any] = {"metrics": {}, "params_M": {TEACHER: _count(teacher_net)}, "stages": {}}
+    networks = {TEACHER: teacher_net}
     try:
         tb.add_text("config/config.gin", gin.config_str())
-        cache = teacher_training(teacher_net, the_task, seed, dev, reporter)
-        distiller = distillation(teacher_net, student_net, the_task, seed, dev, reporter)
-        metrics = {}
-        for name, net in (("teacher", teacher_net), ("student", student_net)):
-            metrics[name] = evaluate(net, the_task, "test", eval_batch_size, dev)
-            reporter.on_eval(name, metrics[name])
+        summary["stages"][TEACHER] = teacher_training(teacher_net, the_task, seed, dev, reporter, cache)
+        upstream, current_teacher = summary["stages"][TEACHER]["key"], teacher_net
+        for i, (name, factory) in enumerate(stages.items()):
+            seed_everything(seed + 1 + i)
+            with gin.config_scope(name):
+                student_net = _network(factory, head, the_task, dev)
+                summary["params_M"][name] = _count(student_net)
+                result = _distillation_stage(name, current_teacher, student_net, the_task, seed, dev, reporter,
+                                             cache, upstream, list(stages))
+            summary["stages"][name] = result
+            networks[name] = student_net
+            upstream, current_teacher = result["key"], student_net
+        for name, net in networks.items():
+            summary["metrics"][name] = evaluate(net, the_task, "test", eval_batch_size, dev)
+            reporter.on_eval(name, summary["metrics"][name])
         tb.add_text("config/operative_config.gin", gin.operative_config_str())
     finally:
         reporter.close()
-    save_model(student_net, os.path.join(run_dir, "student.safetensors"))
-    summary = {
-        "metrics": metrics,
-        "teacher_cache": cache,
-        "params_M": {"teacher": _count(teacher_net), "student": _count(student_net)},
-        "arms": distiller.arms.labels(),
-        "plays": [r.arm for r in distiller.history],
-        "rewards": [r.reward for r in distiller.history],
-    }
+    for name in stages:
+        _save_atomic(networks[name], Path(run_dir) / f"{name}.safetensors")
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def _network(model_factory: Callable, head: Callable, task, device: torch.device) -> Network:
+    model = model_factory()
+    return Network(model, head(model, task)).to(device)
+
+
+def _distillation_stage(name, teacher, student, task, seed, device, reporter, cache, upstream, stages):
+    from safetensors.torch import load_model
+
+    key = stage_key(weights=_weights_digest(student), task=task.fingerprint(), seed=seed, upstream=upstream,
+                    bindings=_bindings(name, stages))
+    path = cache / f"student-{key}.safetensors"
+    record = path.with_suffix(".json")
+    if path.exists() and record.exists():
+        load_model(student, str(path), device=str(device))
+        reporter.on_message(f"{name}: reusing {path}")
+        return {**json.loads(record.read_text()), "cached": True}
+    distiller = distillation(name, teacher, student, task, seed, device, reporter)
+    reporter.on_arms(name, distiller.arms.labels())
+    reporter.on_stage(name, distiller.rounds * distiller.steps_per_round, "step")
+    distiller.run()
+    distiller.close()
+    result = {"key": key, "path": str(path), "arms": distiller.arms.labels(),
+              "plays": [r.arm for r in distiller.history], "rewards": [r.reward for r in distiller.history]}
+    _save_atomic(student, path)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, record)
+    return {**result, "cached": False}
 
 
 def _count(module: torch.nn.Module) -> float:

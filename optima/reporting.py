@@ -1,14 +1,16 @@
 """Where a run reports to: TensorBoard event files, and whatever the CLI shows.
 
-TensorBoard tags (read back in `tests/test_quickstart.py`):
-- `<stage>/loss/<term>` per step (`teacher`: task; `distill`: task, kd, hidden,
-  attn; hidden/attn are the full-model values) and `<stage>/lr`,
-- `round/arm` (index), `round/reward` per round,
+TensorBoard: one run (sub-directory of `run_dir/tensorboard`) per stage, so the
+teacher and each student show up as separate runs with the same tags:
+- `loss/<term>` and `lr` per step (teacher: task; students: task, kd, hidden,
+  attn; hidden/attn are the full-model values the reward reads),
+- `round/arm` (index), `round/reward`, `round/loss/<term>` per round,
 - `policy/<stat>/<arm label>` per round (`mean`, `sd`, `count`) and `policy/entropy`,
-- `eval/<network>/<metric>` at the end.
+and a `summary` run with `eval/<network>/<metric>` and the config texts.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from optima.engine import RoundResult
@@ -18,9 +20,9 @@ class Reporter:
     """No-op base: override what you need."""
 
     def on_stage(self, stage: str, total: int, unit: str) -> None: ...
-    def on_arms(self, labels: Sequence[str]) -> None: ...
+    def on_arms(self, stage: str, labels: Sequence[str]) -> None: ...
     def on_step(self, stage: str, step: int, losses: dict[str, float], lr: float) -> None: ...
-    def on_round(self, result: RoundResult) -> None: ...
+    def on_round(self, stage: str, result: RoundResult) -> None: ...
     def on_eval(self, network: str, metrics: dict[str, float]) -> None: ...
     def on_message(self, text: str) -> None: ...
     def close(self) -> None: ...
@@ -46,41 +48,51 @@ class Reporters(Reporter):
 
 
 class TensorBoardReporter(Reporter):
+    SUMMARY = "summary"
+
     def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self.writers = {}
+        self.arm_labels: dict[str, list[str]] = {}
+
+    def writer(self, stage: str):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir)
-        self.arm_labels: list[str] = []
-
-    def on_arms(self, labels):
-        self.arm_labels = list(labels)
+        if stage not in self.writers:
+            self.writers[stage] = SummaryWriter(os.path.join(self.log_dir, stage))
+        return self.writers[stage]
 
     def add_text(self, tag: str, text: str) -> None:
         # Markdown: indent so that gin text keeps its lines
-        self.writer.add_text(tag, "    " + text.replace("\n", "\n    "))
+        self.writer(self.SUMMARY).add_text(tag, "    " + text.replace("\n", "\n    "))
+
+    def on_arms(self, stage, labels):
+        self.arm_labels[stage] = list(labels)
 
     def on_step(self, stage, step, losses, lr):
+        w = self.writer(stage)
         for term, value in losses.items():
-            self.writer.add_scalar(f"{stage}/loss/{term}", value, step)
-        self.writer.add_scalar(f"{stage}/lr", lr, step)
+            w.add_scalar(f"loss/{term}", value, step)
+        w.add_scalar("lr", lr, step)
 
-    def on_round(self, result: RoundResult):
-        r = result.round
-        self.writer.add_scalar("round/arm", result.arm, r)
+    def on_round(self, stage, result: RoundResult):
+        w, r = self.writer(stage), result.round
+        w.add_scalar("round/arm", result.arm, r)
         if result.reward is not None:
-            self.writer.add_scalar("round/reward", result.reward, r)
+            w.add_scalar("round/reward", result.reward, r)
         for term, value in result.totals.items():
-            self.writer.add_scalar(f"round/loss/{term}", value, r)
+            w.add_scalar(f"round/loss/{term}", value, r)
         for stat, values in result.diagnostics.items():
             if values.dim() == 0:
-                self.writer.add_scalar(f"policy/{stat}", float(values), r)
+                w.add_scalar(f"policy/{stat}", float(values), r)
             else:
-                for label, v in zip(self.arm_labels, values.tolist()):
-                    self.writer.add_scalar(f"policy/{stat}/{label}", v, r)
+                for label, v in zip(self.arm_labels.get(stage, []), values.tolist()):
+                    w.add_scalar(f"policy/{stat}/{label}", v, r)
 
     def on_eval(self, network, metrics):
         for name, value in metrics.items():
-            self.writer.add_scalar(f"eval/{network}/{name}", value, 0)
+            self.writer(self.SUMMARY).add_scalar(f"eval/{network}/{name}", value, 0)
 
     def close(self):
-        self.writer.close()
+        for w in self.writers.values():
+            w.close()

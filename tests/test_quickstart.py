@@ -35,27 +35,37 @@ def test_quickstart_end_to_end(tmp_path):
     operative = (run / "operative_config.gin").read_text()
     assert "optima_policy.variance_scale = 0.001" in operative
     summary = json.loads((run / "metrics.json").read_text())
-    assert len(summary["plays"]) == 4 and summary["rewards"][0] is None
-    assert all(0.0 <= r <= 1.0 for r in summary["rewards"][1:])
+    stage = summary["stages"]["student"]
+    assert len(stage["plays"]) == 4 and stage["rewards"][0] is None
+    assert all(0.0 <= r <= 1.0 for r in stage["rewards"][1:])
     assert 0.0 <= summary["metrics"]["student"]["accuracy"] <= 1.0
+    assert (run / "student.safetensors").exists()
 
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
+    def scalars(stage_dir):
+        events = EventAccumulator(str(stage_dir))
+        events.Reload()
+        return events, set(events.Tags()["scalars"])
+
+    tb = run / "tensorboard"
+    _, teacher_tags = scalars(tb / "teacher")
+    assert "loss/task" in teacher_tags
+    events, tags = scalars(tb / "student")
     for term in ("task", "kd", "hidden", "attn"):
-        assert f"distill/loss/{term}" in scalars
-    assert {"teacher/loss/task", "round/arm", "round/reward", "policy/entropy",
-            "eval/teacher/accuracy", "eval/student/accuracy"} <= scalars
+        assert f"loss/{term}" in tags
+    assert {"round/arm", "round/reward", "policy/entropy"} <= tags
     for arm in ("image", "text+multimodal", "image+text+multimodal"):
-        assert f"policy/mean/{arm}" in scalars and f"policy/count/{arm}" in scalars and f"policy/sd/{arm}" in scalars
-    assert len(events.Scalars("distill/loss/kd")) == 8  # one per step
-    assert [int(e.value) for e in events.Scalars("round/arm")] == summary["plays"]
+        assert f"policy/mean/{arm}" in tags and f"policy/count/{arm}" in tags and f"policy/sd/{arm}" in tags
+    assert len(events.Scalars("loss/kd")) == 8  # one per step
+    assert [int(e.value) for e in events.Scalars("round/arm")] == stage["plays"]
     assert len(events.Scalars("round/reward")) == 3  # no reward in the first round
+    _, summary_tags = scalars(tb / "summary")
+    assert {"eval/teacher/accuracy", "eval/student/accuracy"} <= summary_tags
 
     # the teacher is cached: a second run reuses it and logs no teacher step
     out2 = _run(tmp_path / "run2", "distillation.reward = @kd_reward()")
     assert "teacher: reusing" in out2
-    events2 = EventAccumulator(str(tmp_path / "run2" / "tensorboard"))
-    events2.Reload()
-    assert "teacher/loss/task" not in events2.Tags()["scalars"]
+    assert not (tmp_path / "run2" / "tensorboard" / "teacher").exists()
     assert "distillation.reward = @kd_reward()" in (tmp_path / "run2" / "operative_config.gin").read_text()
+    # the same student stage again is reused as well
+    out3 = _run(tmp_path / "run3", "distillation.reward = @kd_reward()")
+    assert "student: reusing" in out3
