@@ -84,13 +84,26 @@ def _weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _statements(config_text: str) -> list[str]:
+    """gin's config text as one string per binding (continuation lines joined)."""
+    out: list[str] = []
+    for line in config_text.splitlines():
+        if line[:1].isspace() and out:
+            out[-1] += " " + line.strip()
+        elif line.strip() and not line.startswith("#"):
+            out.append(line.strip())
+    return out
+
+
 def _bindings(stage: str, stages: Sequence[str]) -> str:
-    """The lines of gin's config text that configure `stage` (see module doc)."""
-    lines = gin.config_str().splitlines()
+    """The bindings that configure `stage` (see module doc). Which students follow
+    does not change a stage, so `experiment.student(s)` is left out."""
+    statements = _statements(gin.config_str())
     if stage == TEACHER:
-        return "\n".join(l for l in lines if l.startswith(("teacher_training.", "teacher/")))
-    others = tuple(f"{s}/" for s in stages if s != stage) + ("teacher_training.", "teacher/")
-    return "\n".join(l for l in lines if not l.startswith(others))
+        return "\n".join(s for s in statements if s.startswith(("teacher_training.", "teacher/")))
+    others = tuple(f"{s}/" for s in stages if s != stage) + (
+        "teacher_training.", "teacher/", "experiment.student ", "experiment.students ")
+    return "\n".join(s for s in statements if not s.startswith(others))
 
 
 def stage_key(**parts: Any) -> str:

@@ -1,0 +1,59 @@
+"""Multi-stage pipelines: Large -> mid -> small in one run, stage reuse across
+experiments, and the dry run of every shipped experiment file."""
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from optima.cli.main import app
+
+from test_quickstart import TINY
+
+TWO_STAGE = [
+    "experiment.student = None",
+    "experiment.students = {'mid': @mid/coca_model, 'small': @small/coca_model}",
+    "mid/coca_model.arch = %TINY_COCA", "mid/coca_model.layers = (3, 3, 3)",
+    "small/coca_model.arch = %TINY_COCA", "small/coca_model.layers = (1, 1, 1)",
+    "small/distillation.rounds = 2",
+]
+
+
+def _run(run_dir, bindings):
+    args = ["run", "gin/quickstart.gin", "--run-dir", str(run_dir)]
+    for b in TINY + bindings:
+        args += ["-b", b]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.slow
+def test_two_stage_pipeline_and_stage_reuse(tmp_path):
+    _run(tmp_path / "two", TWO_STAGE)
+    summary = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert list(summary["metrics"]) == ["teacher", "mid", "small"]
+    assert len(summary["stages"]["mid"]["plays"]) == 4  # distillation.rounds from TINY
+    assert len(summary["stages"]["small"]["plays"]) == 2  # the scoped override
+    assert summary["params_M"]["small"] < summary["params_M"]["mid"] < summary["params_M"]["teacher"]
+    assert (tmp_path / "two" / "mid.safetensors").exists() and (tmp_path / "two" / "small.safetensors").exists()
+
+    # an experiment with the first stage only reuses both the teacher and that stage
+    out = _run(tmp_path / "one", TWO_STAGE[:1] + ["experiment.students = {'mid': @mid/coca_model}"] + TWO_STAGE[2:4])
+    assert "teacher: reusing" in out and "mid: reusing" in out
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert one["stages"]["mid"]["plays"] == summary["stages"]["mid"]["plays"]
+    assert one["metrics"]["mid"] == summary["metrics"]["mid"]
+
+
+EXPERIMENTS = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "gin").glob("*.gin"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_dry_run_of_every_experiment(name, tmp_path):
+    result = CliRunner().invoke(app, ["run", f"gin/{name}", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "models (built on the meta device)" in out and "teacher" in out
+    assert "7 arms" in out
+    assert not list(tmp_path.iterdir())  # nothing written
