@@ -7,12 +7,24 @@
   (`text_decoder.resblocks[i]`) followed by a cross-attention block
   (`text_decoder.cross_attn[i]`); the layer's hidden state is the cross block's
   output and both attentions are matched.
+
+Token layouts (`CoCaModel.token_layout`, see `optima.align`): the image module is
+one class token followed by the patch grid, so a teacher with smaller patches
+(ViT-L/14: 16x16) is pooled onto the student's grid (ViT-B/32: 7x7); text and
+decoder tokens are matched one to one. The decoder's cross-attention attends to
+the image attentional pooler's outputs, not to patches, so teacher and student
+need the same `vision_cfg.attn_pooler_queries`.
+
+Students can be initialised from a deeper CoCa (`coca_model.init_from`,
+`init_student_from`): each module's layers sampled uniformly from the same module
+of the source, everything else (embeddings, poolers, norms, projections) copied.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -22,6 +34,14 @@ from optima.errors import ConfigError
 from optima.interfaces import Batch, DistillableModel, Layer, Module
 
 MODULES = ("image", "text", "multimodal")
+#: state-dict prefixes of each module's layer lists (a decoder layer is a self- and a cross-attention block)
+LAYER_LISTS = {
+    "image": ("visual.transformer.resblocks",),
+    "text": ("text.transformer.resblocks",),
+    "multimodal": ("text_decoder.resblocks", "text_decoder.cross_attn"),
+}
+_LAYER_KEY = re.compile(r"^(" + "|".join(re.escape(p) for ps in LAYER_LISTS.values() for p in ps) + r")\.(\d+)\.(.+)$")
+_MODULE_OF = {p: m for m, ps in LAYER_LISTS.items() for p in ps}
 
 
 def _merge(base: dict, overrides: Mapping) -> dict:
@@ -69,6 +89,10 @@ class CoCaModel(DistillableModel):
     def __init__(self, coca: nn.Module):
         super().__init__()
         self.coca = coca
+        #: how the weights were initialised (log-friendly; see `coca_model`)
+        self.init_report: dict[str, Any] = {"init": "random"}
+        #: checkpoint bindings, by name (a dry run reports whether they exist)
+        self.checkpoints: dict[str, str] = {}
         self.feature_dim = coca.text_decoder.ln_final.normalized_shape[0]
         dec = coca.text_decoder
         self._modules_spec = (
@@ -79,6 +103,31 @@ class CoCaModel(DistillableModel):
 
     def distill_modules(self) -> Sequence[Module]:
         return self._modules_spec
+
+    def token_layout(self, module: str) -> dict[str, Any] | None:
+        """How `module`'s tokens are laid out, for `optima.align`:
+
+        - `image`: `{"prefix": 1, "grid": (rows, cols)}`, the class token then the
+          patch grid (open_clip's ViT always has one class token);
+        - `text`: None (text tokens plus the appended class token, one to one);
+        - `multimodal`: one to one, and the cross-attention keys (the attentional
+          pooler's outputs) must have the same count in teacher and student:
+          `{"must_match": {"vision_cfg.attn_pooler_queries": n}, "hint": ...}`."""
+        visual = self.coca.visual
+        if module == "image":
+            return {"prefix": 1, "grid": tuple(int(g) for g in visual.grid_size)}
+        if module == "text":
+            return None
+        if module == "multimodal":
+            if getattr(visual, "attn_pool", None) is not None:
+                n = int(visual.attn_pool.query.shape[0])
+                return {"must_match": {"vision_cfg.attn_pooler_queries": n},
+                        "hint": "the decoder's cross-attention attends to the image attentional pooler's "
+                                "outputs, not to patches, so both models need the same vision_cfg.attn_pooler_queries"}
+            return {"must_match": {"vision_cfg patch grid": tuple(int(g) for g in visual.grid_size)},
+                    "hint": "without an attentional pooler the decoder's cross-attention attends to the image "
+                            "patches one to one, so both models need the same patch grid"}
+        raise ConfigError(f"CoCa has no module {module!r}; its modules are {', '.join(MODULES)}")
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Image tokens for the decoder `(B, N, w)` and text tokens `(B, L, w)`."""
@@ -104,29 +153,161 @@ class CoCaModel(DistillableModel):
 
 def coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", overrides: Mapping[str, Any] | None = None,
                layers: Sequence[int] | None = None, pretrained: str | None = None,
-               device: str | torch.device | None = None) -> CoCaModel:
+               device: str | torch.device | None = None, init_from: str | None = None,
+               init_from_arch: str | Mapping[str, Any] | None = None,
+               random_init: bool | None = None) -> CoCaModel:
     """Build a CoCa by open_clip name or architecture dict.
 
-    `pretrained`: a local checkpoint file (open_clip or plain state dict), or an
-    open_clip pretrained tag for a named architecture (fetched by open_clip from
-    its hub; never used in tests). `None` keeps open_clip's random initialisation.
+    Weights, one of:
+
+    - `pretrained`: a checkpoint of exactly this architecture: a local file (open_clip
+      checkpoint or plain state dict, `{"state_dict": ...}` too) or an open_clip
+      pretrained tag of a named architecture (fetched by open_clip from its hub;
+      never used in tests);
+    - `init_from`: a checkpoint (file or tag) of a deeper CoCa of the same widths,
+      `init_from_arch` (default: `arch` and `overrides` at full depth, i.e. without
+      `layers`); each student module's layers are sampled uniformly from the same
+      module of it and every other parameter is copied (`init_student_from`). This is
+      the paper's student initialisation (CoCa-Tiny from CoCa-Base);
+    - random initialisation (open_clip's): the default for an architecture dict
+      (small test and quickstart models); a named open_clip architecture (a real
+      CoCa size) is never trained from scratch unless `random_init = True` is bound.
+      `random_init = False` requires a checkpoint for dicts too.
+
+    `device="meta"` (or building inside `with torch.device("meta")`) allocates no
+    memory and loads nothing: parameter counts and the init_from layer sampling and
+    shape checks still work. `model.init_report` records the initialisation and
+    `model.checkpoints` the checkpoint bindings.
     """
     from open_clip.coca_model import CoCa
 
+    _check_weights_choice(arch, pretrained, init_from, init_from_arch, random_init)
     cfg = coca_config(arch, overrides, layers)
     with torch.device(device) if device is not None else contextlib.nullcontext():
+        meta = torch.empty(0).is_meta  # also true inside `with torch.device("meta")`
+        if pretrained:
+            _check_checkpoint(arch, pretrained, "pretrained", meta)
+        if init_from:
+            _check_checkpoint(arch if init_from_arch is None else init_from_arch, init_from, "init_from", meta)
         coca = CoCa(**cfg)
     # open_clip leaves the decoder's vocabulary projection as torch.empty (its
     # init_parameters is never called): garbage memory, which would also make the
     # teacher cache key non-deterministic.
     dec = coca.text_decoder
-    torch.nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
+    if not meta:
+        torch.nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
+    model = CoCaModel(coca)
+    model.checkpoints = {k: v for k, v in (("pretrained", pretrained), ("init_from", init_from)) if v}
     if pretrained:
-        _load_pretrained(coca, arch, pretrained)
-    return CoCaModel(coca)
+        if not meta:
+            _load_pretrained(coca, arch, pretrained)
+        model.init_report = {"init": "pretrained", "source": pretrained, "loaded": not meta}
+    elif init_from:
+        source_arch = arch if init_from_arch is None else init_from_arch
+        source_cfg = coca_config(arch, overrides) if init_from_arch is None else coca_config(init_from_arch)
+        with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
+            source = CoCa(**source_cfg)  # its random init is overwritten; the global RNG is left as it was
+        if not meta:
+            _load_pretrained(source, source_arch, init_from, "init_from")
+        sampled = init_student_from(model, source)
+        del source
+        model.init_report = {"init": "sampled", "source": init_from,
+                             "source_arch": source_arch if isinstance(source_arch, str) else "dict",
+                             "layers": sampled, "loaded": not meta}
+    else:
+        model.init_report = {"init": "random"}
+    return model
 
 
-def _load_pretrained(coca: nn.Module, arch, pretrained: str) -> None:
+def _check_weights_choice(arch, pretrained, init_from, init_from_arch, random_init) -> None:
+    if pretrained and init_from:
+        raise ConfigError(f"bind one of coca_model.pretrained ({pretrained!r}: a checkpoint of this architecture) "
+                          f"and coca_model.init_from ({init_from!r}: layers sampled from a deeper CoCa), not both")
+    if init_from_arch is not None and not init_from:
+        raise ConfigError("coca_model.init_from_arch is the architecture of coca_model.init_from, which is not bound")
+    has_checkpoint = bool(pretrained or init_from)
+    if random_init is True and has_checkpoint:
+        raise ConfigError("coca_model.random_init = True contradicts the bound coca_model."
+                          f"{'pretrained' if pretrained else 'init_from'}; unbind one")
+    if random_init is False and not has_checkpoint:
+        raise ConfigError("coca_model.random_init = False but no checkpoint is bound: bind coca_model.pretrained "
+                          "or coca_model.init_from")
+    if random_init is None and not has_checkpoint and isinstance(arch, str):
+        raise ConfigError(f"coca_model(arch={arch!r}) has no weights bound: bind coca_model.pretrained (a checkpoint "
+                          f"of {arch}), coca_model.init_from (a deeper CoCa checkpoint to sample layers from), or "
+                          f"coca_model.random_init = True to train it from random initialisation")
+
+
+def init_student_from(student: nn.Module, source: nn.Module, *, copy_weights: bool = True) -> dict[str, list[int]]:
+    """Initialise a shallower CoCa from a deeper one of the same widths.
+
+    Each module's `n_S` student layers come from the source's `n_T` layers of the
+    same module at `layer_map(n_S, n_T)` (0-based `l * r - 1`, `r = n_T // n_S`):
+    "sampled uniformly" read as every `r`-th layer, ending with the last one when
+    `n_T` is a multiple of `n_S` (12 -> 4: 2, 5, 8, 11; 12 -> 2: 5, 11). It is the map
+    the distillation losses use, so with a teacher of the same depth ratio each
+    student layer starts as the layer it is matched with. A decoder layer's self-
+    and cross-attention blocks are copied together. Every other parameter and
+    persistent buffer (patch and token embeddings, positional embeddings, class
+    embedding and token, ln_pre/ln_post/ln_final, attentional pooler, projections,
+    logit_scale) is copied by name.
+
+    `student`, `source`: `CoCaModel`s or open_clip `CoCa`s. Raises ConfigError naming
+    the parameters whose names or shapes differ (other widths, patch or image size,
+    vocabulary, context length), or the module where the student is deeper. Copies
+    nothing when `copy_weights` is False or either model is on the meta device (the checks
+    still run). Returns the source layer of each student layer, by module.
+    """
+    from optima.plugins.losses import layer_map
+
+    s_model = student.coca if isinstance(student, CoCaModel) else student
+    t_model = source.coca if isinstance(source, CoCaModel) else source
+    s_sd, t_sd = s_model.state_dict(), t_model.state_dict()
+    sampled: dict[str, list[int]] = {}
+    for module, prefixes in LAYER_LISTS.items():
+        n_s, n_t = len(s_model.get_submodule(prefixes[0])), len(t_model.get_submodule(prefixes[0]))
+        try:
+            sampled[module] = layer_map(n_s, n_t)
+        except ConfigError as e:
+            raise ConfigError(f"cannot sample the student's {module} layers from the source CoCa: {e}") from None
+    mapping = {}  # student key -> source key
+    for key in s_sd:
+        m = _LAYER_KEY.match(key)
+        mapping[key] = f"{m[1]}.{sampled[_MODULE_OF[m[1]]][int(m[2])]}.{m[3]}" if m else key
+    problems = []
+    for key, src in mapping.items():
+        if src not in t_sd:
+            problems.append(f"{src} (not in the source)")
+        elif t_sd[src].shape != s_sd[key].shape:
+            problems.append(f"{key} student {tuple(s_sd[key].shape)} vs source {tuple(t_sd[src].shape)}")
+    problems += [f"{k} (only in the source)" for k in t_sd if k not in s_sd and not _LAYER_KEY.match(k)]
+    if problems:
+        more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ConfigError(f"cannot initialise the student from the source CoCa: {len(problems)} parameter(s) differ "
+                          f"in name or shape: {'; '.join(problems[:8])}{more}. The student needs the source's widths, "
+                          f"patch and image size, vocabulary and context length; only layer counts may differ")
+    if copy_weights and not any(t.is_meta for t in (*s_sd.values(), *t_sd.values())):
+        with torch.no_grad():
+            for key, src in mapping.items():
+                s_sd[key].copy_(t_sd[src])
+    return sampled
+
+
+def _check_checkpoint(arch, checkpoint: str, binding: str, meta: bool) -> None:
+    """A local file, or an open_clip pretrained tag of a named `arch` (not fetched here).
+    On the meta device (dry run) a missing file is reported by the plan
+    (`model.checkpoints`), not raised."""
+    if meta or os.path.isfile(checkpoint):
+        return
+    import open_clip
+
+    if isinstance(arch, str) and checkpoint in open_clip.list_pretrained_tags_by_model(arch):
+        return
+    raise ConfigError(f"coca_model.{binding}={checkpoint!r} is neither an existing file nor a pretrained tag of "
+                      f"{arch if isinstance(arch, str) else 'this architecture dict'!r}; give a local checkpoint path")
+
+
+def _load_pretrained(coca: nn.Module, arch, pretrained: str, binding: str = "pretrained") -> None:
     import open_clip
 
     if os.path.isfile(pretrained):
@@ -134,12 +315,12 @@ def _load_pretrained(coca: nn.Module, arch, pretrained: str) -> None:
             open_clip.load_checkpoint(coca, pretrained, strict=True)
         except RuntimeError as e:  # state-dict mismatch
             first = str(e).strip().splitlines()
-            raise ConfigError(f"checkpoint {pretrained} does not fit this CoCa architecture: "
-                              f"{' '.join(first[:3])[:300]}") from None
+            raise ConfigError(f"coca_model.{binding}: checkpoint {pretrained} does not fit the CoCa architecture "
+                              f"{arch if isinstance(arch, str) else '(dict)'}: {' '.join(first[:3])[:300]}") from None
         return
     if isinstance(arch, str) and pretrained in open_clip.list_pretrained_tags_by_model(arch):
         ref = open_clip.create_model(arch, pretrained=pretrained)
         coca.load_state_dict(ref.state_dict())
         return
-    raise ConfigError(f"coca_model.pretrained={pretrained!r} is neither an existing file nor a pretrained "
+    raise ConfigError(f"coca_model.{binding}={pretrained!r} is neither an existing file nor a pretrained "
                       f"tag of {arch!r}; give a local checkpoint path")

@@ -6,15 +6,23 @@ Only the played arm's layers `A` get layer losses with gradients. The other
 layers' losses are computed under `no_grad`, and only when the reward reads them,
 to give the full-model values the reward compares across rounds; so an OPTIMA
 step never costs more than a layerwise step (`bench/step_time.py` measures it).
+
+Teacher and student may differ in width (the learnable projections), depth (the
+layer map `layer_map`) and token layout (`optima.align`): given each model's
+per-module token layouts, the teacher's patch grid is pooled onto the student's
+(class token matched separately, hidden states average-pooled, attention queries
+averaged and keys summed so rows still sum to 1); modules without a layout (text
+and decoder tokens) are matched one to one and must have the same shapes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optima.align import Layout, align_attention, align_hidden, check_pair
 from optima.errors import ConfigError
 from optima.interfaces import Capture, Loss, Module, StepLosses
 
@@ -37,11 +45,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 class OptimaLoss(Loss):
     """Hidden-state MSE through a learnable `d_S x d_T` projection per student layer,
-    attention-probability MSE (head-averaged; every attention of the layer), KD."""
+    attention-probability MSE (head-averaged; every attention of the layer), KD.
+
+    `student_layouts` / `teacher_layouts`: `{module name: token layout}` (see
+    `optima.align`; e.g. `{"image": {"prefix": 1, "grid": (7, 7)}, "text": None}`),
+    usually `optima.align.token_layouts(model)`. Missing modules, or None for the
+    whole dict, mean one to one: the teacher's tensors must then have the student's
+    shapes. Layouts are checked against each other here, before any step."""
 
     def __init__(self, student_modules: Sequence[Module], teacher_modules: Sequence[Module],
                  kd_weight: float = 1.0, hidden_weight: float = 1.0, attn_weight: float = 1.0,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, *, student_layouts: Mapping[str, Layout] | None = None,
+                 teacher_layouts: Mapping[str, Layout] | None = None):
         super().__init__()
         for name, w in (("kd_weight", kd_weight), ("hidden_weight", hidden_weight), ("attn_weight", attn_weight)):
             if not w >= 0:
@@ -57,6 +72,9 @@ class OptimaLoss(Loss):
         #: student (module, layer) -> teacher (module, layer)
         self.pairs = {(m.name, i): (m.name, j) for m in student_modules
                       for i, j in enumerate(layer_map(len(m), len(teacher[m.name])))}
+        #: module -> (teacher layout, student layout), normalised
+        self.layouts = {m.name: check_pair(m.name, (teacher_layouts or {}).get(m.name),
+                                           (student_layouts or {}).get(m.name)) for m in student_modules}
         self.proj = nn.ModuleDict({
             f"{m.name}_{i}": nn.Linear(m.width, teacher[m.name].width) for m in student_modules for i in range(len(m))})
 
@@ -82,24 +100,39 @@ class OptimaLoss(Loss):
 
     def _hidden(self, s_rec, t_rec, s_key, t_key) -> torch.Tensor:
         h_s = self.proj[f"{s_key[0]}_{s_key[1]}"](s_rec.hidden(s_key))
-        return F.mse_loss(h_s.float(), _same_shape(t_rec.hidden(t_key), h_s, s_key).float())
+        h_t = self._aligned(t_rec.hidden(t_key), h_s, s_key, "hidden state", align_hidden)
+        return F.mse_loss(h_s.float(), h_t.float())
 
     def _attn(self, s_rec, t_rec, s_key, t_key) -> torch.Tensor:
+        s_att = s_rec.attention(s_key)
         with torch.no_grad():
-            t_att = t_rec.attention(t_key)
-        return sum(F.mse_loss(a_s.float(), _same_shape(a_t, a_s, s_key).float())
-                   for a_s, a_t in zip(s_rec.attention(s_key), t_att))
+            t_att = [self._aligned(a_t, a_s, s_key, f"attention {j}", align_attention)
+                     for j, (a_s, a_t) in enumerate(zip(s_att, t_rec.attention(t_key)))]
+        return sum(F.mse_loss(a_s.float(), a_t.float()) for a_s, a_t in zip(s_att, t_att))
 
-
-def _same_shape(teacher: torch.Tensor, student: torch.Tensor, key) -> torch.Tensor:
-    # hidden states are compared after projection, so both tensors must match exactly
-    if teacher.shape != student.shape:
-        raise ConfigError(f"layer {key[0]}[{key[1]}]: teacher tensor {tuple(teacher.shape)} does not match the "
-                          f"student's {tuple(student.shape)}; use the same image size, patch size and context length")
-    return teacher
+    def _aligned(self, teacher: torch.Tensor, student: torch.Tensor, key, what: str, align) -> torch.Tensor:
+        """The teacher tensor in the student's token layout, checked against the student's
+        shape (hidden states are compared after projection, so shapes must match exactly)."""
+        t_layout, s_layout = self.layouts[key[0]]
+        where = f"layer {key[0]}[{key[1]}] {what}"
+        aligned = align(teacher, t_layout, s_layout, where)
+        if aligned.shape != student.shape:
+            pooled = f" (pooled from {tuple(teacher.shape)})" if aligned.shape != teacher.shape else ""
+            hints = "".join(f" ({h})" for h in dict.fromkeys(l["hint"] for l in (t_layout, s_layout) if l and l["hint"]))
+            how = ("its tokens are matched one to one" if (s_layout or {}).get("grid") is None
+                   else "its patch grids are pooled, other axes matched one to one")
+            raise ConfigError(f"{where}: teacher tensor {tuple(aligned.shape)}{pooled} does not match the student's "
+                              f"{tuple(student.shape)}; module {key[0]!r} {how}: use the same context length and "
+                              f"token counts, or give the models' token layouts to the loss{hints}")
+        return aligned
 
 
 def optima_loss(student_modules: Sequence[Module], teacher_modules: Sequence[Module], kd_weight: float = 1.0,
-                hidden_weight: float = 1.0, attn_weight: float = 1.0, temperature: float = 1.0) -> OptimaLoss:
-    """The paper's objective; the weights are a1, a2, a3 of method.md."""
-    return OptimaLoss(student_modules, teacher_modules, kd_weight, hidden_weight, attn_weight, temperature)
+                hidden_weight: float = 1.0, attn_weight: float = 1.0, temperature: float = 1.0, *,
+                student_layouts: Mapping[str, Layout] | None = None,
+                teacher_layouts: Mapping[str, Layout] | None = None) -> OptimaLoss:
+    """The paper's objective; the weights are a1, a2, a3 of method.md. The layouts
+    (`{module: token layout}`, from `optima.align.token_layouts(model)`) let a teacher
+    with another patch size be matched; the pipeline passes them, not gin."""
+    return OptimaLoss(student_modules, teacher_modules, kd_weight, hidden_weight, attn_weight, temperature,
+                      student_layouts=student_layouts, teacher_layouts=teacher_layouts)

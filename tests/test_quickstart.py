@@ -26,7 +26,8 @@ def _run(run_dir, *extra):
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end(tmp_path):
+def test_quickstart_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))  # the teacher is trained here, then reused
     out = _run(tmp_path / "run")
     run = tmp_path / "run"
     assert "test accuracy" in out and "teacher" in out and "student" in out
