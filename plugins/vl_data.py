@@ -1,0 +1,318 @@
+"""Shared pieces of the real vision-language tasks (SNLI-VE, VQA v2, NLVR2, COCO captions).
+
+- Images are read with PIL and go through open_clip's own transforms
+  (`open_clip.image_transform`, OpenAI mean/std): on the train split, when
+  `augment` is on, its random-resized-crop (scale 0.9-1.0); otherwise resize +
+  centre crop. The random crop draws from torch's global generator, which is
+  seeded per batch (from the `batches` seed) inside `torch.random.fork_rng`, so a
+  given seed always gives the same tensors and the caller's generator is left
+  alone. Files are decoded in a small thread pool (`load_threads`); the
+  transforms then run in order in the calling thread, which keeps them
+  deterministic.
+- Text goes through open_clip's bundled BPE tokenizer (`SimpleTokenizer`: the
+  vocabulary ships inside the package, nothing is fetched): start-of-text,
+  tokens, end-of-text, zero padding, truncated to `context_length` (the last
+  kept token is then end-of-text).
+- A task parses its annotation files once per split into an in-memory list of
+  `Record`s (paths and strings only, small); images are loaded lazily, per
+  batch. `VLTask.batches` shuffles with a `torch.Generator` and yields the last
+  partial batch too.
+- A missing file raises `optima.errors.ConfigError` naming the path and the gin
+  binding to set; `missing_paths()` lists the expected-but-absent files and
+  folders without raising and without parsing anything.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.tokenizer import SimpleTokenizer
+
+from optima.errors import ConfigError
+from optima.interfaces import Batch, Task
+
+SPLITS = ("train", "val", "test")
+PAD_ID = 0  # open_clip's tokenizer pads with 0 (CoCa's `pad_id`)
+
+
+# -- text -----------------------------------------------------------------
+
+
+class Tokenizer:
+    """open_clip's `SimpleTokenizer` (bundled BPE, 49,408 tokens), offline."""
+
+    def __init__(self, context_length: int):
+        if context_length < 2:
+            raise ConfigError(f"context_length must be at least 2 (start and end of text), got {context_length}")
+        self.context_length = int(context_length)
+        self._tok = SimpleTokenizer(context_length=self.context_length)
+        self.sot_token_id = int(self._tok.sot_token_id)
+        self.eot_token_id = int(self._tok.eot_token_id)
+        self.pad_token_id = PAD_ID
+        self.vocab_size = len(self._tok.encoder)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """`(N, context_length)` int64 token ids."""
+        if not texts:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
+        return self._tok(list(texts)).long()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids, without start/end-of-text and padding (stops at end-of-text)."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eot_token_id:
+                break
+            if i not in (self.sot_token_id, self.pad_token_id):
+                out.append(i)
+        return self._tok.decode(out).strip()
+
+
+_NON_WORD = re.compile(r"[^\w\s]|_")
+
+
+def simple_tokenize(text: str) -> str:
+    """Lowercase, punctuation removed, whitespace collapsed: the tokenisation used for
+    CIDEr here, in place of coco-caption's Java PTB tokenizer (which also splits
+    off punctuation; on lowercased COCO captions the two differ only in rare
+    cases such as "1/2" or hyphenated words)."""
+    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+
+
+# -- images ---------------------------------------------------------------
+
+
+def image_transforms(image_size: int):
+    """open_clip's (train, eval) transforms with the OpenAI mean/std CoCa uses."""
+    import open_clip
+
+    kw = dict(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    return (open_clip.image_transform(image_size, is_train=True, **kw),
+            open_clip.image_transform(image_size, is_train=False, **kw))
+
+
+def _open_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")  # convert() reads the pixels, so the file can close
+
+
+# -- records and files ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example: its image files, its text, its target (task specific) and extras."""
+
+    images: tuple[str, ...]
+    text: str
+    target: Any = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _file_digest(path: str) -> str:
+    """Size + hash of the first and last MiB: cheap on 300 MB annotation files and
+    changes whenever the content is replaced by another release."""
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(digest_size=12)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return f"{size}:{h.hexdigest()}"
+
+
+class VLTask(Task):
+    """Base of the real tasks: lazy parsing, batching, image loading, file checks.
+
+    A subclass sets `name` (its gin configurable, e.g. `snli_ve_task`) and
+    `dataset` (a name for error messages), and implements `annotation_files`,
+    `image_folders`, `_parse` and `_collate`.
+    """
+
+    name: str = "vl_task"
+    dataset: str = "the data set"
+
+    def __init__(self, *, data_dir: str, image_dir: str | None, image_size: int, context_length: int,
+                 augment: bool, load_threads: int):
+        if not data_dir:
+            raise ConfigError(f"{self.name}.data_dir must be set (the folder holding the {self.dataset} files)")
+        if image_size < 8:
+            raise ConfigError(f"{self.name}.image_size must be at least 8, got {image_size}")
+        if load_threads < 0:
+            raise ConfigError(f"{self.name}.load_threads must be >= 0, got {load_threads}")
+        self.data_dir = os.fspath(data_dir)
+        self.image_dir = os.fspath(image_dir) if image_dir else self.default_image_dir()
+        self.image_size = int(image_size)
+        self.context_length = int(context_length)
+        self.augment = bool(augment)
+        self.load_threads = int(load_threads)
+        self.tokenizer = Tokenizer(self.context_length)
+        self._records: dict[str, list[Record]] = {}
+        self._transforms = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- to implement ------------------------------------------------------
+
+    def default_image_dir(self) -> str:
+        return self.data_dir
+
+    @abc.abstractmethod
+    def annotation_files(self, split: str) -> list[tuple[str, str]]:
+        """`(path, binding)` of the files `split` is read from."""
+
+    @abc.abstractmethod
+    def image_folders(self) -> list[str]:
+        """Folders the images are expected in (checked by `missing_paths`)."""
+
+    @abc.abstractmethod
+    def _parse(self, split: str) -> list[Record]:
+        """Read `split`'s annotation files (they exist) into records."""
+
+    @abc.abstractmethod
+    def _collate(self, records: Sequence[Record], split: str, generator: torch.Generator) -> dict[str, Any]:
+        """One batch from `records`; random choices (augmentation, a caption) come
+        from `generator`, which is seeded per batch."""
+
+    # -- Task --------------------------------------------------------------
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> Iterator[Batch]:
+        records = self.records(split)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(records)
+        g = torch.Generator().manual_seed(int(seed))
+        order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+        n_batches = (n + batch_size - 1) // batch_size
+        # One seed per batch, drawn up front: batch k is the same whether or not
+        # batches 0..k-1 were materialised (a resumed stream skips them).
+        batch_seeds = torch.randint(0, 2 ** 62, (n_batches,), generator=g).tolist()
+        for k in range(n_batches):
+            chunk = [records[i] for i in order[k * batch_size:(k + 1) * batch_size]]
+            yield self._collate(chunk, split, torch.Generator().manual_seed(batch_seeds[k]))
+
+    # -- helpers -----------------------------------------------------------
+
+    def records(self, split: str) -> list[Record]:
+        """The parsed records of `split` (parsed once, then cached)."""
+        self._check_split(split)
+        if split not in self._records:
+            for path, binding in self.annotation_files(split):
+                self.require(path, binding)
+            self._records[split] = self._parse(split)
+        return self._records[split]
+
+    def size(self, split: str) -> int:
+        return len(self.records(split))
+
+    def missing_paths(self, splits: Sequence[str] = SPLITS) -> list[str]:
+        """Expected files and folders that do not exist, in a stable order. Never
+        raises for a missing file and parses nothing."""
+        expected: list[str] = []
+        for split in splits:
+            self._check_split(split)
+            expected += [p for p, _ in self.annotation_files(split)]
+        expected += self.image_folders()
+        seen: set[str] = set()
+        out = []
+        for p in expected:
+            if p not in seen:
+                seen.add(p)
+                if not os.path.exists(p):
+                    out.append(p)
+        return out
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Constructor arguments and a digest of each annotation file: equal
+        fingerprints give identical batches (images are not hashed: too many)."""
+        files = {}
+        for split in SPLITS:
+            for path, _ in self.annotation_files(split):
+                files[os.path.abspath(path)] = _file_digest(path) if os.path.isfile(path) else None
+        return {"task": self.name, **self.config(), "files": files}
+
+    def config(self) -> dict[str, Any]:
+        return {"data_dir": os.path.abspath(self.data_dir), "image_dir": os.path.abspath(self.image_dir),
+                "image_size": self.image_size, "context_length": self.context_length, "augment": self.augment}
+
+    def require(self, path: str, binding: str) -> None:
+        """Raise a `ConfigError` naming `path` and the binding to fix if `path` is absent."""
+        if not os.path.exists(path):
+            value = getattr(self, binding.rsplit(".", 1)[-1], None)
+            raise ConfigError(f"{binding}={value}: missing {path}; download {self.dataset} and set {binding}")
+
+    def load_images(self, paths: Sequence[str], train: bool, generator: torch.Generator) -> torch.Tensor:
+        """`(N, 3, image_size, image_size)` float32, normalised."""
+        if self._transforms is None:
+            self._transforms = image_transforms(self.image_size)
+        for p in paths:
+            self.require(p, f"{self.name}.image_dir")
+        if self.load_threads > 1 and len(paths) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.load_threads, thread_name_prefix=f"{self.name}-images")
+            pil = list(self._pool.map(_open_rgb, paths))
+        else:
+            pil = [_open_rgb(p) for p in paths]
+        if not pil:
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        if train and self.augment:
+            transform = self._transforms[0]
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return torch.stack([transform(im) for im in pil])
+        return torch.stack([self._transforms[1](im) for im in pil])
+
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pool"] = None  # thread pools do not pickle
+        return state
+
+
+# -- json -----------------------------------------------------------------
+
+
+def read_json(path: str, binding: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{binding}: {path} is not valid JSON ({e})") from None
+
+
+def read_jsonl(path: str, binding: str) -> list[dict]:
+    """One JSON object per non-empty line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{binding}: {path} line {lineno} is not valid JSON ({e})") from None
+    return out
+
+
+def field_of(row: Mapping, key: str, path: str, where: str) -> Any:
+    """`row[key]`, or a ConfigError naming the file and the record."""
+    try:
+        return row[key]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{path}: {where} has no {key!r} field; is this the official file?") from None
