@@ -41,13 +41,30 @@ def run(
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where logs go (default runs/<config>-<time>)."),
     no_plugins: bool = typer.Option(False, "--no-plugins", help="Load built-in plugins only."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Resolve the pipeline and print the plan; train nothing."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="RUN_DIR",
+        help="Continue the run in RUN_DIR from its last checkpoints (same file and bindings as that run)."),
+    force: bool = typer.Option(False, "--force", help="With --resume: continue even if bindings differ."),
 ) -> None:
-    """Run the experiment a gin file declares."""
+    """Run the experiment a gin file declares; SIGINT/SIGTERM save a checkpoint first."""
     with user_errors():
         from optima.cli.run import run_command
 
         run_command(config, binding or [], run_dir, external_plugins=False if no_plugins else None,
-                    dry_run=dry_run)
+                    dry_run=dry_run, resume=resume, force=force)
+
+
+@app.command()
+def plugins(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    no_plugins: bool = typer.Option(False, "--no-plugins", help="Load built-in plugins only."),
+) -> None:
+    """List plugins (version, hooks) and the components they register; exit 2 if one is malformed."""
+    with user_errors():
+        from optima.cli.plugins import plugins_command
+
+        code = plugins_command(as_json, external=False if no_plugins else None)
+    raise typer.Exit(code)
 
 
 def main() -> None:

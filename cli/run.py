@@ -1,7 +1,10 @@
-"""`optima run`: parse the gin file, run the experiment with rich progress."""
+"""`optima run`: parse the gin file, run the experiment with rich progress;
+`--resume RUN_DIR` continues a run from its checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Sequence
@@ -10,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from optima.errors import ConfigError
+from optima.errors import ConfigError, OptimaError
 from optima.reporting import Reporter
 
 console = Console(stderr=False)
@@ -41,25 +44,102 @@ class RichReporter(Reporter):
     def on_message(self, text):
         self.progress.console.print(text)
 
+    def on_nonfinite(self, stage, step, term, value, skipped):
+        self.progress.console.print(f"{stage}: step {step}: {term} = {value}; step skipped ({skipped} so far)")
+
 
 def default_run_dir(config: str) -> str:
     return os.path.join("runs", f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+LOCK = ".optima.lock"
+
+
+def _holds_files(run_dir: str) -> bool:
+    return os.path.isdir(run_dir) and any(name != LOCK for name in os.listdir(run_dir))
+
+
 def prepare_run_dir(run_dir: str) -> None:
     """Never overwrite an earlier run: its logs and weights stay as they were."""
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise ConfigError(f"run directory {run_dir} already holds files; pass another --run-dir")
+    if _holds_files(run_dir):
+        resumable = os.path.isfile(os.path.join(run_dir, "config.gin"))
+        raise ConfigError(f"run directory {run_dir} already holds files; pass another --run-dir"
+                          + (f", or --resume {run_dir} to continue that run" if resumable else ""))
     os.makedirs(run_dir, exist_ok=True)
 
 
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str):
+    """One process per run directory (an advisory lock, released when the process
+    ends, however it ends)."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"run directory {run_dir} is in use by another optima process") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_resume(run_dir: str, config_text: str, force: bool) -> list[str]:
+    """The bindings in which `config_text` differs from the run's `config.gin`
+    (operational ones, such as checkpoint_every, may differ); refused unless `force`."""
+    from optima.checkpoint import config_differences
+
+    stored = os.path.join(run_dir, "config.gin")
+    if not os.path.isfile(stored):
+        raise ConfigError(f"--resume {run_dir}: not a run directory (it has no config.gin); "
+                          "start a new run with --run-dir")
+    with open(stored, encoding="utf-8") as f:
+        differences = config_differences(f.read(), config_text)
+    if differences and not force:
+        raise ConfigError(f"--resume {run_dir}: the config differs from the run's in {len(differences)} "
+                          f"binding(s): {'; '.join(differences)}; pass the same file and bindings, "
+                          "or add --force to resume with these")
+    return differences
+
+
+def _quote(text: str) -> str:
+    """Shell quoting that reads well for gin bindings: "a = 'x'" rather than shlex's
+    'a = '"'"'x'"'"''."""
+    quoted = shlex.quote(text)
+    if quoted != text and "'" in text and not any(c in text for c in '"$`\\!'):
+        return f'"{text}"'
+    return quoted
+
+
+def command_line(config: str, bindings: Sequence[str], *extra: str) -> str:
+    """The `optima run` command line of `config` and `bindings`, then `extra`."""
+    return " ".join(["optima run", _quote(config), *(f"-b {_quote(b)}" for b in bindings), *extra])
+
+
+class _Stopped(OptimaError):
+    """A resumable failure, its message completed with how to resume."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run_command(config: str, bindings: Sequence[str], run_dir: str | None, external_plugins: bool | None,
-                dry_run: bool = False) -> dict:
+                dry_run: bool = False, resume: str | None = None, force: bool = False) -> dict:
     import gin
 
     from optima import config as cfg
+    from optima.checkpoint import CheckpointManager, write_text_atomic
     from optima.experiment import experiment
 
+    if force and not resume:
+        raise ConfigError("--force only applies with --resume RUN_DIR")
+    if resume and run_dir and os.path.abspath(run_dir) != os.path.abspath(resume):
+        raise ConfigError("pass either --run-dir (a new run) or --resume RUN_DIR (continue one), not both")
     registry = cfg.setup(external_plugins)
     for name, error in registry.failures.items():
         console.print(f"[yellow]warning:[/] plugin {name!r} failed to load and is skipped: {error}")
@@ -71,11 +151,49 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
             raise cfg.translate_call_error(e) from None
         print_plan(plan, config)
         return plan
-    run_dir = run_dir or default_run_dir(config)
-    prepare_run_dir(run_dir)
-    with open(os.path.join(run_dir, "config.gin"), "w") as f:
-        f.write(f"# optima run {config}" + "".join(f" -b {b!r}" for b in bindings) + "\n")
-        f.write(gin.config_str())
+    try:  # every binding is checked before anything is written or trained
+        experiment(None, validate_only=True)
+    except Exception as e:
+        raise cfg.translate_call_error(e) from None
+    config_text = gin.config_str()
+    header = f"# optima run {config}" + "".join(f" -b {b!r}" for b in bindings) + "\n"
+    if resume:
+        run_dir = resume
+        check_resume(run_dir, config_text, force)
+    else:
+        run_dir = run_dir or default_run_dir(config)
+        prepare_run_dir(run_dir)
+    with run_dir_lock(run_dir):
+        config_path = os.path.join(run_dir, "config.gin")
+        if not resume:
+            if _holds_files(run_dir):  # another process got here first
+                raise ConfigError(f"run directory {run_dir} already holds files; pass another --run-dir")
+            write_text_atomic(config_path, header + config_text)
+            return _run(config, bindings, run_dir)
+        differences = check_resume(run_dir, config_text, force)
+        if not differences:
+            console.print(f"resuming {run_dir}")
+            return _run(config, bindings, run_dir)
+        # forced: the run goes on with the new config, the old one is kept beside it
+        console.print(f"resuming {run_dir} with changed bindings (--force): {'; '.join(differences)}")
+        backup = os.path.join(run_dir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.gin")
+        os.replace(config_path, backup)
+        write_text_atomic(config_path, header.rstrip("\n") + f" --resume {run_dir} --force\n" + config_text)
+        saves = CheckpointManager.saves
+        try:
+            return _run(config, bindings, run_dir)
+        except ConfigError:
+            if CheckpointManager.saves == saves:  # refused before it saved anything: leave the run as it was
+                os.replace(backup, config_path)
+            raise
+
+
+def _run(config: str, bindings: Sequence[str], run_dir: str) -> dict:
+    import gin
+
+    from optima import config as cfg
+    from optima.checkpoint import write_text_atomic
+    from optima.experiment import experiment
 
     columns = (TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
@@ -83,9 +201,14 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
         try:
             summary = experiment(run_dir, [RichReporter(progress)])
         except Exception as e:
-            raise cfg.translate_call_error(e) from None
-    with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
+            error = cfg.translate_call_error(e)
+            if isinstance(error, OptimaError) and getattr(error, "resumable", False):
+                extra = [f"-b {_quote(b)}" for b in getattr(error, "resume_bindings", ())]
+                message = f"{str(error).splitlines()[0]}; resume with: " \
+                          f"{command_line(config, bindings, *extra, '--resume', _quote(run_dir))}"
+                raise _Stopped(message, error.exit_code) from e
+            raise error from None
+    write_text_atomic(os.path.join(run_dir, "operative_config.gin"), gin.operative_config_str())
     print_summary(summary, run_dir)
     return summary
 

@@ -14,32 +14,49 @@ import gin
 from optima import registry as registry_mod
 from optima.errors import ConfigError
 
-#: gin name -> factory registered by this process (gin cannot register a name twice)
-_REGISTERED: dict[str, Callable] = {}
+#: gin name -> (gin's complete selector, factory) registered by this process
+#: (gin cannot register a name twice)
+_REGISTERED: dict[str, tuple[str, Callable]] = {}
 #: The repository's `gin/` folder, so `include 'common/x.gin'` works from anywhere.
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+_OPTIMIZERS = ("AdamW", "Adam", "SGD", "Adafactor")
 
 
 def _register(name: str, factory: Callable, module: str | None = None) -> None:
-    full = f"{module}.{name}" if module else name
-    if _REGISTERED.get(full) is factory:
+    key = f"{module}.{name}" if module else name
+    current = _REGISTERED.get(key)
+    if current is not None and current[1] is factory:
         return
-    if full in _REGISTERED:  # another plugin set in this process (tests): replace it
-        gin.config._REGISTRY.pop(full)  # gin has no public unregister
+    if current is not None:  # another plugin set in this process (tests): replace it
+        _unregister(key)
+    # gin files the configurable under `<module>.<name>`, the module defaulting to the factory's
+    selector = f"{module or getattr(factory, '__module__', None) or ''}.{name}".lstrip(".")
     gin.external_configurable(factory, name=name, module=module)
-    _REGISTERED[full] = factory
+    _REGISTERED[key] = (selector, factory)
 
 
-def setup(external_plugins: bool | None = None) -> registry_mod.Registry:
-    """Load plugins and make every component and core stage a gin configurable."""
+def _unregister(key: str) -> None:
+    selector, _ = _REGISTERED.pop(key)
+    if selector in gin.config._REGISTRY:
+        gin.config._REGISTRY.pop(selector)  # gin has no public unregister
+
+
+def setup(external_plugins: bool | None = None, plugins=()) -> registry_mod.Registry:
+    """Load plugins and make every component and core stage a gin configurable.
+
+    Callable again in one process with another plugin set (tests, `--no-plugins`):
+    components of plugins no longer loaded stop being configurable.
+    """
     import torch
 
     import optima.experiment  # noqa: F401  (defines experiment, teacher_training, distillation)
 
-    reg = registry_mod.load(external=external_plugins)
+    reg = registry_mod.load(external=external_plugins, plugins=plugins)
+    for stale in set(_REGISTERED) - set(reg.components) - {f"torch.optim.{o}" for o in _OPTIMIZERS}:
+        _unregister(stale)
     for component in reg.components.values():
         _register(component.gin_name, component.factory)
-    for opt in ("AdamW", "Adam", "SGD", "Adafactor"):
+    for opt in _OPTIMIZERS:
         _register(opt, getattr(torch.optim, opt), module="torch.optim")
     return reg
 

@@ -3,10 +3,14 @@
 `Distiller.play_round` is the method in one place: the policy picks an arm, the
 student is distilled on that arm's layers for `T` steps, the round's full-model
 losses give the reward, the policy learns from it.
+
+Both loops (`Finetuner`, `Distiller`) can be saved and restored at any step
+(`state_dict`), and check every loss for NaN and inf before the optimizer step.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
@@ -14,6 +18,8 @@ import torch
 from torch import nn
 
 from optima.arms import ArmSpace
+from optima.checkpoint import CheckpointError, check_same_layout, preserved_rng
+from optima.errors import ConfigError, OptimaError
 from optima.interfaces import Batch, Capture, DistillableModel, Head, Loss, Policy, Reward, Task
 from optima.taps import Recorder
 
@@ -40,7 +46,12 @@ class Network(nn.Module):
 
 class BatchStream:
     """Endless shuffled batches of one split, epoch after epoch; its position is
-    state so that a resumed run sees the same batches."""
+    state so that a resumed run sees the same batches.
+
+    After `load_state_dict`, the first `next` replays the epoch's first
+    `position` batches (without touching any global RNG) and goes on from there;
+    a task's `batches` must depend only on its arguments (the seed among them).
+    """
 
     def __init__(self, task: Task, split: str, batch_size: int, seed: int, device: torch.device):
         self.task, self.split, self.batch_size, self.seed, self.device = task, split, batch_size, seed, device
@@ -50,13 +61,18 @@ class BatchStream:
     def __iter__(self):
         return self
 
+    def _start_epoch(self) -> None:
+        self._it = iter(self.task.batches(self.split, self.batch_size, shuffle=True, seed=self.seed + self.epoch))
+        if self.position:  # after a resume: the batches the saved run had already seen
+            with preserved_rng():
+                for _ in range(self.position):
+                    if next(self._it, None) is None:  # the epoch ended there: the next one starts
+                        break
+
     def __next__(self) -> Batch:
         while True:
             if self._it is None:
-                self._it = iter(self.task.batches(self.split, self.batch_size, shuffle=True,
-                                                  seed=self.seed + self.epoch))
-                for _ in range(self.position):  # fast-forward after a resume
-                    next(self._it)
+                self._start_epoch()
             try:
                 batch = next(self._it)
                 self.position += 1
@@ -94,29 +110,171 @@ def evaluate(network: Network, task: Task, split: str, batch_size: int, device: 
     return metrics
 
 
+#: What a loop does with a step whose loss (or gradient norm) is NaN or inf.
+NONFINITE_ACTIONS = ("skip", "stop")
+
+
+class NonFiniteLossError(OptimaError):
+    """A loss was NaN or inf and the stage was set to stop (`on_nonfinite = 'stop'`).
+    Raised before the optimizer step, so no weight saw the bad value; checkpoints
+    already written are intact and the run can be resumed (e.g. set to 'skip')."""
+
+    exit_code = 1
+    resumable = True
+
+    def __init__(self, message: str, binding: str):
+        super().__init__(message)
+        self.resume_bindings = [f"{binding} = 'skip'"]
+
+
 class Callback(Protocol):
+    """What the loops report to (e.g. `optima.reporting.Reporter`). `on_nonfinite`
+    and `on_message` are optional."""
+
     def on_step(self, stage: str, step: int, losses: dict[str, float], lr: float) -> None: ...
     def on_round(self, stage: str, result: "RoundResult") -> None: ...
 
 
+def first_nonfinite(values: Mapping[str, float]) -> tuple[str, float] | None:
+    """The first `(name, value)` that is NaN or inf, or None."""
+    for name, value in values.items():
+        value = float(value)
+        if not math.isfinite(value):
+            return name, value
+    return None
+
+
+def _check_action(action: str, binding: str) -> str:
+    if action not in NONFINITE_ACTIONS:
+        raise ConfigError(f"{binding} = {action!r} must be one of {', '.join(map(repr, NONFINITE_ACTIONS))}")
+    return action
+
+
+class _Loop:
+    """What the fine-tuning and distillation loops share: the optimizer step
+    guarded against non-finite values, callbacks, and the step counter."""
+
+    name: str
+    binding: str  # e.g. "distillation.on_nonfinite", for messages
+    on_nonfinite: str
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    grad_clip: float | None
+    callbacks: list
+    step: int
+    skipped: int
+
+    def _where(self) -> str:
+        return f"step {self.step + 1}"
+
+    def _optimizer_step(self, objective: torch.Tensor, terms: Mapping[str, float]) -> bool:
+        """Back-propagate and step, unless a term, the objective or (with
+        `grad_clip`) the gradient norm is non-finite: then skip the step (counted,
+        reported; its batch and its place in the lr schedule are used up) or raise
+        `NonFiniteLossError` naming the step and the term. Returns whether the
+        weights were updated; `self.step` counts the step either way."""
+        bad = first_nonfinite(terms) or first_nonfinite({"objective": objective.detach().float().item()})
+        self.optimizer.zero_grad(set_to_none=True)
+        if bad is None:
+            objective.backward()
+            if self.grad_clip:
+                norm = nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                                self.grad_clip)
+                bad = first_nonfinite({"grad_norm": float(norm)})
+        if bad is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            term, value = bad
+            if self.on_nonfinite == "stop":
+                what = "gradient norm" if term == "grad_norm" else "loss"
+                raise NonFiniteLossError(
+                    f"{self.name}: non-finite {what} at {self._where()}: {term} = {value}; stopped before the "
+                    f"optimizer step ({self.binding} = 'stop'; 'skip' skips such steps)", self.binding)
+            self.skipped += 1
+            self.step += 1
+            self.scheduler.step()
+            for cb in self.callbacks:
+                if hasattr(cb, "on_nonfinite"):
+                    cb.on_nonfinite(self.name, self.step, term, value, self.skipped)
+            return False
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return True
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class Finetuner(_Loop):
+    """Plain task training (the teacher's fine-tuning) for `steps` steps, resumable:
+    `state_dict()` holds the network, optimizer, scheduler, data position and
+    counters (the global RNGs are the caller's, see `optima.checkpoint.rng_state`)."""
+
+    def __init__(self, network: Network, task: Task, *, steps: int, batch_size: int,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, seed: int, device: torch.device,
+                 grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Any] = (),
+                 on_nonfinite: str = "stop", name: str = "teacher", binding: str = "teacher_training.on_nonfinite"):
+        self.network, self.task, self.steps, self.device, self.amp = network, task, steps, device, amp
+        self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
+        self.callbacks, self.name, self.binding = list(callbacks), name, binding
+        self.on_nonfinite = _check_action(on_nonfinite, binding)
+        self.stream = BatchStream(task, "train", batch_size, seed, device)
+        self.step = 0
+        self.skipped = 0
+
+    def train_step(self) -> float | None:
+        """One step; the task loss, or None if the step was skipped."""
+        batch = next(self.stream)
+        with autocast(self.device, self.amp):
+            loss = self.task.loss(self.network(batch).float(), batch)
+        value = loss.item()
+        return value if self._optimizer_step(loss, {"task": value}) else None
+
+    def run(self, after_step: Callable[["Finetuner"], None] | None = None) -> None:
+        self.network.train()
+        while self.step < self.steps:
+            loss = self.train_step()
+            for cb in self.callbacks:
+                cb.on_step(self.name, self.step, {} if loss is None else {"task": loss}, self._lr())
+            if after_step:
+                after_step(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
+                "step": self.step, "skipped": self.skipped}
+
+    def load_state_dict(self, state: Mapping[str, Any], source: str = "the checkpoint") -> None:
+        check_same_layout(state["network"], self.network.state_dict(), f"{self.name} network", source)
+        self.network.load_state_dict(state["network"])
+        _load_optimizer(self.optimizer, self.scheduler, state, source)
+        self.stream.load_state_dict(state["stream"])
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+
+
+def _load_optimizer(optimizer, scheduler, state: Mapping[str, Any], source: str) -> None:
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {source}: its optimizer state does not fit this optimizer "
+                              f"({str(e).splitlines()[0]})") from None
+
+
 def finetune(network: Network, task: Task, *, steps: int, batch_size: int, optimizer: torch.optim.Optimizer,
              scheduler: Any, seed: int, device: torch.device, grad_clip: float | None = 1.0, amp: bool = False,
-             on_step: Callable[[int, dict[str, float], float], None] | None = None) -> None:
-    """Plain task training (the teacher's fine-tuning)."""
-    network.train()
-    stream = BatchStream(task, "train", batch_size, seed, device)
-    for step in range(1, steps + 1):
-        batch = next(stream)
-        with autocast(device, amp):
-            loss = task.loss(network(batch).float(), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-        optimizer.step()
-        scheduler.step()
-        if on_step:
-            on_step(step, {"task": loss.item()}, optimizer.param_groups[0]["lr"])
+             on_step: Callable[[int, dict[str, float], float], None] | None = None,
+             on_nonfinite: str = "stop") -> None:
+    """Plain task training (the teacher's fine-tuning), start to end (see `Finetuner`)."""
+
+    class _OnStep:
+        def on_step(self, stage, step, losses, lr):
+            if on_step:
+                on_step(step, losses, lr)
+
+    Finetuner(network, task, steps=steps, batch_size=batch_size, optimizer=optimizer, scheduler=scheduler,
+              seed=seed, device=device, grad_clip=grad_clip, amp=amp, callbacks=[_OnStep()],
+              on_nonfinite=on_nonfinite).run()
 
 
 class RoundAccumulator:
@@ -126,7 +284,7 @@ class RoundAccumulator:
     the per-term sum over the steps added since the last `reset()` (a term
     missing from some steps is summed over the steps that had it); `steps`
     counts the `add` calls. Non-finite values are summed as they are, so that
-    the reward raises on them.
+    the reward raises on them (the Distiller never adds a skipped step's values).
     """
 
     def __init__(self) -> None:
@@ -149,8 +307,65 @@ class RoundAccumulator:
         self._totals = {}
         self._steps = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": dict(self._totals), "steps": self._steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._totals = {str(k): float(v) for k, v in state["totals"].items()}
+        self._steps = int(state["steps"])
+
     def __repr__(self) -> str:
         return f"RoundAccumulator(steps={self._steps}, totals={self._totals!r})"
+
+
+def guarded_reward(reward: Reward, previous: Mapping[str, float] | None,
+                   current: Mapping[str, float]) -> tuple[float | None, str | None]:
+    """The reward of a round, or `(None, why)` when none may reach the policy.
+
+    `(None, None)` without a previous round; `(None, why)` when a term the reward
+    reads is non-finite in `current` (a round's sums can overflow even when every
+    step was finite), or when the reward is not a number in [0, 1] (a plugin's
+    bug). `previous` is only ever a round whose terms were finite. A term missing
+    from either round is a programming error: the reward's `ValueError` goes up.
+    """
+    bad = first_nonfinite({t: current[t] for t in reward.terms if t in current})
+    if bad is not None:
+        return None, f"non-finite round loss {bad[0]} = {bad[1]}"
+    if previous is None:
+        return None, None
+    value = float(reward(previous, current))
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        return None, f"{type(reward).__name__} returned {value}, not a number in [0, 1]"
+    return value, None
+
+
+@dataclass
+class RoundOutcome:
+    totals: dict[str, float]  # the round's totals, scaled to T steps when steps were skipped
+    reward: float | None  # what the policy gets, if anything
+    note: str | None  # why it gets nothing (None in the first round)
+    previous: dict[str, float] | None  # what the next round compares with
+
+
+def round_outcome(reward: Reward, previous: Mapping[str, float] | None, losses: RoundAccumulator,
+                  steps_per_round: int) -> RoundOutcome:
+    """A finished round's totals and reward (what `Distiller` does at a round's end).
+
+    `losses` holds the round's finite steps; if some were skipped, the totals are
+    scaled to `steps_per_round` steps so that rounds stay comparable. The reward
+    is `guarded_reward`'s: never NaN, inf or outside [0, 1]. The round becomes
+    the next one's `previous` only if the terms the reward reads are finite;
+    otherwise the next round compares with the last good one.
+    """
+    totals, finite_steps = losses.totals(), losses.steps
+    if 0 < finite_steps < steps_per_round:
+        totals = {k: v * steps_per_round / finite_steps for k, v in totals.items()}
+    if finite_steps == 0:
+        return RoundOutcome(totals, None, "every step was skipped", None if previous is None else dict(previous))
+    value, note = guarded_reward(reward, previous, totals)
+    usable = first_nonfinite({t: totals[t] for t in reward.terms if t in totals}) is None
+    new_previous = totals if usable else (None if previous is None else dict(previous))
+    return RoundOutcome(totals, value, note, new_previous)
 
 
 @dataclass
@@ -158,24 +373,63 @@ class RoundResult:
     round: int  # 1-based
     arm: int
     arm_label: str
-    reward: float | None  # None in the first round: nothing to compare with
+    reward: float | None  # None in the first round (nothing to compare with) or when withheld (see note)
     totals: dict[str, float]  # full-model losses accumulated over the round
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: int = 0  # steps of the round skipped for non-finite values
+    note: str | None = None  # why the policy got no reward, if it got none after the first round
 
 
-class Distiller:
-    """OPTIMA distillation of `student` from a frozen `teacher`, in rounds of `T` steps."""
+@dataclass
+class _OpenRound:
+    """A round in progress: its arm, the steps taken and their summed losses."""
+
+    arm: int
+    steps: int = 0
+    skipped: int = 0
+    losses: RoundAccumulator = field(default_factory=RoundAccumulator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"arm": self.arm, "steps": self.steps, "skipped": self.skipped, "losses": self.losses.state_dict()}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "_OpenRound":
+        round_ = cls(int(state["arm"]), int(state["steps"]), int(state["skipped"]))
+        round_.losses.load_state_dict(state["losses"])
+        return round_
+
+
+class Distiller(_Loop):
+    """OPTIMA distillation of `student` from a frozen `teacher`, in rounds of `T` steps.
+
+    Resumable at any step: `state_dict()` holds the student, the loss's
+    parameters (projections), optimizer, scheduler, policy, data position,
+    counters, the previous round's totals, the history and the round in
+    progress (the global RNGs are the caller's, see `optima.checkpoint`);
+    `load_state_dict` continues exactly where the saved run was.
+
+    `on_nonfinite` ('stop' or 'skip') decides what a step with a NaN or inf loss
+    does (see `_Loop._optimizer_step`). A round's totals are summed over its
+    finite steps and, if some were skipped, scaled to `T` steps so that rounds
+    stay comparable; a round without finite totals gives the policy no reward
+    and is not compared with (the next round compares with the last good one).
+    `checkpoint_every` (rounds) and `keep_checkpoints` are read by whoever
+    checkpoints the run (`optima.experiment`); the engine writes nothing.
+    """
 
     def __init__(self, *, teacher: Network, student: Network, task: Task, loss: Loss, arms: ArmSpace,
                  policy: Policy, reward: Reward, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 stream: BatchStream, steps_per_round: int, rounds: int, device: torch.device,
+                 stream: BatchStream, steps_per_round: int, device: torch.device, rounds: int | None = None,
                  grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Callback] = (),
-                 name: str = "student"):
-        self.name, self.rounds = name, rounds
+                 name: str = "student", on_nonfinite: str = "stop", checkpoint_every: int = 5,
+                 keep_checkpoints: int = 2, binding: str = "distillation.on_nonfinite"):
+        self.name, self.rounds, self.binding = name, rounds, binding
         self.teacher, self.student, self.task, self.loss = teacher, student, task, loss
         self.arms, self.policy, self.reward = arms, policy, reward
         self.optimizer, self.scheduler, self.stream = optimizer, scheduler, stream
         self.steps_per_round, self.device, self.grad_clip, self.amp = steps_per_round, device, grad_clip, amp
+        self.on_nonfinite = _check_action(on_nonfinite, binding)
+        self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.callbacks = list(callbacks)
         self.teacher.eval().requires_grad_(False)
         self.teacher_rec = Recorder(teacher.model.distill_modules())
@@ -183,61 +437,127 @@ class Distiller:
         self.need = frozenset(reward.terms)
         self.step = 0
         self.round = 0
-        self.previous: dict[str, float] | None = None  # last round's totals
+        self.skipped = 0
+        self.previous: dict[str, float] | None = None  # the last round with finite totals
         self.history: list[RoundResult] = []
+        self._open: _OpenRound | None = None
 
     def arm_layers(self, arm: int) -> frozenset[tuple[str, int]]:
         modules = set(self.arms[arm])
         return frozenset(k for k in self.student_rec.keys() if k[0] in modules)
 
-    def train_step(self, batch: Batch, arm_layers: frozenset[tuple[str, int]]) -> dict[str, float]:
-        self.student.train()
-        with autocast(self.device, self.amp):
-            with torch.no_grad():
-                t_logits = self.teacher(batch)
-            s_logits = self.student(batch)
-            task_loss = self.task.loss(s_logits.float(), batch)
-            losses = self.loss(Capture(s_logits, self.student_rec), Capture(t_logits, self.teacher_rec),
-                               task_loss, arm_layers, self.need)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.objective.backward()
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.student_rec.clear()
-        self.teacher_rec.clear()
-        self.step += 1
-        return losses.full
+    def _where(self) -> str:
+        arm = f", arm {self.arms.label(self._open.arm)}" if self._open is not None else ""
+        return f"step {self.step + 1} (round {self.round}{arm})"
 
-    def play_round(self) -> RoundResult:
-        self.round += 1
-        arm = self.policy.select()
-        layers = self.arm_layers(arm)
-        round_losses = RoundAccumulator()
-        for _ in range(self.steps_per_round):
+    def train_step(self, batch: Batch, arm_layers: frozenset[tuple[str, int]]) -> dict[str, float] | None:
+        """One step on `arm_layers`; the full-model losses, or None if the step was
+        skipped for a non-finite value."""
+        self.student.train()
+        try:
+            with autocast(self.device, self.amp):
+                with torch.no_grad():
+                    t_logits = self.teacher(batch)
+                s_logits = self.student(batch)
+                task_loss = self.task.loss(s_logits.float(), batch)
+                losses = self.loss(Capture(s_logits, self.student_rec), Capture(t_logits, self.teacher_rec),
+                                   task_loss, arm_layers, self.need)
+            updated = self._optimizer_step(losses.objective, losses.full)
+        finally:
+            self.student_rec.clear()
+            self.teacher_rec.clear()
+        return losses.full if updated else None
+
+    @property
+    def in_round(self) -> bool:
+        """Whether a round was started and not finished (a mid-round checkpoint)."""
+        return self._open is not None
+
+    def play_round(self, after_step: Callable[["Distiller"], None] | None = None) -> RoundResult:
+        """Play a round (or finish the one in progress): select an arm, `T` steps,
+        reward, policy update. `after_step(self)` runs after every step."""
+        if self._open is None:
+            self.round += 1
+            self._open = _OpenRound(self.policy.select())
+        current = self._open
+        layers = self.arm_layers(current.arm)
+        while current.steps < self.steps_per_round:
             full = self.train_step(next(self.stream), layers)
-            round_losses.add(full)
+            current.steps += 1
+            if full is None:
+                current.skipped += 1
+            else:
+                current.losses.add(full)
             for cb in self.callbacks:
-                cb.on_step(self.name, self.step, full, self.optimizer.param_groups[0]["lr"])
-        totals = round_losses.totals()
-        reward = None
-        if self.previous is not None:
-            reward = self.reward(self.previous, totals)
-            self.policy.update(arm, reward)
-        self.previous = totals
-        result = RoundResult(self.round, arm, self.arms.label(arm), reward, totals, self.policy.diagnostics())
+                cb.on_step(self.name, self.step, full or {}, self._lr())
+            if after_step:
+                after_step(self)
+        return self._finish_round()
+
+    def _finish_round(self) -> RoundResult:
+        current = self._open
+        outcome = round_outcome(self.reward, self.previous, current.losses, self.steps_per_round)
+        if outcome.reward is not None:
+            self.policy.update(current.arm, outcome.reward)
+        self.previous = outcome.previous
+        self._open = None
+        result = RoundResult(self.round, current.arm, self.arms.label(current.arm), outcome.reward, outcome.totals,
+                             self.policy.diagnostics(), skipped=current.skipped, note=outcome.note)
         self.history.append(result)
         for cb in self.callbacks:
+            if outcome.note and hasattr(cb, "on_message"):
+                cb.on_message(f"{self.name}: round {self.round}: no reward for the policy ({outcome.note})")
             cb.on_round(self.name, result)
         return result
 
-    def run(self) -> list[RoundResult]:
-        while self.round < self.rounds:
-            self.play_round()
+    def run(self, rounds: int | None = None, *, after_step: Callable[["Distiller"], None] | None = None,
+            after_round: Callable[["Distiller", RoundResult], None] | None = None) -> list[RoundResult]:
+        """Play until `rounds` rounds (default: `self.rounds`) are done, finishing a
+        round in progress first; returns the history of all rounds."""
+        target = self.rounds if rounds is None else rounds
+        if target is None:
+            raise ValueError("Distiller.run needs the number of rounds (Distiller(rounds=...) or run(rounds))")
+        while self.round < target or self._open is not None:
+            result = self.play_round(after_step)
+            if after_round:
+                after_round(self, result)
         return self.history
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(), "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "policy": self.policy.state_dict(), "stream": self.stream.state_dict(),
+            "step": self.step, "round": self.round, "skipped": self.skipped, "previous": self.previous,
+            "history": [{"round": r.round, "arm": r.arm, "reward": r.reward, "totals": r.totals,
+                         "skipped": r.skipped, "note": r.note} for r in self.history],
+            "open_round": None if self._open is None else self._open.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], source: str = "the checkpoint") -> None:
+        """Restore a `state_dict()`; a state of another architecture (student or
+        projections) or another arm space is refused with `CheckpointError`."""
+        check_same_layout(state["student"], self.student.state_dict(), "student", source)
+        check_same_layout(state["loss"], self.loss.state_dict(), "distillation loss (projections)", source)
+        arms = [int(r["arm"]) for r in state["history"]]
+        if state["open_round"] is not None:
+            arms.append(int(state["open_round"]["arm"]))
+        if any(not 0 <= a < len(self.arms) for a in arms):
+            raise CheckpointError(f"checkpoint {source} played arms {sorted(set(arms))}, but there are "
+                                  f"{len(self.arms)} arms now")
+        self.student.load_state_dict(state["student"])
+        self.loss.load_state_dict(state["loss"])
+        _load_optimizer(self.optimizer, self.scheduler, state, source)
+        self.policy.load_state_dict(state["policy"])
+        self.stream.load_state_dict(state["stream"])
+        self.step, self.round, self.skipped = int(state["step"]), int(state["round"]), int(state["skipped"])
+        self.previous = None if state["previous"] is None else {k: float(v) for k, v in state["previous"].items()}
+        self.history = [RoundResult(int(r["round"]), int(r["arm"]), self.arms.label(int(r["arm"])),
+                                    None if r["reward"] is None else float(r["reward"]),
+                                    {k: float(v) for k, v in r["totals"].items()},
+                                    skipped=int(r["skipped"]), note=r["note"]) for r in state["history"]]
+        self._open = None if state["open_round"] is None else _OpenRound.from_state(state["open_round"])
 
     def close(self) -> None:
         self.teacher_rec.remove()
         self.student_rec.remove()
-

@@ -15,6 +15,17 @@ checkpoint), the task's fingerprint, the upstream stage's key, the seed and the
 stage's gin bindings (`teacher_training.*` and the `teacher/` scope for the
 teacher; for a student stage every binding outside the teacher's and the other
 stages' scopes). A rerun, or a second experiment that shares a stage, reuses it.
+Bindings that only decide how a run is kept alive (`checkpoint_every`,
+`keep_checkpoints`, `on_nonfinite`, `experiment.cache_dir`) are left out of the keys.
+
+Runs survive interruptions (`optima.checkpoint`): the teacher's fine-tuning every
+`teacher_training.checkpoint_every` steps and each distillation stage every
+`distillation.checkpoint_every` rounds (and at its last round) save a checkpoint
+in `run_dir/checkpoints/<stage>/`; `experiment` resumes each stage from its
+newest intact checkpoint there, bit for bit on the CPU. SIGINT and SIGTERM stop
+a run after its current step with a checkpoint (`Interrupted`, exit code 130 or
+143 in the CLI). Every binding is checked before any heavy work
+(`optima.validation`).
 """
 from __future__ import annotations
 
@@ -31,7 +42,8 @@ import numpy as np
 import torch
 
 from optima.arms import ArmSpace
-from optima.engine import BatchStream, Distiller, Network, evaluate, finetune
+from optima.checkpoint import Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_text_atomic
+from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError
 from optima.reporting import Reporter, Reporters, TensorBoardReporter
 
@@ -98,7 +110,7 @@ def _statements(config_text: str) -> list[str]:
 def _bindings(stage: str, stages: Sequence[str]) -> str:
     """The bindings that configure `stage` (see module doc). Which students follow
     does not change a stage, so `experiment.student(s)` is left out."""
-    statements = _statements(gin.config_str())
+    statements = [s for s in _statements(gin.config_str()) if not is_operational(s.split("=", 1)[0].strip())]
     if stage == TEACHER:
         return "\n".join(s for s in statements if s.startswith(("teacher_training.", "teacher/")))
     others = tuple(f"{s}/" for s in stages if s != stage) + (
@@ -111,25 +123,41 @@ def stage_key(**parts: Any) -> str:
 
 
 def _save_atomic(network: torch.nn.Module, path: Path) -> None:
+    """Written to a temporary file, fsynced, renamed: a half-written stage is never
+    reused, and a failed write (a full disk) leaves what was there."""
     from safetensors.torch import save_model
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(network, str(tmp))
-    os.replace(tmp, path)  # a half-written stage is never reused
+    write_atomic(path, lambda tmp: save_model(network, str(tmp)))
+
+
+def _load_cached(network: torch.nn.Module, path: Path, device: torch.device, reporter: Reporter) -> bool:
+    """Load a cached stage; a corrupt cache file is reported, removed and redone."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        load_model(network, str(path), device=str(device))
+        return True
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+        reporter.on_message(f"warning: cache file {path} is unreadable ({str(e).splitlines()[0]}); redoing it")
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return False
 
 
 # --- stages ----------------------------------------------------------------------
 
-@gin.configurable(denylist=["network", "task", "seed", "device", "reporter", "cache"])
-def teacher_training(network: Network, task, seed: int, device: torch.device, reporter: Reporter, cache: Path, *,
+@gin.configurable(denylist=["network", "task", "seed", "device", "reporter", "cache", "keeper"])
+def teacher_training(network: Network, task, seed: int, device: torch.device, reporter: Reporter, cache: Path,
+                     keeper: RunKeeper | None = None, *,
                      steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
                      optimizer: Callable = gin.REQUIRED, head_lr: float | None = None, warmup_steps: int = 0,
-                     grad_clip: float = 1.0, amp: bool = False) -> dict[str, Any]:
+                     grad_clip: float = 1.0, amp: bool = False, checkpoint_every: int = 500,
+                     keep_checkpoints: int = 2, on_nonfinite: str = "stop") -> dict[str, Any]:
     """Fine-tune the teacher on the task (`steps = 0`: use it as loaded), or load
-    the cached result."""
-    from safetensors.torch import load_model
-
+    the cached result. With a `keeper`, a checkpoint every `checkpoint_every`
+    steps (the last `keep_checkpoints` kept), and the fine-tuning resumes from
+    the newest one. `on_nonfinite`: 'stop' or 'skip' a step whose loss is NaN or inf."""
     if steps < 0 or batch_size < 1:
         raise ConfigError(f"teacher_training.steps must be >= 0 and .batch_size >= 1, got {steps}, {batch_size}")
     key = stage_key(weights=_weights_digest(network), task=task.fingerprint(), seed=seed,
@@ -137,18 +165,36 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     if steps == 0:
         return {"key": key, "cached": False, "trained": False}
     path = cache / f"teacher-{key}.safetensors"
-    if path.exists():
-        load_model(network, str(path), device=str(device))
+    if path.exists() and _load_cached(network, path, device, reporter):
         reporter.on_message(f"teacher: reusing {path}")
         return {"key": key, "cached": True, "path": str(path)}
-    reporter.on_stage(TEACHER, steps, "step")
     opt = optimizer(param_groups([network.model], [network.head], head_lr))
-    finetune(network, task, steps=steps, batch_size=batch_size, optimizer=opt,
-             scheduler=linear_warmup_decay(opt, steps, warmup_steps), seed=seed, device=device,
-             grad_clip=grad_clip, amp=amp, on_step=lambda s, l, lr: reporter.on_step(TEACHER, s, l, lr))
+    tuner = Finetuner(network, task, steps=steps, batch_size=batch_size, optimizer=opt,
+                      scheduler=linear_warmup_decay(opt, steps, warmup_steps), seed=seed, device=device,
+                      grad_clip=grad_clip, amp=amp, callbacks=[reporter], on_nonfinite=on_nonfinite, name=TEACHER)
+    result: dict[str, Any] = {"key": key, "cached": False, "path": str(path)}
+    after_step = None
+    if keeper is not None:
+        found = keeper.resume(TEACHER, tuner, keep=keep_checkpoints, key=key)
+        if found is not None:
+            result["resumed_from_step"] = found.step
+
+        def after_step(t: Finetuner) -> None:
+            fault_point("teacher", t.step)
+            saved = None
+            if t.step % checkpoint_every == 0 and t.step < steps:
+                saved = keeper.save(TEACHER, t, keep=keep_checkpoints, key=key)
+            if keeper.interrupted:
+                saved = saved or keeper.save(TEACHER, t, keep=keep_checkpoints, key=key)
+                raise keeper.stop(f"after teacher step {t.step}", saved)
+
+    reporter.on_stage(TEACHER, steps, "step")
+    tuner.run(after_step)
     _save_atomic(network, path)
     reporter.on_message(f"teacher: cached at {path}")
-    return {"key": key, "cached": False, "path": str(path)}
+    if tuner.skipped:
+        result["skipped_steps"] = tuner.skipped
+    return result
 
 
 @gin.configurable(denylist=["name", "teacher", "student", "task", "seed", "device", "reporter"])
@@ -157,8 +203,15 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
                  batch_size: int = gin.REQUIRED, policy: Callable = gin.REQUIRED, reward=gin.REQUIRED,
                  loss: Callable = gin.REQUIRED, optimizer: Callable = gin.REQUIRED,
                  arms: Sequence[Sequence[str]] | None = None, head_lr: float | None = None,
-                 warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False) -> Distiller:
-    """Build the `Distiller` of one stage: `rounds` rounds of `steps_per_round` (T) steps."""
+                 warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False, checkpoint_every: int = 5,
+                 keep_checkpoints: int = 2, on_nonfinite: str = "stop") -> Distiller:
+    """Build the `Distiller` of one stage: `rounds` rounds of `steps_per_round` (T) steps.
+
+    `checkpoint_every` (rounds) and `keep_checkpoints`: how often the stage is
+    saved in a run and how many checkpoints are kept (the last round is always
+    saved; a checkpoint holds the student and its optimizer's moments, so every
+    round would cost a big student seconds per round); `on_nonfinite`: 'stop' at
+    a NaN or inf loss, or 'skip' that step."""
     for binding, value in (("rounds", rounds), ("steps_per_round", steps_per_round), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"distillation.{binding} must be an integer >= 1, got {value!r}")
@@ -174,7 +227,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         policy=policy(num_arms=len(arm_space), seed=seed), reward=reward, optimizer=opt,
         scheduler=linear_warmup_decay(opt, total, warmup_steps),
         stream=BatchStream(task, "train", batch_size, seed + 1, device), steps_per_round=steps_per_round,
-        rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter])
+        rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter],
+        on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
 
 
 def _layouts(student, teacher) -> dict[str, Any]:
@@ -187,8 +241,9 @@ def _layouts(student, teacher) -> dict[str, Any]:
             "teacher_layouts": {m: teacher.token_layout(m) for m in names}}
 
 
-@gin.configurable(denylist=["run_dir", "reporters", "dry_run"])
-def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run: bool = False, *,
+@gin.configurable(denylist=["run_dir", "reporters", "dry_run", "validate_only"])
+def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run: bool = False,
+               validate_only: bool = False, *,
                task: Callable = gin.REQUIRED, teacher: Callable = gin.REQUIRED, head: Callable = gin.REQUIRED,
                student: Callable | None = None, students: Mapping[str, Callable] | None = None,
                seed: int = 0, device: str = "auto", eval_batch_size: int = 256,
@@ -197,19 +252,36 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
 
     `student` is shorthand for `students = {'student': ...}`. Writes TensorBoard
     events (one run per stage), `metrics.json` and `<student>.safetensors` to
-    `run_dir`. With `dry_run`, builds every model on the meta device and returns
-    the plan instead (nothing is loaded, trained or written).
+    `run_dir`, and checkpoints to `run_dir/checkpoints/`; a stage with
+    checkpoints there is resumed from its newest intact one. Every binding is
+    validated first (`optima.validation`); `validate_only` stops there. With
+    `dry_run`, builds every model on the meta device and returns the plan
+    instead (nothing is loaded, trained or written).
     """
+    from optima.validation import validate_experiment
+
     if (student is None) == (students is None):
         raise ConfigError("bind exactly one of experiment.student and experiment.students")
     stages = dict(students) if students is not None else {"student": student}
     if TEACHER in stages:
         raise ConfigError(f"'{TEACHER}' is reserved; rename that student in experiment.students")
+    validate_experiment(teacher=teacher, stages=stages, seed=seed, device=device, eval_batch_size=eval_batch_size,
+                        device_present=not dry_run)
+    if validate_only:
+        return {}
     if dry_run:
         from optima.plan import dry_run_plan
 
         return dry_run_plan(task, teacher, head, stages, seed)
 
+    with Interrupts() as interrupts:
+        return _run(run_dir, reporters, interrupts, task=task, teacher=teacher, head=head, stages=stages, seed=seed,
+                    device=device, eval_batch_size=eval_batch_size, cache_dir=cache_dir)
+
+
+def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *, task: Callable, teacher: Callable,
+         head: Callable, stages: Mapping[str, Callable], seed: int, device: str, eval_batch_size: int,
+         cache_dir: str | None) -> dict[str, Any]:
     dev = resolve_device(device)
     cache = Path(cache_dir or default_cache_dir())
     seed_everything(seed)
@@ -219,11 +291,12 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
 
     tb = TensorBoardReporter(os.path.join(run_dir, "tensorboard"))
     reporter = Reporters([tb, *reporters])
+    keeper = RunKeeper(run_dir, interrupts, reporter.on_message)
     summary: dict[str, Any] = {"metrics": {}, "params_M": {TEACHER: _count(teacher_net)}, "stages": {}}
     networks = {TEACHER: teacher_net}
     try:
         tb.add_text("config/config.gin", gin.config_str())
-        summary["stages"][TEACHER] = teacher_training(teacher_net, the_task, seed, dev, reporter, cache)
+        summary["stages"][TEACHER] = teacher_training(teacher_net, the_task, seed, dev, reporter, cache, keeper)
         upstream, current_teacher = summary["stages"][TEACHER]["key"], teacher_net
         for i, (name, factory) in enumerate(stages.items()):
             seed_everything(seed + 1 + i)
@@ -231,11 +304,13 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
                 student_net = _network(factory, head, the_task, dev)
                 summary["params_M"][name] = _count(student_net)
                 result = _distillation_stage(name, current_teacher, student_net, the_task, seed, dev, reporter,
-                                             cache, upstream, list(stages))
+                                             cache, upstream, list(stages), keeper)
             summary["stages"][name] = result
             networks[name] = student_net
             upstream, current_teacher = result["key"], student_net
         for name, net in networks.items():
+            if keeper.interrupted:  # every stage is finished and cached: a resume only evaluates
+                raise keeper.stop("before the evaluation")
             summary["metrics"][name] = evaluate(net, the_task, "test", eval_batch_size, dev)
             reporter.on_eval(name, summary["metrics"][name])
         tb.add_text("config/operative_config.gin", gin.operative_config_str())
@@ -243,8 +318,7 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
         reporter.close()
     for name in stages:
         _save_atomic(networks[name], Path(run_dir) / f"{name}.safetensors")
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_text_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(summary, indent=1))
     return summary
 
 
@@ -253,29 +327,46 @@ def _network(model_factory: Callable, head: Callable, task, device: torch.device
     return Network(model, head(model, task)).to(device)
 
 
-def _distillation_stage(name, teacher, student, task, seed, device, reporter, cache, upstream, stages):
-    from safetensors.torch import load_model
-
+def _distillation_stage(name, teacher, student, task, seed, device, reporter, cache, upstream, stages,
+                        keeper: RunKeeper | None = None):
     key = stage_key(weights=_weights_digest(student), task=task.fingerprint(), seed=seed, upstream=upstream,
                     bindings=_bindings(name, stages))
     path = cache / f"student-{key}.safetensors"
     record = path.with_suffix(".json")
-    if path.exists() and record.exists():
-        load_model(student, str(path), device=str(device))
+    if path.exists() and record.exists() and _load_cached(student, path, device, reporter):
         reporter.on_message(f"{name}: reusing {path}")
         return {**json.loads(record.read_text()), "cached": True}
     distiller = distillation(name, teacher, student, task, seed, device, reporter)
+    resumed = None
+    hooks: dict[str, Any] = {}
+    if keeper is not None:
+        keep = distiller.keep_checkpoints
+        resumed = keeper.resume(name, distiller, keep=keep, key=key)
+
+        def after_step(d: Distiller) -> None:
+            fault_point("step", d.step)
+            if keeper.interrupted:  # mid-round: the checkpoint holds the round in progress
+                raise keeper.stop(f"after step {d.step} of {name} (round {d.round})",
+                                  keeper.save(name, d, keep=keep, key=key))
+
+        def after_round(d: Distiller, result) -> None:
+            if d.round % d.checkpoint_every == 0 or d.round == d.rounds:
+                keeper.save(name, d, keep=keep, key=key)
+
+        hooks = {"after_step": after_step, "after_round": after_round}
     reporter.on_arms(name, distiller.arms.labels())
     reporter.on_stage(name, distiller.rounds * distiller.steps_per_round, "step")
-    distiller.run()
-    distiller.close()
+    try:
+        distiller.run(**hooks)
+    finally:
+        distiller.close()
     result = {"key": key, "path": str(path), "arms": distiller.arms.labels(),
               "plays": [r.arm for r in distiller.history], "rewards": [r.reward for r in distiller.history]}
+    if distiller.skipped:
+        result["skipped_steps"] = distiller.skipped
     _save_atomic(student, path)
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, record)
-    return {**result, "cached": False}
+    write_text_atomic(record, json.dumps(result))
+    return {**result, "cached": False, **({"resumed_from_step": resumed.step} if resumed else {})}
 
 
 def _count(module: torch.nn.Module) -> float:

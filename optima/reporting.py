@@ -6,6 +6,8 @@ teacher and each student show up as separate runs with the same tags:
   attn; hidden/attn are the full-model values the reward reads),
 - `round/arm` (index), `round/reward`, `round/loss/<term>` per round,
 - `policy/<stat>/<arm label>` per round (`mean`, `sd`, `count`) and `policy/entropy`,
+- `nonfinite/skipped`: the count of steps skipped so far for a NaN or inf loss,
+  at each skipped step,
 and a `summary` run with `eval/<network>/<metric>` and the config texts.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Reporter:
     def on_round(self, stage: str, result: RoundResult) -> None: ...
     def on_eval(self, network: str, metrics: dict[str, float]) -> None: ...
     def on_message(self, text: str) -> None: ...
+    def on_nonfinite(self, stage: str, step: int, term: str, value: float, skipped: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -44,6 +47,7 @@ class Reporters(Reporter):
     def on_round(self, *args): self._all("on_round", *args)
     def on_eval(self, *args): self._all("on_eval", *args)
     def on_message(self, *args): self._all("on_message", *args)
+    def on_nonfinite(self, *args): self._all("on_nonfinite", *args)
     def close(self): self._all("close")
 
 
@@ -88,6 +92,9 @@ class TensorBoardReporter(Reporter):
             else:
                 for label, v in zip(self.arm_labels.get(stage, []), values.tolist()):
                     w.add_scalar(f"policy/{stat}/{label}", v, r)
+
+    def on_nonfinite(self, stage, step, term, value, skipped):
+        self.writer(stage).add_scalar("nonfinite/skipped", skipped, step)
 
     def on_eval(self, network, metrics):
         for name, value in metrics.items():

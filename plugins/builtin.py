@@ -5,23 +5,33 @@ from optima.hookspecs import hookimpl
 
 @hookimpl
 def optima_register_models(register):
-    from optima.plugins.coca import coca_model
+    from optima.plugins.coca import MODULES, coca_model
 
-    register("coca", coca_model)
+    register("coca", coca_model, modules=MODULES)
 
 
 @hookimpl
 def optima_register_tasks(register):
+    from optima.plugins.coco_captions import CocoCaptions
+    from optima.plugins.nlvr2 import Nlvr2
+    from optima.plugins.snli_ve import SnliVe
     from optima.plugins.synthetic_ve import SyntheticVisualEntailment
+    from optima.plugins.vqa import Vqa
 
     register("synthetic_ve", SyntheticVisualEntailment)
+    register("snli_ve", SnliVe)
+    register("vqa", Vqa)
+    register("nlvr2", Nlvr2)
+    register("coco_captions", CocoCaptions)
 
 
 @hookimpl
 def optima_register_heads(register):
-    from optima.plugins.heads import attentional_pooler_head
+    from optima.plugins.heads import attentional_pooler_head, caption_head, pair_head
 
     register("attentional_pooler", attentional_pooler_head)
+    register("pair", pair_head)
+    register("caption", caption_head)
 
 
 @hookimpl

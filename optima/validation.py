@@ -1,0 +1,236 @@
+"""Checks of a parsed configuration before any heavy work.
+
+`validate_experiment` runs first in `optima.experiment.experiment` (so `optima
+run` checks a config before it makes a run directory or trains anything). It
+reads the bindings of the experiment, of the teacher stage and of every
+distillation stage (in the stage's scope), builds the models on the meta device
+(shapes only: nothing allocated, loaded or fetched) to learn their modules, and
+builds each stage's arm space, policy, loss and optimizer as the stage will.
+Every problem is a `ConfigError` of one line naming the binding, with its scope
+when it has one, and what it allows, e.g.
+
+    optima_policy.warmup_rounds = 3 must be an integer >= the number of arms (7)
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Mapping, Sequence
+
+import gin
+import torch
+
+from optima.arms import ArmSpace
+from optima.engine import NONFINITE_ACTIONS
+from optima.errors import ConfigError
+
+Check = Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def integer(minimum: int, maximum: int | None = None) -> tuple[Check, str]:
+    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+    return (lambda v: _is_int(v) and v >= minimum and (maximum is None or v <= maximum)), allowed
+
+
+def number(low: float, *, strict: bool = False, high: float | None = None, optional: bool = False) -> tuple[Check, str]:
+    def ok(v):
+        if v is None:
+            return optional
+        return _is_number(v) and (v > low if strict else v >= low) and (high is None or v <= high)
+
+    if high is None:
+        allowed = f"a number {'>' if strict else '>='} {low:g}"
+    else:
+        allowed = f"a number in {'(' if strict else '['}{low:g}, {high:g}]"
+    return ok, allowed + (" (or None)" if optional else "")
+
+
+def one_of(*choices: Any) -> tuple[Check, str]:
+    return (lambda v: v in choices), "one of " + ", ".join(map(repr, choices))
+
+
+BOOLEAN = ((lambda v: isinstance(v, bool)), "True or False")
+
+#: Parameters of the core stages and what they allow.
+STAGE_PARAMS: dict[str, dict[str, tuple[Check, str]]] = {
+    "teacher_training": {
+        "steps": integer(0), "batch_size": integer(1), "warmup_steps": integer(0),
+        "grad_clip": number(0, optional=True), "head_lr": number(0, strict=True, optional=True),
+        "checkpoint_every": integer(1), "keep_checkpoints": integer(1), "on_nonfinite": one_of(*NONFINITE_ACTIONS),
+        "amp": BOOLEAN,
+    },
+    "distillation": {
+        "rounds": integer(1), "steps_per_round": integer(1), "batch_size": integer(1), "warmup_steps": integer(0),
+        "grad_clip": number(0, optional=True), "head_lr": number(0, strict=True, optional=True),
+        "checkpoint_every": integer(1), "keep_checkpoints": integer(1), "on_nonfinite": one_of(*NONFINITE_ACTIONS),
+        "amp": BOOLEAN,
+    },
+}
+#: Parameters any policy or loss may have, by name, and what they allow.
+POLICY_PARAMS = {"gamma": number(0, strict=True, high=1), "variance_scale": number(0, strict=True),
+                 "entropy_window": integer(1)}
+LOSS_PARAMS = {"temperature": number(0, strict=True)}
+WEIGHT = number(0)  # any loss parameter named `*_weight`
+
+
+def _check(name: str, value: Any, spec: tuple[Check, str]) -> None:
+    ok, allowed = spec
+    if not ok(value):
+        raise ConfigError(f"{name} = {value!r} must be {allowed}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def bound(selector: str, scopes: Sequence[str] = (), resolve: bool = True) -> dict[str, tuple[str, Any]]:
+    """The parameters bound for `selector` when called in `scopes`:
+    `param -> (binding as written, e.g. 'student/distillation.rounds', value)`."""
+    out: dict[str, tuple[str, Any]] = {}
+    previous: dict[str, Any] = {}
+    for depth in range(len(scopes) + 1):
+        level = list(scopes[:depth])
+        with gin.config_scope(level):
+            try:
+                current = gin.get_bindings(selector, resolve_references=resolve)
+            except (ValueError, KeyError):
+                current = {}
+        for param, value in current.items():
+            if param not in previous or not _same(previous[param], value):
+                out[param] = ("/".join([*level, selector]) + f".{param}", value)
+        previous = current
+    return out
+
+
+def _check_params(values: Mapping[str, tuple[str, Any]], params: Mapping[str, tuple[Check, str]]) -> None:
+    for param, spec in params.items():
+        if param in values:
+            _check(*values[param], spec)
+
+
+def _reference(selector: str, param: str, scopes: Sequence[str]):
+    """The unresolved `@reference` bound to `selector.param` in `scopes`, or None."""
+    ref = bound(selector, scopes, resolve=False).get(param, (None, None))[1]
+    return ref if isinstance(ref, gin.config.ConfigurableReference) else None
+
+
+def _ref_name(ref, scopes: Sequence[str]) -> tuple[str, list[str]]:
+    """(`scope/selector` as a user would bind its parameters, the scopes it runs in)."""
+    run_scopes = [*scopes, *ref.scopes]
+    return ref.scoped_selector, run_scopes
+
+
+def _check_optimizer(selector: str, scopes: Sequence[str], optimizer: Callable | None) -> None:
+    ref = _reference(selector, "optimizer", scopes)
+    if optimizer is None or ref is None:
+        return
+    name, _ = _ref_name(ref, scopes)
+    with gin.config_scope(list(scopes)):
+        try:
+            optimizer([torch.nn.Parameter(torch.zeros(1))])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{name}: {str(e).splitlines()[0]}") from None
+
+
+def _check_device(device: Any, available: bool) -> None:
+    allowed = "'auto', 'cpu', 'cuda' or 'cuda:<index>' (a torch device)"
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"experiment.device = {device!r} must be {allowed}") from None
+    if available and dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"experiment.device = {device!r}, but no CUDA device is available; use 'auto' or 'cpu'")
+
+
+def validate_experiment(*, teacher: Callable, stages: Mapping[str, Callable], seed: Any, device: Any,
+                        eval_batch_size: Any, device_present: bool = True) -> None:
+    """Raise `ConfigError` for the first binding out of its range (see module doc).
+    `device_present`: also require the device to exist here (not for a dry run)."""
+    from optima.experiment import TEACHER
+
+    _check("experiment.seed", seed, integer(0, 2**63 - 1))
+    _check("experiment.eval_batch_size", eval_batch_size, integer(1))
+    _check_device(device, device_present)
+    for name in stages:
+        if not isinstance(name, str) or not gin.config.config_parser.MODULE_RE.match(name):
+            raise ConfigError(f"experiment.students key {name!r} must be a name usable as a gin scope "
+                              "(letters, digits, _ and .)")
+
+    teacher_values = bound("teacher_training", [TEACHER])
+    _check_params(teacher_values, STAGE_PARAMS["teacher_training"])
+    _check_optimizer("teacher_training", [TEACHER], teacher_values.get("optimizer", (None, None))[1])
+
+    with torch.device("meta"):
+        with gin.config_scope(TEACHER):
+            upstream = teacher()
+        for name, factory in stages.items():
+            with gin.config_scope(name):
+                student = factory()
+            _validate_stage(name, student, upstream, seed)
+            upstream = student
+
+
+def _validate_stage(name: str, student, teacher, seed: int) -> None:
+    from optima.experiment import _layouts
+
+    scopes = [name]
+    values = bound("distillation", scopes)
+    _check_params(values, STAGE_PARAMS["distillation"])
+    arms_binding, arms = values.get("arms", ("distillation.arms", None))
+    try:
+        arm_space = ArmSpace(student.module_names(), arms)
+    except ConfigError as e:
+        raise ConfigError(f"{arms_binding} = {arms!r}: {e}") from None
+    if tuple(teacher.module_names()) != arm_space.names:
+        raise ConfigError(f"stage {name}: the teacher's modules {list(teacher.module_names())} differ from the "
+                          f"student's {list(arm_space.names)}")
+
+    ref = _reference("distillation", "policy", scopes)
+    if ref is not None and "policy" in values:
+        policy_name, run_scopes = _ref_name(ref, scopes)
+        policy_values = bound(ref.selector, run_scopes)
+        _check_params(policy_values, POLICY_PARAMS)
+        n = len(arm_space)
+        if "warmup_rounds" in policy_values:
+            binding, value = policy_values["warmup_rounds"]
+            if value is not None and not (_is_int(value) and value >= n):
+                raise ConfigError(f"{binding} = {value!r} must be an integer >= the number of arms ({n}), "
+                                  "so that every arm is played once")
+        if "arm" in policy_values:
+            _check(*policy_values["arm"], integer(-n, n - 1))
+        with gin.config_scope(scopes):
+            try:
+                values["policy"][1](num_arms=n, seed=seed)
+            except ConfigError as e:
+                raise ConfigError(f"{policy_name}: {e}") from None
+
+    ref = _reference("distillation", "loss", scopes)
+    if ref is not None and "loss" in values:
+        loss_name, run_scopes = _ref_name(ref, scopes)
+        loss_values = bound(ref.selector, run_scopes)
+        _check_params(loss_values, LOSS_PARAMS)
+        for param, (binding, value) in loss_values.items():
+            if param.endswith("_weight"):
+                _check(binding, value, WEIGHT)
+        with gin.config_scope(scopes):
+            try:
+                values["loss"][1](student.distill_modules(), teacher.distill_modules(), **_layouts(student, teacher))
+            except ConfigError as e:
+                raise ConfigError(f"{loss_name}: {e}") from None
+
+    _check_optimizer("distillation", scopes, values.get("optimizer", (None, None))[1])
