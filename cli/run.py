@@ -26,13 +26,19 @@ class RichReporter(Reporter):
         self.progress = progress
         self.tasks: dict[str, int] = {}
         self.status: dict[str, str] = {}
+        self.totals: dict[str, int] = {}
 
     def on_stage(self, stage, total, unit):
         self.tasks[stage] = self.progress.add_task(stage, total=total, status="")
+        self.totals[stage] = total
 
     def on_step(self, stage, step, losses, lr):
         text = self.status.get(stage, "") + " ".join(f"{k}={v:.3g}" for k, v in losses.items())
         self.progress.update(self.tasks[stage], completed=step, status=text)
+        total = self.totals.get(stage, 0)
+        # no live bar in logs: a line every tenth of a fine-tuning stage
+        if stage == "teacher" and not self.progress.console.is_terminal and total and step % max(1, total // 10) == 0:
+            self.progress.console.print(f"{stage}: step {step}/{total} {text}")
 
     def on_round(self, stage, result):
         reward = "-" if result.reward is None else f"{result.reward:.3f}"

@@ -37,8 +37,8 @@ class Network(nn.Module):
         self.model, self.head = model, head
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        images = batch["image"]
-        if images.dim() == 5:
+        images = batch.get("image")  # audio- or video-only tasks may have none
+        if images is not None and images.dim() == 5:
             n = images.shape[1]
             batch = {**batch, "image": images.flatten(0, 1), "text": batch["text"].repeat_interleave(n, 0)}
         return self.head(self.model(batch))

@@ -31,4 +31,5 @@ def tiny_batch():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path_factory.getbasetemp() / "optima-cache"))
     monkeypatch.chdir(ROOT)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # tiny models: one thread avoids spin-waiting between threads on a shared 2-core machine
+    torch.set_num_threads(1)

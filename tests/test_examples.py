@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from typer.testing import CliRunner
 
 from optima import config
@@ -164,14 +165,14 @@ def test_video_model_attends_across_frames(from_source):
     batch = next(task.batches("train", 2, shuffle=False, seed=0))
     assert batch["video"].shape == (2, 4, 3, 32, 32) and torch.equal(batch["image"], batch["video"][:, 0])
     network = Network(model, attentional_pooler_head(model, task))
-    assert network(batch).shape == (2, 11)
+    assert network(batch).shape == (2, 7)
     hidden, (attn,) = _recorded(model, batch)[("video", 1)]
     tokens = hidden.shape[0] // 2  # one sequence over the 4 frames per image token
     assert hidden.shape == (2 * tokens, 4, 32) and attn.shape == (2 * tokens, 4, 4)
 
 
-def test_moving_shapes_move_as_recorded_and_answers_match(from_source):
-    from optima_video.task import ANSWERS, COLOURS, SHAPES, SyntheticMovingShapes
+def test_moving_shapes_move_change_colour_and_answers_match(from_source):
+    from optima_video.task import ANSWERS, COLOURS, SyntheticMovingShapes, _RGB
 
     task = SyntheticMovingShapes(frames=4, speed=3.0, train_size=60, val_size=0, test_size=0)
     rec = task.split("train")
@@ -184,8 +185,15 @@ def test_moving_shapes_move_as_recorded_and_answers_match(from_source):
     step = torch.stack([cx[:, -1] - cx[:, 0], cy[:, -1] - cy[:, 0]], -1) / 3  # px per frame
     expected = torch.tensor([[-3.0, 0], [3, 0], [0, -3], [0, 3]])[rec["direction"]]
     assert torch.allclose(step, expected, atol=0.75)
-    assert task.num_outputs == len(ANSWERS) == 11
-    truth = np.stack([rec["colour"], len(COLOURS) + rec["shape"], len(COLOURS) + len(SHAPES) + rec["direction"]])
+    # the shape's colour: the first one in frames 0-1, the other one in frames 2-3
+    mean, std = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
+    shown = (clips.flatten(3) * mask.flatten(2)[:, :, None]).sum(-1) / area[..., None] * std + mean
+    nearest = torch.cdist(shown.reshape(-1, 3), torch.from_numpy(_RGB)).argmin(-1).reshape(60, 4)
+    assert nearest[:, :2].tolist() == [[c, c] for c in rec["colour"]]
+    assert nearest[:, 2:].tolist() == [[c, c] for c in rec["colour_after"]]
+    assert (rec["colour"] != rec["colour_after"]).all()
+    assert task.num_outputs == len(ANSWERS) == 7
+    truth = np.stack([rec["colour"], rec["colour_after"], len(COLOURS) + rec["shape"]])
     assert rec["label"].tolist() == truth[rec["question"], np.arange(60)].tolist()
     assert [a for _, a in task.questions("train")] == [ANSWERS[k] for k in rec["label"]]
     assert torch.equal(task.render("train", np.arange(5)), clips[:5])  # same record, same pixels
@@ -214,14 +222,28 @@ def test_example_gin_files_plan_fifteen_arms(from_source, gin_file):
 
 # -- installed with pip -------------------------------------------------------------
 
+def _tutorial_package(folder: Path) -> Path:
+    """The package docs/plugins.md walks a newcomer through, written from its text."""
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    section = text[text.index("## Your first plugin package"):text.index("## The hooks")]
+    package = folder / "optima-greedy"
+    (package / "src" / "optima_greedy").mkdir(parents=True)
+    (package / "pyproject.toml").write_text(re.search(r"```toml\n(.*?)```", section, re.S).group(1))
+    (package / "src" / "optima_greedy" / "__init__.py").write_text("")
+    (package / "src" / "optima_greedy" / "plugin.py").write_text(
+        re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    return package
+
+
 @pytest.fixture(scope="session")
 def installed(tmp_path_factory):
-    """Both examples pip-installed into one folder (copied first, so that the
-    build leaves nothing in the repository); returns that folder."""
+    """Both examples and the docs' tutorial package pip-installed into one folder
+    (copied first, so that the build leaves nothing in the repository); returns
+    that folder."""
     base = tmp_path_factory.mktemp("examples")
     sources = [shutil.copytree(example, base / example.name,
                                ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-               for example in (AUDIO, VIDEO)]
+               for example in (AUDIO, VIDEO)] + [_tutorial_package(base)]
     target = base / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(target), *map(str, sources)], check=True,
@@ -230,7 +252,7 @@ def installed(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_installed_examples_are_listed_by_optima_plugins(installed):
+def test_installed_packages_are_listed_by_optima_plugins(installed):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")])}
     env.pop("OPTIMA_DISABLE_PLUGINS", None)
     out = subprocess.run([sys.executable, "-m", "optima.cli.main", "plugins", "--json"], env=env, cwd=ROOT,
@@ -245,6 +267,9 @@ def test_installed_examples_are_listed_by_optima_plugins(installed):
                                "video_coca_model", "moving_shapes_task"}
     assert components["audio_coca_model"]["modules"] == ["image", "text", "multimodal", "audio"]
     assert components["video_coca_model"]["modules"] == ["image", "text", "multimodal", "video"]
+    greedy = plugins["greedy"]  # the tutorial's package, as docs/plugins.md writes it
+    assert (greedy["distribution"], greedy["version"], greedy["status"]) == ("optima-greedy", "0.1.0", "ok")
+    assert [c["gin"] for c in greedy["components"]] == ["greedy_policy"]
 
 
 def _distil(installed, monkeypatch, tmp_path, gin_file, *bindings):

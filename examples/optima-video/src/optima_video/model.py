@@ -6,7 +6,7 @@ per image token (a factorised space-time encoder, as in ViViT):
       -> + frame positions, one sequence over time per token: (B*N, F, w_t)
       -> `video` transformer blocks -> LN, linear -> decoder memory (B, F*N, w)
 
-The multimodal decoder cross-attends to those motion-aware tokens. The temporal
+The multimodal decoder cross-attends to those time-aware tokens. The temporal
 blocks are open_clip `ResidualAttentionBlock`s (batch-first
 `nn.MultiheadAttention`), so OPTIMA distils their hidden states and attention
 maps like CoCa's; the arms are every non-empty subset of (image, text,
@@ -40,7 +40,7 @@ class TemporalEncoder(nn.Module):
         self.ln_pre = LayerNorm(width)
         # Unit-scale frame embeddings on layer-normed tokens: the same image token
         # differs little from frame to frame, so the frame order must stand out
-        # (with ViT's usual 0.02 it was invisible and motion was never learned).
+        # (with ViT's usual 0.02 the tiny demo models never learned the order).
         self.positional = nn.Parameter(torch.randn(max_frames, width))
         self.transformer = Transformer(width, layers, heads, batch_first=True)
         self.ln_post = LayerNorm(width)
