@@ -323,7 +323,7 @@ def _assert_same(outcome, reference):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     if not hasattr(os, "fork"):
-        pytest.skip("the kill tests fork their runs (POSIX only)")
+        pytest.skip("os.fork is unavailable on this platform; the kill-and-resume tests fork each run from a helper process (POSIX only)")
     runs = Runs(tmp_path_factory.mktemp("runs"))
     yield runs
     runs.close()
