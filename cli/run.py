@@ -28,8 +28,8 @@ class RichReporter(Reporter):
         self.status: dict[str, str] = {}
         self.totals: dict[str, int] = {}
 
-    def on_stage(self, stage, total, unit):
-        self.tasks[stage] = self.progress.add_task(stage, total=total, status="")
+    def on_stage(self, stage, total, unit, start=0):
+        self.tasks[stage] = self.progress.add_task(stage, total=total, completed=start, status="")
         self.totals[stage] = total
 
     def on_step(self, stage, step, losses, lr):

@@ -371,6 +371,7 @@ def round_outcome(reward: Reward, previous: Mapping[str, float] | None, losses: 
 @dataclass
 class RoundResult:
     round: int  # 1-based
+    step: int  # the distillation step at which the round ended (round * T)
     arm: int
     arm_label: str
     reward: float | None  # None in the first round (nothing to compare with) or when withheld (see note)
@@ -501,7 +502,7 @@ class Distiller(_Loop):
             self.policy.update(current.arm, outcome.reward)
         self.previous = outcome.previous
         self._open = None
-        result = RoundResult(self.round, current.arm, self.arms.label(current.arm), outcome.reward, outcome.totals,
+        result = RoundResult(self.round, self.step, current.arm, self.arms.label(current.arm), outcome.reward, outcome.totals,
                              self.policy.diagnostics(), skipped=current.skipped, note=outcome.note)
         self.history.append(result)
         for cb in self.callbacks:
@@ -552,7 +553,9 @@ class Distiller(_Loop):
         self.stream.load_state_dict(state["stream"])
         self.step, self.round, self.skipped = int(state["step"]), int(state["round"]), int(state["skipped"])
         self.previous = None if state["previous"] is None else {k: float(v) for k, v in state["previous"].items()}
-        self.history = [RoundResult(int(r["round"]), int(r["arm"]), self.arms.label(int(r["arm"])),
+        # Every round has exactly T steps (skipped ones count), so its end step is round * T.
+        self.history = [RoundResult(int(r["round"]), int(r["round"]) * self.steps_per_round, int(r["arm"]),
+                                    self.arms.label(int(r["arm"])),
                                     None if r["reward"] is None else float(r["reward"]),
                                     {k: float(v) for k, v in r["totals"].items()},
                                     skipped=int(r["skipped"]), note=r["note"]) for r in state["history"]]

@@ -188,7 +188,7 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
                 saved = saved or keeper.save(TEACHER, t, keep=keep_checkpoints, key=key)
                 raise keeper.stop(f"after teacher step {t.step}", saved)
 
-    reporter.on_stage(TEACHER, steps, "step")
+    reporter.on_stage(TEACHER, steps, "step", tuner.step)
     tuner.run(after_step)
     _save_atomic(network, path)
     reporter.on_message(f"teacher: cached at {path}")
@@ -355,7 +355,7 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
 
         hooks = {"after_step": after_step, "after_round": after_round}
     reporter.on_arms(name, distiller.arms.labels())
-    reporter.on_stage(name, distiller.rounds * distiller.steps_per_round, "step")
+    reporter.on_stage(name, distiller.rounds * distiller.steps_per_round, "step", distiller.step)
     try:
         distiller.run(**hooks)
     finally:

@@ -4,11 +4,17 @@ TensorBoard: one run (sub-directory of `run_dir/tensorboard`) per stage, so the
 teacher and each student show up as separate runs with the same tags:
 - `loss/<term>` and `lr` per step (teacher: task; students: task, kd, hidden,
   attn; hidden/attn are the full-model values the reward reads),
-- `round/arm` (index), `round/reward`, `round/loss/<term>` per round,
+- `round/arm` (index), `round/reward`, `round/loss/<term>` per round, at the
+  step the round ended (so they line up with the loss curves),
 - `policy/<stat>/<arm label>` per round (`mean`, `sd`, `count`) and `policy/entropy`,
 - `nonfinite/skipped`: the count of steps skipped so far for a NaN or inf loss,
   at each skipped step,
 and a `summary` run with `eval/<network>/<metric>` and the config texts.
+
+A resumed run writes new event files beside the old ones. Each stage's writer
+opens with a purge at the step the stage restarts from (and the summary's at 0,
+since every invocation writes it whole), so TensorBoard drops what the
+interrupted attempt logged after its checkpoint and shows every step once.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from optima.engine import RoundResult
 class Reporter:
     """No-op base: override what you need."""
 
-    def on_stage(self, stage: str, total: int, unit: str) -> None: ...
+    def on_stage(self, stage: str, total: int, unit: str, start: int = 0) -> None:
+        """`stage` trains for `total` steps, from step `start` (> 0 when resumed)."""
     def on_arms(self, stage: str, labels: Sequence[str]) -> None: ...
     def on_step(self, stage: str, step: int, losses: dict[str, float], lr: float) -> None: ...
     def on_round(self, stage: str, result: RoundResult) -> None: ...
@@ -59,12 +66,21 @@ class TensorBoardReporter(Reporter):
         self.writers = {}
         self.arm_labels: dict[str, list[str]] = {}
 
-    def writer(self, stage: str):
+    def writer(self, stage: str, purge_from: int | None = None):
+        """The stage's writer; `purge_from`: (re)open it so that TensorBoard drops
+        what earlier event files of the stage logged at that step or later."""
         from torch.utils.tensorboard import SummaryWriter
 
+        if purge_from is not None and stage in self.writers:
+            self.writers.pop(stage).close()
         if stage not in self.writers:
-            self.writers[stage] = SummaryWriter(os.path.join(self.log_dir, stage))
+            if stage == self.SUMMARY:
+                purge_from = 0  # every invocation writes the summary whole
+            self.writers[stage] = SummaryWriter(os.path.join(self.log_dir, stage), purge_step=purge_from)
         return self.writers[stage]
+
+    def on_stage(self, stage, total, unit, start=0):
+        self.writer(stage, purge_from=start + 1)
 
     def add_text(self, tag: str, text: str) -> None:
         # Markdown: indent so that gin text keeps its lines
@@ -80,7 +96,7 @@ class TensorBoardReporter(Reporter):
         w.add_scalar("lr", lr, step)
 
     def on_round(self, stage, result: RoundResult):
-        w, r = self.writer(stage), result.round
+        w, r = self.writer(stage), result.step
         w.add_scalar("round/arm", result.arm, r)
         if result.reward is not None:
             w.add_scalar("round/reward", result.reward, r)

@@ -58,6 +58,7 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch):
         assert f"policy/mean/{arm}" in tags and f"policy/count/{arm}" in tags and f"policy/sd/{arm}" in tags
     assert len(events.Scalars("loss/kd")) == 8  # one per step
     assert [int(e.value) for e in events.Scalars("round/arm")] == stage["plays"]
+    assert [e.step for e in events.Scalars("round/arm")] == [2, 4, 6, 8]  # at the step each round ended
     assert len(events.Scalars("round/reward")) == 3  # no reward in the first round
     _, summary_tags = scalars(tb / "summary")
     assert {"eval/teacher/accuracy", "eval/student/accuracy"} <= summary_tags

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
 from conftest import ROOT, TINY_COCA
@@ -310,6 +311,27 @@ def _outcome(run_dir: Path):
             "teacher": load_file(summary["stages"]["teacher"]["path"])}
 
 
+def _assert_tensorboard_shows_each_step_once(run_dir: Path, plays: list[int], teacher_steps: int) -> None:
+    """The resumed run's new event files purge what the killed attempt logged
+    after its checkpoint: TensorBoard's own reader sees every step once."""
+    tb = run_dir / "tensorboard"
+
+    def scalars(stage: str, tag: str):
+        events = EventAccumulator(str(tb / stage))
+        events.Reload()
+        return events.Scalars(tag)
+
+    if teacher_steps:
+        assert [e.step for e in scalars("teacher", "loss/task")] == list(range(1, teacher_steps + 1))
+    else:  # reused from the cache: nothing logged
+        assert not (tb / "teacher").exists()
+    assert [e.step for e in scalars("student", "loss/task")] == list(range(1, 2 * ROUNDS + 1))
+    arms = scalars("student", "round/arm")
+    assert [e.step for e in arms] == list(range(2, 2 * ROUNDS + 1, 2))
+    assert [int(e.value) for e in arms] == plays
+    assert len(scalars("summary", "eval/student/accuracy")) == 1
+
+
 def _assert_same(outcome, reference):
     assert outcome["plays"] == reference["plays"]
     assert outcome["rewards"] == reference["rewards"]  # floats, exactly
@@ -365,6 +387,7 @@ def test_sigkill_mid_round_and_a_truncated_checkpoint(runs, reference, tmp_path)
     assert "warning: checkpoint" in resumed.stdout and "step-000000008 is corrupt" in resumed.stdout
     assert f"student: resumed from {checkpoints / 'step-000000004'} (round 2, step 4)" in resumed.stdout
     _assert_same(_outcome(run), ref)
+    _assert_tensorboard_shows_each_step_once(run, ref["plays"], teacher_steps=0)
 
 
 @pytest.mark.slow
@@ -400,6 +423,7 @@ def test_sigkill_in_the_teachers_training(runs, reference, tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "teacher: resumed from" in resumed.stdout and "(step 2)" in resumed.stdout
     _assert_same(_outcome(run), ref)
+    _assert_tensorboard_shows_each_step_once(run, ref["plays"], teacher_steps=4)
 
 
 @pytest.mark.slow
