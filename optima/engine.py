@@ -48,8 +48,8 @@ class BatchStream:
     """Endless shuffled batches of one split, epoch after epoch; its position is
     state so that a resumed run sees the same batches.
 
-    After `load_state_dict`, the first `next` replays the epoch's first
-    `position` batches (without touching any global RNG) and goes on from there;
+    After `load_state_dict`, the first `next` goes on after the epoch's first
+    `position` batches (`Task.batches_from`, without touching any global RNG);
     a task's `batches` must depend only on its arguments (the seed among them).
     """
 
@@ -62,12 +62,12 @@ class BatchStream:
         return self
 
     def _start_epoch(self) -> None:
-        self._it = iter(self.task.batches(self.split, self.batch_size, shuffle=True, seed=self.seed + self.epoch))
-        if self.position:  # after a resume: the batches the saved run had already seen
+        seed = self.seed + self.epoch
+        if self.position:  # after a resume: past the batches the saved run had already seen
             with preserved_rng():
-                for _ in range(self.position):
-                    if next(self._it, None) is None:  # the epoch ended there: the next one starts
-                        break
+                self._it = iter(self.task.batches_from(self.split, self.batch_size, seed=seed, start=self.position))
+        else:
+            self._it = iter(self.task.batches(self.split, self.batch_size, shuffle=True, seed=seed))
 
     def __next__(self) -> Batch:
         while True:

@@ -93,6 +93,18 @@ class Task(abc.ABC):
     def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> Iterator[Batch]:
         """One pass over `split` ("train", "val" or "test")."""
 
+    def batches_from(self, split: str, batch_size: int, *, seed: int, start: int) -> Iterator[Batch]:
+        """`batches(split, batch_size, shuffle=True, seed=seed)` from batch `start`
+        on: where a resumed run picks its data order up again. This default makes
+        the first `start` batches and drops them, before returning (the engine
+        calls it with every global RNG preserved); a task whose batches are
+        costly to make (images read from disk) overrides it to skip them unmade."""
+        it = iter(self.batches(split, batch_size, shuffle=True, seed=seed))
+        for _ in range(start):
+            if next(it, None) is None:  # the pass ended there
+                break
+        return it
+
     @abc.abstractmethod
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The task loss `L_pred`."""

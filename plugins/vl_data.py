@@ -16,7 +16,8 @@
 - A task parses its annotation files once per split into an in-memory list of
   `Record`s (paths and strings only, small); images are loaded lazily, per
   batch. `VLTask.batches` shuffles with a `torch.Generator` and yields the last
-  partial batch too.
+  partial batch too; `batches_from` (a resumed run) starts at a given batch
+  without reading the images of those before it.
 - A missing file raises `optima.errors.ConfigError` naming the path and the gin
   binding to set; `missing_paths()` lists the expected-but-absent files and
   folders without raising and without parsing anything.
@@ -188,6 +189,13 @@ class VLTask(Task):
     # -- Task --------------------------------------------------------------
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> Iterator[Batch]:
+        return self._batches(split, batch_size, shuffle, seed, start=0)
+
+    def batches_from(self, split: str, batch_size: int, *, seed: int, start: int) -> Iterator[Batch]:
+        # a resumed run skips the batches it saw without reading their images
+        return self._batches(split, batch_size, True, seed, start)
+
+    def _batches(self, split: str, batch_size: int, shuffle: bool, seed: int, start: int) -> Iterator[Batch]:
         records = self.records(split)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -198,7 +206,7 @@ class VLTask(Task):
         # One seed per batch, drawn up front: batch k is the same whether or not
         # batches 0..k-1 were materialised (a resumed stream skips them).
         batch_seeds = torch.randint(0, 2 ** 62, (n_batches,), generator=g).tolist()
-        for k in range(n_batches):
+        for k in range(start, n_batches):
             chunk = [records[i] for i in order[k * batch_size:(k + 1) * batch_size]]
             yield self._collate(chunk, split, torch.Generator().manual_seed(batch_seeds[k]))
 

@@ -230,6 +230,17 @@ def test_shuffle_is_seeded(task):
     assert not torch.equal(first_images(5), first_images(6))
 
 
+def test_batches_from_is_the_shuffled_pass_from_a_batch_on(task):
+    """`Task.batches_from`'s default (what a resumed run reads): the same batches
+    as the shuffled pass, from batch `start` on; empty past the end."""
+    full = list(task.batches("val", 64, shuffle=True, seed=5))
+    tail = list(task.batches_from("val", 64, seed=5, start=2))
+    assert len(tail) == len(full) - 2
+    for got, want in zip(tail, full[2:]):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert list(task.batches_from("val", 64, seed=5, start=len(full) + 3)) == []
+
+
 def test_unknown_split_and_bad_batch_size(task):
     with pytest.raises(ValueError, match=r"train.*val.*test"):
         next(task.batches("validation", 8, shuffle=False, seed=0))

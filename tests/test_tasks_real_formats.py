@@ -15,6 +15,7 @@ from optima.interfaces import Task
 from optima.plugins.coco_captions import CocoCaptions, cider
 from optima.plugins.nlvr2 import Nlvr2
 from optima.plugins.snli_ve import LABELS, SnliVe
+from optima.plugins import vl_data
 from optima.plugins.vl_data import Tokenizer, simple_tokenize
 from optima.plugins.vqa import Vqa, answer_vocabulary, normalize_answer, soft_scores, vqa_score
 
@@ -225,6 +226,20 @@ def test_snli_ve_batches(snli_dir):
     assert texts(s0) == texts(s0b)
     orders = {tuple(texts(_all(task, "train", 3, True, seed))) for seed in range(6)}
     assert len(orders) > 2
+
+
+def test_resumed_order_skips_batches_without_reading_their_images(snli_dir, monkeypatch):
+    """`batches_from(start=k)` (a resumed run's data) is the shuffled pass from batch
+    k on, augmentation included, and opens only the images it yields."""
+    task = SnliVe(data_dir=str(snli_dir), **SMALL)
+    full = list(task.batches("train", 1, shuffle=True, seed=7))
+    opened = []
+    monkeypatch.setattr(vl_data, "_open_rgb", lambda p, real=vl_data._open_rgb: opened.append(p) or real(p))
+    tail = list(task.batches_from("train", 1, seed=7, start=3))
+    assert len(full) == 4 and len(tail) == 1 and len(opened) == 1
+    for key in ("image", "text", "label"):
+        assert torch.equal(tail[0][key], full[3][key])
+    assert list(task.batches_from("train", 1, seed=7, start=4)) == []
 
 
 def test_image_augmentation_is_seeded_and_train_only(snli_dir):
