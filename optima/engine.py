@@ -461,7 +461,8 @@ class Distiller(_Loop):
                     t_logits = self.teacher(batch)
                 s_logits = self.student(batch)
                 task_loss = self.task.loss(s_logits.float(), batch)
-                losses = self.loss(Capture(s_logits, self.student_rec), Capture(t_logits, self.teacher_rec),
+                mask = self.task.logit_mask(batch)
+                losses = self.loss(Capture(s_logits, self.student_rec, mask), Capture(t_logits, self.teacher_rec, mask),
                                    task_loss, arm_layers, self.need)
             updated = self._optimizer_step(losses.objective, losses.full)
         finally:

@@ -109,6 +109,12 @@ class Task(abc.ABC):
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The task loss `L_pred`."""
 
+    def logit_mask(self, batch: Batch) -> torch.Tensor | None:
+        """For per-token logits `(B, L, V)`: a `(B, L)` bool mask of the positions
+        that are predictions (not padding), which KD then compares alone; None
+        (the default): every position counts."""
+        return None
+
     @abc.abstractmethod
     def metric(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         """Per-batch sums of the metric, e.g. `{"correct": 7, "count": 8}`."""
@@ -183,7 +189,9 @@ class Loss(nn.Module, abc.ABC):
 
 @dataclass
 class Capture:
-    """One forward pass of a network: its logits and its recorder."""
+    """One forward pass of a network: its logits, its recorder, and which logit
+    positions count (`Task.logit_mask`; None: all)."""
 
     logits: torch.Tensor
     recorder: Any  # optima.taps.Recorder (kept untyped to avoid an import cycle)
+    mask: torch.Tensor | None = None

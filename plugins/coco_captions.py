@@ -125,6 +125,10 @@ class CocoCaptions(VLTask):
         _check_token_logits(logits, labels)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_ID)
 
+    def logit_mask(self, batch) -> torch.Tensor:
+        """KD compares the caption's tokens, not its padding."""
+        return batch["labels"] != PAD_ID
+
     def metric(self, logits: torch.Tensor, batch) -> dict[str, float]:
         """Teacher-forced next-token accuracy over non-padding positions."""
         labels = batch["labels"]

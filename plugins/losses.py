@@ -36,9 +36,17 @@ def layer_map(n_student: int, n_teacher: int) -> list[int]:
     return [(l + 1) * r - 1 for l in range(n_student)]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(p_T || p_S) at temperature `t`, scaled by t^2 so gradients keep their size."""
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p_T || p_S) at temperature `t`, scaled by t^2 so gradients keep their size;
+    summed over positions and averaged over the batch. `mask` (the logits' leading
+    dims, bool): only those positions count (e.g. a caption's tokens, not its padding)."""
     t = temperature
+    if mask is not None:
+        batch = student_logits.shape[0]
+        kl = F.kl_div(F.log_softmax(student_logits[mask].float() / t, -1),
+                      F.log_softmax(teacher_logits[mask].float() / t, -1), reduction="sum", log_target=True)
+        return kl / batch * t * t
     return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
                     reduction="batchmean", log_target=True) * t * t
 
@@ -80,7 +88,7 @@ class OptimaLoss(Loss):
 
     def forward(self, student: Capture, teacher: Capture, task_loss: torch.Tensor,
                 arm_layers: frozenset[tuple[str, int]], need: frozenset[str]) -> StepLosses:
-        kd = kd_loss(student.logits, teacher.logits, self.temperature)
+        kd = kd_loss(student.logits, teacher.logits, self.temperature, student.mask)
         objective = task_loss + self.weights["kd"] * kd
         totals = {"task": task_loss.detach(), "kd": kd.detach()}
         for term, distance in (("hidden", self._hidden), ("attn", self._attn)):

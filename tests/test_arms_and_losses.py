@@ -51,6 +51,21 @@ def test_kd_loss_is_kl_teacher_to_student():
     assert kd_loss(t, t).abs() < 1e-6
 
 
+def test_kd_loss_over_token_logits_skips_masked_positions():
+    """(B, L, V) logits: summed over positions, averaged over the batch; with a
+    mask, the masked-out positions (padding) neither count nor matter."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 4, 6, generator=g), torch.randn(2, 4, 6, generator=g)
+    p_t = t.softmax(-1)
+    per_position = (p_t * (p_t.log() - s.log_softmax(-1))).sum(-1)  # (2, 4)
+    assert torch.allclose(kd_loss(s, t), per_position.sum() / 2, atol=1e-6)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    assert torch.allclose(kd_loss(s, t, mask=mask), per_position[mask].sum() / 2, atol=1e-6)
+    s2, t2 = s.clone(), t.clone()
+    s2[~mask], t2[~mask] = 50.0, -50.0  # whatever the padding's logits
+    assert torch.equal(kd_loss(s2, t2, mask=mask), kd_loss(s, t, mask=mask))
+
+
 def _captures(student, teacher, batch):
     from optima.engine import Network
     from optima.interfaces import Capture

@@ -195,6 +195,9 @@ def test_one_distillation_round_with_the_new_heads(tmp_path, which):
     teacher, student = Network(t_model, head(t_model, task)), Network(s_model, head(s_model, task))
     loss = optima_loss(s_model.distill_modules(), t_model.distill_modules())
     arms = ArmSpace(s_model.module_names())
+    masks = []  # what the loss is told about padding
+    forward = loss.forward
+    loss.forward = lambda s, t, *rest: masks.append((s.mask, t.mask)) or forward(s, t, *rest)
     opt = torch.optim.Adam(list(student.parameters()) + list(loss.parameters()), lr=1e-3)
     distiller = Distiller(teacher=teacher, student=student, task=task, loss=loss, arms=arms,
                           policy=FixedPolicy(len(arms)), reward=combined_reward(), optimizer=opt,
@@ -206,3 +209,9 @@ def test_one_distillation_round_with_the_new_heads(tmp_path, which):
     assert len(results) == 2 and results[1].reward is not None and 0.0 <= results[1].reward <= 1.0
     for term in ("task", "kd", "hidden", "attn"):
         assert all(torch.isfinite(torch.tensor(r.totals[term])) and r.totals[term] > 0 for r in results)
+    assert len(masks) == 4
+    if which == "captions":  # KD compares caption tokens only
+        assert all(s is t and s.dtype == torch.bool and s.shape[1] == 11 and not s.all() for s, t in masks)
+        assert [len(s) for s, _ in masks] == [2, 1, 2, 1]  # 3 training captions in batches of 2
+    else:
+        assert all(s is None and t is None for s, t in masks)

@@ -458,6 +458,8 @@ def test_coco_batches_teacher_forcing(coco_dir):
     assert b["image"].shape == (2, 3, 32, 32)
     assert b["text"].shape == b["labels"].shape == (2, 11)
     assert b["image_id"].tolist() == [5, 6]
+    mask = task.logit_mask(b)  # what KD compares: the caption's tokens, not padding
+    assert torch.equal(mask, b["labels"] != 0) and mask.any() and not mask.all()
     assert b["references"] == [["a grey square", "a gray block", "something grey"], ["a black box", "darkness"]]
     assert (b["text"][:, 0] == tok.sot_token_id).all()
     assert torch.equal(b["text"][:, 1:], b["labels"][:, :-1])  # shifted by one
