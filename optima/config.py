@@ -75,13 +75,18 @@ def parse(config_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     for f in config_files:
         if not os.path.isfile(f):
             raise ConfigError(f"{f}: no such gin file")
-        gin.add_config_file_search_path(os.path.dirname(os.path.abspath(f)))
-    if GIN_DIR.is_dir():
-        gin.add_config_file_search_path(str(GIN_DIR))
     for b in bindings:
         if "=" not in b:
             raise ConfigError(f"binding {b!r} is not of the form 'configurable.parameter = value' "
                               f"(e.g. -b 'distillation.rounds = 10')")
+    # Includes resolve next to the given files, then in OPTIMA's gin/. gin only
+    # appends search paths, so they are restored afterwards: a later parse must
+    # not find includes in an earlier config's folder.
+    search_paths = list(gin.config._LOCATION_PREFIXES)
+    for f in config_files:
+        gin.add_config_file_search_path(os.path.dirname(os.path.abspath(f)))
+    if GIN_DIR.is_dir():
+        gin.add_config_file_search_path(str(GIN_DIR))
     # gin logs an ERROR for every search path an include is not found in
     logging.getLogger().disabled = True
     try:
@@ -94,6 +99,7 @@ def parse(config_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
         raise translate(e) from None
     finally:
         logging.getLogger().disabled = False
+        gin.config._LOCATION_PREFIXES[:] = search_paths
 
 
 def translate(e: BaseException) -> ConfigError:
