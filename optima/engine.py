@@ -462,8 +462,8 @@ class Distiller(_Loop):
                 s_logits = self.student(batch)
                 task_loss = self.task.loss(s_logits.float(), batch)
                 mask = self.task.logit_mask(batch)
-                losses = self.loss(Capture(s_logits, self.student_rec, mask), Capture(t_logits, self.teacher_rec, mask),
-                                   task_loss, arm_layers, self.need)
+                losses = self.loss(Capture(s_logits, self.student_rec, mask),
+                                   Capture(t_logits, self.teacher_rec, mask), task_loss, arm_layers, self.need)
             updated = self._optimizer_step(losses.objective, losses.full)
         finally:
             self.student_rec.clear()
@@ -503,8 +503,8 @@ class Distiller(_Loop):
             self.policy.update(current.arm, outcome.reward)
         self.previous = outcome.previous
         self._open = None
-        result = RoundResult(self.round, self.step, current.arm, self.arms.label(current.arm), outcome.reward, outcome.totals,
-                             self.policy.diagnostics(), skipped=current.skipped, note=outcome.note)
+        result = RoundResult(self.round, self.step, current.arm, self.arms.label(current.arm), outcome.reward,
+                             outcome.totals, self.policy.diagnostics(), skipped=current.skipped, note=outcome.note)
         self.history.append(result)
         for cb in self.callbacks:
             if outcome.note and hasattr(cb, "on_message"):

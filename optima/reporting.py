@@ -67,12 +67,10 @@ class TensorBoardReporter(Reporter):
         self.arm_labels: dict[str, list[str]] = {}
 
     def writer(self, stage: str, purge_from: int | None = None):
-        """The stage's writer; `purge_from`: (re)open it so that TensorBoard drops
-        what earlier event files of the stage logged at that step or later."""
+        """The stage's writer, opened on first use; `purge_from`: TensorBoard then
+        drops what earlier event files of the stage logged at that step or later."""
         from torch.utils.tensorboard import SummaryWriter
 
-        if purge_from is not None and stage in self.writers:
-            self.writers.pop(stage).close()
         if stage not in self.writers:
             if stage == self.SUMMARY:
                 purge_from = 0  # every invocation writes the summary whole

@@ -41,14 +41,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """KL(p_T || p_S) at temperature `t`, scaled by t^2 so gradients keep their size;
     summed over positions and averaged over the batch. `mask` (the logits' leading
     dims, bool): only those positions count (e.g. a caption's tokens, not its padding)."""
-    t = temperature
+    t, batch = temperature, student_logits.shape[0]
     if mask is not None:
-        batch = student_logits.shape[0]
-        kl = F.kl_div(F.log_softmax(student_logits[mask].float() / t, -1),
-                      F.log_softmax(teacher_logits[mask].float() / t, -1), reduction="sum", log_target=True)
-        return kl / batch * t * t
-    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
-                    reduction="batchmean", log_target=True) * t * t
+        student_logits, teacher_logits = student_logits[mask], teacher_logits[mask]
+    kl = F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+                  reduction="sum", log_target=True)
+    return kl / batch * t * t
 
 
 class OptimaLoss(Loss):

@@ -5,6 +5,7 @@ import io
 import math
 
 import pytest
+import safetensors.torch
 import torch
 
 from optima.errors import ConfigError
@@ -196,7 +197,6 @@ def test_state_dict_is_a_snapshot():
 
 
 def test_state_dict_survives_torch_weights_only_and_safetensors():
-    safetensors_torch = pytest.importorskip("safetensors.torch")
     for make in (lambda: ThompsonPolicy(7, variance_scale=0.01, seed=5),
                  lambda: RandomPolicy(7, seed=5), lambda: FixedPolicy(7, arm=2, seed=5)):
         a = make()
@@ -205,7 +205,7 @@ def test_state_dict_survives_torch_weights_only_and_safetensors():
         torch.save(a.state_dict(), buf)
         buf.seek(0)
         via_torch = torch.load(buf, weights_only=True)
-        via_st = safetensors_torch.load(safetensors_torch.save(a.state_dict()))
+        via_st = safetensors.torch.load(safetensors.torch.save(a.state_dict()))
         b, c = make(), make()
         b.load_state_dict(via_torch)
         c.load_state_dict(via_st)
