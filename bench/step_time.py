@@ -17,12 +17,12 @@ import torch
 
 from optima.arms import ArmSpace
 from optima.engine import BatchStream, Distiller, Network
-from optima.plugins.coca import coca_model
-from optima.plugins.heads import AttentionalPoolerHead
-from optima.plugins.losses import optima_loss
-from optima.plugins.policies import FixedPolicy
-from optima.plugins.rewards import combined_reward
-from optima.plugins.synthetic_ve import SyntheticVisualEntailment
+from optima.plugins.models.coca import coca_model
+from optima.plugins.heads.vl_heads import AttentionalPoolerHead
+from optima.plugins.losses.optima_loss import optima_loss
+from optima.plugins.policies.paper import FixedPolicy
+from optima.plugins.rewards.loss_decrement import combined_reward
+from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
 
 B = int(os.environ.get("BATCH", 32))
 W = int(os.environ.get("WIDTH", 128))

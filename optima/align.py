@@ -66,6 +66,24 @@ def token_layouts(model: Any) -> dict[str, Layout] | None:
     return {name: fn(name) for name in model.module_names()}
 
 
+def layer_map(n_student: int, n_teacher: int) -> list[int]:
+    """0-based teacher layer for each student layer: `g(l) = l * r` (1-based),
+    `r = n_teacher // n_student` (rounded down when not an integer)."""
+    if not 0 < n_student <= n_teacher:
+        raise ConfigError(f"a student module needs 1..{n_teacher} layers (the teacher's count), got {n_student}")
+    r = n_teacher // n_student
+    return [(l + 1) * r - 1 for l in range(n_student)]
+
+
+def pair_layouts(student: Any, teacher: Any) -> dict[str, Any]:
+    """The loss's layout keywords (`student_layouts`, `teacher_layouts`) for a
+    student/teacher pair that both declare layouts, else `{}` (one to one)."""
+    s, t = token_layouts(student), token_layouts(teacher)
+    if s is None or t is None:
+        return {}
+    return {"student_layouts": s, "teacher_layouts": t}
+
+
 def normalize_layout(layout: Layout, where: str = "") -> dict[str, Any] | None:
     """Checks a layout and fills defaults; None stays None."""
     if layout is None:

@@ -14,6 +14,9 @@ import gin
 from optima import registry as registry_mod
 from optima.errors import ConfigError
 
+# The gin scope (and stage name) of the teacher; students may not take it.
+TEACHER = "teacher"
+
 #: gin name -> (gin's complete selector, factory) registered by this process
 #: (gin cannot register a name twice)
 _REGISTERED: dict[str, tuple[str, Callable]] = {}

@@ -41,13 +41,15 @@ import gin
 import numpy as np
 import torch
 
+from optima.align import pair_layouts
 from optima.arms import ArmSpace
 from optima.checkpoint import Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_text_atomic
+from optima.config import TEACHER
 from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError
 from optima.reporting import Reporter, Reporters, TensorBoardReporter
+from optima.validation import validate_experiment
 
-TEACHER = "teacher"
 
 
 def seed_everything(seed: int) -> None:
@@ -219,7 +221,7 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
     if arm_space.names != teacher.model.module_names():
         raise ConfigError(f"teacher modules {teacher.model.module_names()} differ from the student's {arm_space.names}")
     objective = loss(student.model.distill_modules(), teacher.model.distill_modules(),
-                     **_layouts(student.model, teacher.model)).to(device)
+                     **pair_layouts(student.model, teacher.model)).to(device)
     opt = optimizer(param_groups([student.model], [student.head, objective], head_lr))
     total = rounds * steps_per_round
     return Distiller(
@@ -229,16 +231,6 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         stream=BatchStream(task, "train", batch_size, seed + 1, device), steps_per_round=steps_per_round,
         rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter],
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
-
-
-def _layouts(student, teacher) -> dict[str, Any]:
-    """Token layouts (class token + patch grid) of models that declare them, so the
-    loss can pool a teacher's finer patch grid onto the student's."""
-    if not (hasattr(student, "token_layout") and hasattr(teacher, "token_layout")):
-        return {}
-    names = student.module_names()
-    return {"student_layouts": {m: student.token_layout(m) for m in names},
-            "teacher_layouts": {m: teacher.token_layout(m) for m in names}}
 
 
 @gin.configurable(denylist=["run_dir", "reporters", "dry_run", "validate_only"])
@@ -258,8 +250,6 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
     `dry_run`, builds every model on the meta device and returns the plan
     instead (nothing is loaded, trained or written).
     """
-    from optima.validation import validate_experiment
-
     if (student is None) == (students is None):
         raise ConfigError("bind exactly one of experiment.student and experiment.students")
     stages = dict(students) if students is not None else {"student": student}

@@ -10,11 +10,10 @@ from typing import Any, Callable, Mapping
 import gin
 import torch
 
+from optima.align import layer_map
 from optima.arms import ArmSpace
+from optima.config import TEACHER
 from optima.errors import ConfigError
-
-TEACHER = "teacher"
-
 
 def _stage_bindings(configurable: str, scope: str, resolve: bool = True) -> dict[str, Any]:
     with gin.config_scope(scope):
@@ -36,8 +35,6 @@ def _describe(model: torch.nn.Module, head: torch.nn.Module) -> dict[str, Any]:
 
 def dry_run_plan(task: Callable, teacher: Callable, head: Callable, stages: Mapping[str, Callable],
                  seed: int) -> dict[str, Any]:
-    from optima.plugins.losses import layer_map
-
     the_task = task()
     missing = list(getattr(the_task, "missing_paths", lambda: [])())
     plan: dict[str, Any] = {"task": type(the_task).__name__, "missing_data": [str(p) for p in missing],

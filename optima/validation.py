@@ -20,7 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 import gin
 import torch
 
+from optima.align import pair_layouts
 from optima.arms import ArmSpace
+from optima.config import TEACHER
 from optima.engine import NONFINITE_ACTIONS
 from optima.errors import ConfigError
 
@@ -161,8 +163,6 @@ def validate_experiment(*, teacher: Callable, stages: Mapping[str, Callable], se
                         eval_batch_size: Any, device_present: bool = True) -> None:
     """Raise `ConfigError` for the first binding out of its range (see module doc).
     `device_present`: also require the device to exist here (not for a dry run)."""
-    from optima.experiment import TEACHER
-
     _check("experiment.seed", seed, integer(0, 2**63 - 1))
     _check("experiment.eval_batch_size", eval_batch_size, integer(1))
     _check_device(device, device_present)
@@ -186,8 +186,6 @@ def validate_experiment(*, teacher: Callable, stages: Mapping[str, Callable], se
 
 
 def _validate_stage(name: str, student, teacher, seed: int) -> None:
-    from optima.experiment import _layouts
-
     scopes = [name]
     values = bound("distillation", scopes)
     _check_params(values, STAGE_PARAMS["distillation"])
@@ -229,7 +227,7 @@ def _validate_stage(name: str, student, teacher, seed: int) -> None:
                 _check(binding, value, WEIGHT)
         with gin.config_scope(scopes):
             try:
-                values["loss"][1](student.distill_modules(), teacher.distill_modules(), **_layouts(student, teacher))
+                values["loss"][1](student.distill_modules(), teacher.distill_modules(), **pair_layouts(student, teacher))
             except ConfigError as e:
                 raise ConfigError(f"{loss_name}: {e}") from None
 

@@ -5,18 +5,18 @@ from optima.hookspecs import hookimpl
 
 @hookimpl
 def optima_register_models(register):
-    from optima.plugins.coca import MODULES, coca_model
+    from optima.plugins.models.coca import MODULES, coca_model
 
     register("coca", coca_model, modules=MODULES)
 
 
 @hookimpl
 def optima_register_tasks(register):
-    from optima.plugins.coco_captions import CocoCaptions
-    from optima.plugins.nlvr2 import Nlvr2
-    from optima.plugins.snli_ve import SnliVe
-    from optima.plugins.synthetic_ve import SyntheticVisualEntailment
-    from optima.plugins.vqa import Vqa
+    from optima.plugins.tasks.coco_captions import CocoCaptions
+    from optima.plugins.tasks.nlvr2 import Nlvr2
+    from optima.plugins.tasks.snli_ve import SnliVe
+    from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
+    from optima.plugins.tasks.vqa import Vqa
 
     register("synthetic_ve", SyntheticVisualEntailment)
     register("snli_ve", SnliVe)
@@ -27,7 +27,7 @@ def optima_register_tasks(register):
 
 @hookimpl
 def optima_register_heads(register):
-    from optima.plugins.heads import attentional_pooler_head, caption_head, pair_head
+    from optima.plugins.heads.vl_heads import attentional_pooler_head, caption_head, pair_head
 
     register("attentional_pooler", attentional_pooler_head)
     register("pair", pair_head)
@@ -36,7 +36,7 @@ def optima_register_heads(register):
 
 @hookimpl
 def optima_register_policies(register):
-    from optima.plugins import policies
+    from optima.plugins.policies import paper as policies
 
     register("optima", policies.ThompsonPolicy)
     register("fixed", policies.FixedPolicy)
@@ -46,7 +46,7 @@ def optima_register_policies(register):
 
 @hookimpl
 def optima_register_rewards(register):
-    from optima.plugins import rewards
+    from optima.plugins.rewards import loss_decrement as rewards
 
     register("kd", rewards.kd_reward)
     register("layerwise", rewards.layerwise_reward)
@@ -55,6 +55,6 @@ def optima_register_rewards(register):
 
 @hookimpl
 def optima_register_losses(register):
-    from optima.plugins.losses import optima_loss
+    from optima.plugins.losses.optima_loss import optima_loss
 
     register("optima", optima_loss)

@@ -10,8 +10,8 @@ from optima.align import (align_attention, align_axis, align_hidden, check_pair,
                           window_matrix)
 from optima.errors import ConfigError
 from optima.interfaces import Capture
-from optima.plugins.coca import coca_model
-from optima.plugins.losses import optima_loss
+from optima.plugins.models.coca import coca_model
+from optima.plugins.losses.optima_loss import optima_loss
 from optima.taps import Recorder
 
 from conftest import TINY_COCA

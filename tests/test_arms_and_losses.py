@@ -3,8 +3,9 @@ import torch
 
 from optima.arms import ArmSpace
 from optima.errors import ConfigError
-from optima.plugins.coca import coca_model
-from optima.plugins.losses import kd_loss, layer_map, optima_loss
+from optima.plugins.models.coca import coca_model
+from optima.align import layer_map
+from optima.plugins.losses.optima_loss import kd_loss, optima_loss
 
 from conftest import TINY_COCA
 
@@ -69,7 +70,7 @@ def test_kd_loss_over_token_logits_skips_masked_positions():
 def _captures(student, teacher, batch):
     from optima.engine import Network
     from optima.interfaces import Capture
-    from optima.plugins.heads import AttentionalPoolerHead
+    from optima.plugins.heads.vl_heads import AttentionalPoolerHead
     from optima.taps import Recorder
 
     out = []

@@ -19,7 +19,7 @@ from optima import config
 from optima.cli.main import app
 from optima.engine import Network
 from optima.errors import ConfigError
-from optima.plugins.heads import attentional_pooler_head
+from optima.plugins.heads.vl_heads import attentional_pooler_head
 from optima.taps import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,12 +8,12 @@ import torch
 from optima.engine import BatchStream, Distiller, Network
 from optima.errors import ConfigError
 from optima.interfaces import DistillableModel
-from optima.plugins.coca import coca_model
-from optima.plugins.coco_captions import CocoCaptions
-from optima.plugins.heads import CaptionHead, PairHead, attentional_pooler_head, caption_head, pair_head
-from optima.plugins.nlvr2 import Nlvr2
-from optima.plugins.snli_ve import SnliVe
-from optima.plugins.vqa import Vqa
+from optima.plugins.models.coca import coca_model
+from optima.plugins.tasks.coco_captions import CocoCaptions
+from optima.plugins.heads.vl_heads import CaptionHead, PairHead, attentional_pooler_head, caption_head, pair_head
+from optima.plugins.tasks.nlvr2 import Nlvr2
+from optima.plugins.tasks.snli_ve import SnliVe
+from optima.plugins.tasks.vqa import Vqa
 
 from conftest import TINY_COCA
 from test_tasks_real_formats import make_coco, make_nlvr2, make_snli_ve, make_vqa
@@ -183,9 +183,9 @@ def test_one_distillation_round_with_the_new_heads(tmp_path, which):
     """KD over next-token distributions (captions) and over pair logits (NLVR2) runs
     through the engine's Distiller with the recorder on every layer."""
     from optima.arms import ArmSpace
-    from optima.plugins.losses import optima_loss
-    from optima.plugins.policies import FixedPolicy
-    from optima.plugins.rewards import combined_reward
+    from optima.plugins.losses.optima_loss import optima_loss
+    from optima.plugins.policies.paper import FixedPolicy
+    from optima.plugins.rewards.loss_decrement import combined_reward
 
     if which == "captions":
         task, head = CocoCaptions(data_dir=str(make_coco(tmp_path / "c")), **SMALL), caption_head

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optima.errors import ConfigError
-from optima.plugins.coca import LAYER_LISTS, coca_model, init_student_from
+from optima.plugins.models.coca import LAYER_LISTS, coca_model, init_student_from
 
 from conftest import TINY_COCA
 

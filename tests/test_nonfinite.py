@@ -19,12 +19,12 @@ from optima.engine import (BatchStream, Distiller, Finetuner, Network, NonFinite
                            first_nonfinite, guarded_reward, round_outcome)
 from optima.experiment import linear_warmup_decay, param_groups
 from optima.interfaces import Loss
-from optima.plugins.coca import coca_model
-from optima.plugins.heads import attentional_pooler_head
-from optima.plugins.losses import optima_loss
-from optima.plugins.policies import FixedPolicy, RandomPolicy, ThompsonPolicy
-from optima.plugins.rewards import combined_reward, kd_reward, layerwise_reward
-from optima.plugins.synthetic_ve import SyntheticVisualEntailment
+from optima.plugins.models.coca import coca_model
+from optima.plugins.heads.vl_heads import attentional_pooler_head
+from optima.plugins.losses.optima_loss import optima_loss
+from optima.plugins.policies.paper import FixedPolicy, RandomPolicy, ThompsonPolicy
+from optima.plugins.rewards.loss_decrement import combined_reward, kd_reward, layerwise_reward
+from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
 from test_quickstart import TINY
 
 from conftest import TINY_COCA

@@ -24,7 +24,7 @@ runner = CliRunner()
 
 GOOD = """
 from optima.hookspecs import hookimpl
-from optima.plugins.policies import RandomPolicy
+from optima.plugins.policies.paper import RandomPolicy
 
 
 class GoodPolicy(RandomPolicy):
@@ -45,7 +45,7 @@ def optima_register_polices(register):
     register("typo", object)
 """
 DUPLICATE = """
-from optima.plugins.policies import RandomPolicy
+from optima.plugins.policies.paper import RandomPolicy
 
 
 def optima_register_policies(register):  # unmarked: picked up by its name
@@ -53,7 +53,7 @@ def optima_register_policies(register):  # unmarked: picked up by its name
 """
 RAISES_IN_HOOK = """
 from optima.hookspecs import hookimpl
-from optima.plugins.rewards import kd_reward
+from optima.plugins.rewards.loss_decrement import kd_reward
 
 
 @hookimpl
@@ -136,7 +136,7 @@ def test_plugins_table_names_plugins_and_components():
 
 def test_declared_modules_are_the_models_modules():
     from conftest import TINY_COCA
-    from optima.plugins.coca import coca_model
+    from optima.plugins.models.coca import coca_model
 
     declared = registry.load(external=False).components["coca_model"].modules
     assert coca_model(TINY_COCA, layers=(1, 1, 1)).module_names() == declared

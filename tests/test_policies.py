@@ -1,4 +1,4 @@
-"""Tests of `optima.plugins.policies` (docs/method.md, "Policy")."""
+"""Tests of `optima.plugins.policies.paper` (docs/method.md, "Policy")."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import torch
 
 from optima.errors import ConfigError
 from optima.interfaces import Policy
-from optima.plugins.policies import FixedPolicy, LayerwisePolicy, RandomPolicy, ThompsonPolicy
+from optima.plugins.policies.paper import FixedPolicy, LayerwisePolicy, RandomPolicy, ThompsonPolicy
 
 
 def reward_stream(seed: int, means: list[float], sd: float):

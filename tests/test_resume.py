@@ -26,12 +26,12 @@ from optima.checkpoint import CheckpointError, CheckpointManager, rng_state, set
 from optima.cli.main import app
 from optima.engine import BatchStream, Distiller, Network
 from optima.experiment import linear_warmup_decay, param_groups
-from optima.plugins.coca import coca_model
-from optima.plugins.heads import attentional_pooler_head
-from optima.plugins.losses import optima_loss
-from optima.plugins.policies import ThompsonPolicy
-from optima.plugins.rewards import combined_reward
-from optima.plugins.synthetic_ve import SyntheticVisualEntailment
+from optima.plugins.models.coca import coca_model
+from optima.plugins.heads.vl_heads import attentional_pooler_head
+from optima.plugins.losses.optima_loss import optima_loss
+from optima.plugins.policies.paper import ThompsonPolicy
+from optima.plugins.rewards.loss_decrement import combined_reward
+from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
 
 # 3 arms; 6 rounds of T = 2 steps (warm-up: 3 updates, Thompson sampling from
 # round 5); 64 examples in batches of 8 (the data order turns over at step 8);

@@ -1,4 +1,4 @@
-"""Tests of `optima.plugins.rewards` (docs/method.md, "Reward of a round")."""
+"""Tests of `optima.plugins.rewards.loss_decrement` (docs/method.md, "Reward of a round")."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from optima.engine import RoundAccumulator
 from optima.errors import ConfigError
 from optima.interfaces import Reward
-from optima.plugins.rewards import (
+from optima.plugins.rewards.loss_decrement import (
     RelativeDecrementReward,
     combined_reward,
     kd_reward,

@@ -1,4 +1,4 @@
-"""Tests of the built-in synthetic visual-entailment task (optima.plugins.synthetic_ve)."""
+"""Tests of the built-in synthetic visual-entailment task (optima.plugins.tasks.synthetic_ve)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 
 from optima.interfaces import Task
-from optima.plugins.synthetic_ve import (ATTRIBUTES, COLOURS, LABELS, SHAPES, SPLITS,
+from optima.plugins.tasks.synthetic_ve import (ATTRIBUTES, COLOURS, LABELS, SHAPES, SPLITS,
                                          SyntheticVisualEntailment, _RGB)
 
 SMALL = dict(train_size=1500, val_size=300, test_size=600)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from optima.plugins.coca import coca_model
+from optima.plugins.models.coca import coca_model
 from optima.taps import Recorder, attention_probs
 
 from conftest import TINY_COCA

@@ -12,12 +12,12 @@ from PIL import Image
 
 from optima.errors import ConfigError
 from optima.interfaces import Task
-from optima.plugins.coco_captions import CocoCaptions, cider
-from optima.plugins.nlvr2 import Nlvr2
-from optima.plugins.snli_ve import LABELS, SnliVe
-from optima.plugins import vl_data
-from optima.plugins.vl_data import Tokenizer, simple_tokenize
-from optima.plugins.vqa import Vqa, answer_vocabulary, normalize_answer, soft_scores, vqa_score
+from optima.plugins.tasks.coco_captions import CocoCaptions, cider
+from optima.plugins.tasks.nlvr2 import Nlvr2
+from optima.plugins.tasks.snli_ve import LABELS, SnliVe
+from optima.plugins.tasks import vl_data
+from optima.plugins.tasks.vl_data import Tokenizer, simple_tokenize
+from optima.plugins.tasks.vqa import Vqa, answer_vocabulary, normalize_answer, soft_scores, vqa_score
 
 SMALL = dict(image_size=32, context_length=12, load_threads=2)
 

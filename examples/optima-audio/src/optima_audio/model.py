@@ -21,7 +21,7 @@ from torch import nn
 
 from optima.errors import ConfigError
 from optima.interfaces import Batch, DistillableModel, Layer, Module
-from optima.plugins.coca import CoCaModel, coca_model
+from optima.plugins.models.coca import CoCaModel, coca_model
 
 MODULES = ("image", "text", "multimodal", "audio")
 

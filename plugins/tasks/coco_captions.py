@@ -42,7 +42,7 @@ from torch import nn
 
 from optima.errors import ConfigError
 from optima.interfaces import Batch
-from optima.plugins.vl_data import PAD_ID, Record, VLTask, field_of, read_json, simple_tokenize
+from optima.plugins.tasks.vl_data import PAD_ID, Record, VLTask, field_of, read_json, simple_tokenize
 
 #: Greedy decoding stops after this many tokens (end-of-text included) unless bound otherwise;
 #: Karpathy-split captions are about 10 words, BPE rarely makes them longer than 25 tokens.

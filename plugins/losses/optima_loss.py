@@ -22,18 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optima.align import Layout, align_attention, align_hidden, check_pair
+from optima.align import Layout, align_attention, align_hidden, check_pair, layer_map
 from optima.errors import ConfigError
 from optima.interfaces import Capture, Loss, Module, StepLosses
-
-
-def layer_map(n_student: int, n_teacher: int) -> list[int]:
-    """0-based teacher layer for each student layer: `g(l) = l * r` (1-based),
-    `r = n_teacher // n_student` (rounded down when not an integer)."""
-    if not 0 < n_student <= n_teacher:
-        raise ConfigError(f"a student module needs 1..{n_teacher} layers (the teacher's count), got {n_student}")
-    r = n_teacher // n_student
-    return [(l + 1) * r - 1 for l in range(n_student)]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,

@@ -258,7 +258,7 @@ def init_student_from(student: nn.Module, source: nn.Module, *, copy_weights: bo
     nothing when `copy_weights` is False or either model is on the meta device (the checks
     still run). Returns the source layer of each student layer, by module.
     """
-    from optima.plugins.losses import layer_map
+    from optima.align import layer_map
 
     s_model = student.coca if isinstance(student, CoCaModel) else student
     t_model = source.coca if isinstance(source, CoCaModel) else source

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from optima.errors import ConfigError
-from optima.plugins.vl_data import Record, VLTask, field_of, read_jsonl
+from optima.plugins.tasks.vl_data import Record, VLTask, field_of, read_jsonl
 
 LABELS = ("entailment", "neutral", "contradiction")
 NO_CONSENSUS = "-"

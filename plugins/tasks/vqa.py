@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from optima.errors import ConfigError
-from optima.plugins.vl_data import Record, VLTask, field_of, read_json
+from optima.plugins.tasks.vl_data import Record, VLTask, field_of, read_json
 
 # -- the official answer normalisation (VQA evaluation script, abridged) ---
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from optima.errors import ConfigError
-from optima.plugins.snli_ve import accuracy_sums, summarize_accuracy
-from optima.plugins.vl_data import Record, VLTask, field_of, read_jsonl
+from optima.plugins.tasks.snli_ve import accuracy_sums, summarize_accuracy
+from optima.plugins.tasks.vl_data import Record, VLTask, field_of, read_jsonl
 
 IMAGES_PER_EXAMPLE = 2
 _LABELS = {"true": 1, "false": 0}

@@ -1,0 +1,1 @@
+"""Built-in heads (registered in `optima.plugins.builtin`)."""

@@ -1,0 +1,1 @@
+"""Built-in losses (registered in `optima.plugins.builtin`)."""

@@ -1,0 +1,1 @@
+"""Built-in models (registered in `optima.plugins.builtin`)."""

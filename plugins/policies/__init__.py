@@ -1,0 +1,1 @@
+"""Built-in policies (registered in `optima.plugins.builtin`)."""
