@@ -82,9 +82,24 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int,
 def param_groups(pretrained: Sequence[torch.nn.Module], new: Sequence[torch.nn.Module],
                  new_lr: float | None) -> list[dict[str, Any]]:
     """Pretrained weights at the optimizer's lr; new parts (heads, projections) at
-    `new_lr` when given (CoCa's recipe: e.g. 1e-3 pooler vs 5e-5 encoder)."""
-    old = [p for m in pretrained for p in m.parameters() if p.requires_grad]
-    fresh = [p for m in new for p in m.parameters() if p.requires_grad]
+    `new_lr` when given (CoCa's recipe: e.g. 1e-3 pooler vs 5e-5 encoder).
+
+    A parameter shared by two parts (the captioning head uses the model's own
+    vocabulary projection) is listed once, in the first group that reaches it:
+    torch refuses a parameter in two groups, and it is the model's weight."""
+    seen: set[int] = set()
+
+    def unique(modules: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+        out = []
+        for m in modules:
+            for p in m.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    old = unique(pretrained)
+    fresh = unique(new)
     return [{"params": old}, {"params": fresh, **({"lr": new_lr} if new_lr is not None else {})}]
 
 

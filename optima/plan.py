@@ -27,7 +27,9 @@ def _describe(model: torch.nn.Module, head: torch.nn.Module) -> dict[str, Any]:
     modules = {m.name: {"layers": len(m), "width": m.width,
                         "params_M": sum(p.numel() for l in m.layers for p in l.block.parameters()) / 1e6}
                for m in model.distill_modules()}
-    return {"params_M": (sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in head.parameters())) / 1e6,
+    # one count per parameter: a head may share the model's (the caption head's vocabulary projection)
+    together = torch.nn.ModuleList([model, head])
+    return {"params_M": sum(p.numel() for p in together.parameters()) / 1e6,
             "modules": modules,
             "checkpoints": {k: {"path": v, "exists": bool(v) and os.path.exists(v)}
                             for k, v in getattr(model, "checkpoints", {}).items() if v}}

@@ -16,7 +16,7 @@ from optima.plugins.tasks.snli_ve import SnliVe
 from optima.plugins.tasks.vqa import Vqa
 
 from conftest import TINY_COCA
-from test_tasks_real_formats import make_coco, make_nlvr2, make_snli_ve, make_vqa
+from real_format_data import make_coco, make_nlvr2, make_snli_ve, make_vqa
 
 SMALL = dict(image_size=32, context_length=12, augment=False, load_threads=0)
 
@@ -126,6 +126,27 @@ def test_caption_head_shares_the_models_projection(tmp_path):
     _, image_embs = model.coca._encode_image(batch["image"])
     _, token_embs = model.coca._encode_text(batch["text"])
     assert torch.allclose(logits, model.coca.text_decoder(image_embs, token_embs), atol=1e-4)
+
+
+def test_a_parameter_shared_by_model_and_head_lands_in_one_optimizer_group(tmp_path):
+    """The caption head uses the model's vocabulary projection: the stages' optimizer
+    groups (pretrained, new) hold it once, in the model's group, and torch accepts them."""
+    from optima.experiment import param_groups
+    from optima.plugins.losses.optima_loss import optima_loss
+
+    task = CocoCaptions(data_dir=str(make_coco(tmp_path / "c")), **SMALL)
+    model = _tiny(3, layers=(1, 1, 1))
+    head = caption_head(model, task)
+    objective = optima_loss(model.distill_modules(), model.distill_modules())
+    groups = param_groups([model], [head, objective, head], 1e-3)  # the head twice: still once
+    opt = torch.optim.AdamW(groups, lr=1e-5)  # raised "appear in more than one parameter group"
+    listed = [p for g in opt.param_groups for p in g["params"]]
+    assert len(listed) == len({id(p) for p in listed})
+    wanted = {id(p) for m in (model, head, objective) for p in m.parameters()}
+    assert {id(p) for p in listed} == wanted
+    projection = model.vocab_projection()
+    assert any(p is projection for p in opt.param_groups[0]["params"])  # the model's weight, the model's lr
+    assert opt.param_groups[1]["lr"] == 1e-3 and opt.param_groups[0]["lr"] == 1e-5
 
 
 def test_caption_head_errors():

@@ -3,12 +3,10 @@ official formats, written here: parsing, labels, soft scores, batches, errors.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
-from PIL import Image
 
 from optima.errors import ConfigError
 from optima.interfaces import Task
@@ -18,6 +16,8 @@ from optima.plugins.tasks.snli_ve import LABELS, SnliVe
 from optima.plugins.tasks import vl_data
 from optima.plugins.tasks.vl_data import Tokenizer, simple_tokenize
 from optima.plugins.tasks.vqa import Vqa, answer_vocabulary, normalize_answer, soft_scores, vqa_score
+
+from real_format_data import write_jsonl, make_coco, make_nlvr2, make_snli_ve, make_vqa
 
 SMALL = dict(image_size=32, context_length=12, load_threads=2)
 
@@ -29,127 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 30), (200, 200, 200), (20, 20, 20)]
-
-
-def _image(path: Path, k: int, size=(40, 30)) -> None:
-    """A small image with a colour and a bar that depend on k (non-square: resize + crop run)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.new("RGB", size, COLOURS[k % len(COLOURS)])
-    for x in range(k % 5 * 6, k % 5 * 6 + 8):
-        for y in range(size[1]):
-            im.putpixel((x, y), (255 - 40 * (k % 6), 128, 40 * (k % 6)))
-    im.save(path, quality=95)
-
-
-def _jsonl(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-# -- tiny data sets of the official formats -------------------------------------
-
-
-def make_snli_ve(root: Path) -> Path:
-    imgs = root / "flickr30k_images"
-    for k in range(4):
-        _image(imgs / f"{1000 + k}.jpg", k)
-    train = [
-        {"Flikr30kID": "1000.jpg", "sentence2": "A red wall.", "gold_label": "entailment", "pairID": "1"},
-        {"Flikr30kID": "1001.jpg", "sentence2": "A man sleeps.", "gold_label": "neutral", "pairID": "2"},
-        {"Flikr30kID": "1002.jpg", "sentence2": "Nothing is blue.", "gold_label": "contradiction", "pairID": "3"},
-        {"Flikr30kID": "1003.jpg", "sentence2": "Unclear.", "gold_label": "-", "pairID": "4"},  # skipped
-        {"Flikr30kID": "1003", "sentence2": "A yellow wall.", "gold_label": "entailment", "pairID": "5"},
-    ]
-    _jsonl(root / "snli_ve_train.jsonl", train)
-    _jsonl(root / "snli_ve_dev.jsonl", train[:2])
-    _jsonl(root / "snli_ve_test.jsonl", train[2:3])
-    return root
-
-
-def _answers(*pairs):
-    """10 human answers from (answer, count) pairs."""
-    out = [a for a, n in pairs for _ in range(n)]
-    assert len(out) == 10
-    return [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(out)]
-
-
-def make_vqa(root: Path) -> Path:
-    root.mkdir(parents=True)
-    train_q = [
-        {"image_id": 9, "question": "What color is the wall?", "question_id": 90},
-        {"image_id": 9, "question": "How many bars?", "question_id": 91},
-        {"image_id": 12, "question": "Is it sunny?", "question_id": 120},
-        {"image_id": 12, "question": "What is it?", "question_id": 121},
-    ]
-    train_a = [
-        {"question_id": 90, "image_id": 9, "multiple_choice_answer": "red",
-         "answers": _answers(("red", 3), ("Red.", 2), ("pink", 2), ("orange", 1), ("dark red", 2))},
-        {"question_id": 91, "image_id": 9, "multiple_choice_answer": "one",
-         "answers": _answers(("1", 4), ("one", 4), ("2", 2))},
-        {"question_id": 120, "image_id": 12, "multiple_choice_answer": "yes",
-         "answers": _answers(("yes", 9), ("no", 1))},
-        {"question_id": 121, "image_id": 12, "multiple_choice_answer": "red",
-         "answers": _answers(("a wall", 1), ("zebra", 3), ("red", 6))},
-    ]
-    val_q = [{"image_id": 7, "question": "Is it raining?", "question_id": 70},
-             {"image_id": 7, "question": "What animal?", "question_id": 71}]
-    val_a = [{"question_id": 70, "image_id": 7, "multiple_choice_answer": "no",
-              "answers": _answers(("no", 2), ("yes", 8))},
-             {"question_id": 71, "image_id": 7, "multiple_choice_answer": "giraffe",
-              "answers": _answers(("giraffe", 10))}]
-    for split, qs, anns in (("train2014", train_q, train_a), ("val2014", val_q, val_a)):
-        (root / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps(
-            {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split,
-             "questions": qs}))
-        (root / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps(
-            {"info": {}, "data_subtype": split, "annotations": anns}))
-        for k, image_id in enumerate(sorted({q["image_id"] for q in qs})):
-            _image(root / split / f"COCO_{split}_{image_id:012d}.jpg", image_id)
-    return root
-
-
-def make_nlvr2(root: Path) -> Path:
-    train = [
-        {"identifier": "train-10-0-0", "directory": "3", "sentence": "Both images show red.", "label": "True"},
-        {"identifier": "train-10-0-1", "directory": "3", "sentence": "One image is blue.", "label": "False"},
-        {"identifier": "train-11-1-0", "directory": "7", "sentence": "There are two walls.", "label": "True"},
-    ]
-    dev = [{"identifier": "dev-850-0-0", "sentence": "The left image is green.", "label": "False"},
-           {"identifier": "dev-850-0-1", "sentence": "Both images have a bar.", "label": "True"}]
-    test = [{"identifier": "test1-5-2-0", "sentence": "A dog.", "label": "False"}]
-    _jsonl(root / "train.json", train)
-    _jsonl(root / "dev.json", dev)
-    _jsonl(root / "test1.json", test)
-    paths = {"images/train/3/train-10-0", "images/train/7/train-11-1", "images/dev/dev-850-0",
-             "images/test1/test1-5-2"}
-    for k, stem in enumerate(sorted(paths)):
-        for i in range(2):
-            _image(root / f"{stem}-img{i}.png", 2 * k + i)
-    return root
-
-
-def make_coco(root: Path) -> Path:
-    root.mkdir(parents=True)
-    def image(n, split, filepath, caps):
-        return {"filepath": filepath, "filename": f"COCO_{filepath}_{n:012d}.jpg", "split": split,
-                "cocoid": n, "imgid": n, "sentids": [],
-                "sentences": [{"raw": c, "tokens": simple_tokenize(c).split(), "imgid": n} for c in caps]}
-
-    images = [
-        image(1, "train", "train2014", ["A red wall.", "A wall painted red.", "Red paint on a wall."]),
-        image(2, "restval", "val2014", ["A green field.", "Green grass, nothing else."]),
-        image(3, "train", "train2014", ["A blue sky.", "The sky is blue."]),
-        image(4, "val", "val2014", ["A yellow wall.", "Yellow paint."]),
-        image(5, "test", "val2014", ["A grey square.", "A gray block.", "Something grey."]),
-        image(6, "test", "val2014", ["A black box.", "Darkness."]),
-    ]
-    (root / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": images}))
-    for k, im in enumerate(images):
-        _image(root / im["filepath"] / im["filename"], k)
-    return root
 
 
 @pytest.fixture
@@ -277,10 +156,10 @@ def test_snli_ve_missing_files(tmp_path, snli_dir):
 
 
 def test_bad_label_is_a_config_error(snli_dir):
-    _jsonl(snli_dir / "snli_ve_dev.jsonl", [{"Flikr30kID": "1000.jpg", "sentence2": "x", "gold_label": "maybe"}])
+    write_jsonl(snli_dir / "snli_ve_dev.jsonl", [{"Flikr30kID": "1000.jpg", "sentence2": "x", "gold_label": "maybe"}])
     with pytest.raises(ConfigError, match="snli_ve_dev.jsonl: line 1 has gold_label 'maybe'"):
         SnliVe(data_dir=str(snli_dir), **SMALL).records("val")
-    _jsonl(snli_dir / "snli_ve_test.jsonl", [{"Flickr30kID": "1000.jpg", "sentence2": "x", "gold_label": "neutral"}])
+    write_jsonl(snli_dir / "snli_ve_test.jsonl", [{"Flickr30kID": "1000.jpg", "sentence2": "x", "gold_label": "neutral"}])
     with pytest.raises(ConfigError, match="has no 'Flikr30kID' field"):
         SnliVe(data_dir=str(snli_dir), **SMALL).records("test")
 
@@ -290,7 +169,7 @@ def test_fingerprint_follows_content_and_arguments(snli_dir):
     assert f1 == SnliVe(data_dir=str(snli_dir), **SMALL).fingerprint()
     assert f1 != SnliVe(data_dir=str(snli_dir), **{**SMALL, "image_size": 48}).fingerprint()
     json.dumps(f1)  # goes into the teacher cache key
-    _jsonl(snli_dir / "snli_ve_test.jsonl", [{"Flikr30kID": "1000.jpg", "sentence2": "y", "gold_label": "neutral"}])
+    write_jsonl(snli_dir / "snli_ve_test.jsonl", [{"Flikr30kID": "1000.jpg", "sentence2": "y", "gold_label": "neutral"}])
     assert SnliVe(data_dir=str(snli_dir), **SMALL).fingerprint() != f1
 
 
@@ -428,7 +307,7 @@ def test_nlvr2_custom_pattern_and_errors(tmp_path, nlvr2_dir):
                                                          "images/dev", "images/test1")]
     with pytest.raises(ConfigError, match=r"nlvr2_task.data_dir=.*missing .*dev.json.*set nlvr2_task.data_dir"):
         Nlvr2(data_dir=str(tmp_path / "n"), **SMALL).records("val")
-    _jsonl(nlvr2_dir / "dev.json", [{"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}])
+    write_jsonl(nlvr2_dir / "dev.json", [{"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}])
     with pytest.raises(ConfigError, match="label 'maybe'"):
         Nlvr2(data_dir=str(nlvr2_dir), **SMALL).records("val")
     # logits per pass instead of per pair: the wrong head
