@@ -33,7 +33,9 @@ class RichReporter(Reporter):
         self.totals[stage] = total
 
     def on_step(self, stage, step, losses, lr):
-        text = self.status.get(stage, "") + " ".join(f"{k}={v:.3g}" for k, v in losses.items())
+        # whole-model values as `kd=...`, the played arm's as `arm.hidden=...`
+        text = self.status.get(stage, "") + " ".join(
+            f"{k.removeprefix('total/').replace('/', '.')}={v:.3g}" for k, v in losses.items())
         self.progress.update(self.tasks[stage], completed=step, status=text)
         total = self.totals.get(stage, 0)
         # no live bar in logs: a line every tenth of a fine-tuning stage
@@ -44,7 +46,7 @@ class RichReporter(Reporter):
         reward = "-" if result.reward is None else f"{result.reward:.3f}"
         self.status[stage] = f"round {result.round} arm {result.arm_label} reward {reward} | "
         if not self.progress.console.is_terminal:  # no live bar in logs: one line per round
-            losses = " ".join(f"{k}={v:.4g}" for k, v in result.totals.items())
+            losses = " ".join(f"{k}={v:.4g}" for k, v in result.losses.total.items())
             self.progress.console.print(f"{stage}: {self.status[stage]}round losses {losses}")
 
     def on_message(self, text):

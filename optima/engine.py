@@ -1,8 +1,9 @@
 """The training loops: task fine-tuning, evaluation and OPTIMA distillation.
 
 `Distiller.play_round` is the method in one place: the policy picks an arm, the
-student is distilled on that arm's layers for `T` steps, the round's full-model
-losses give the reward, the policy learns from it.
+student is distilled on that arm's layers for `T` steps, the round's losses
+(`RoundLosses`: whole model, per module, the played arm) give the reward, the
+policy learns from it.
 
 Both loops (`Finetuner`, `Distiller`) can be saved and restored at any step
 (`state_dict`), and check every loss for NaN and inf before the optimizer step.
@@ -20,7 +21,8 @@ from torch import nn
 from optima.arms import ArmSpace
 from optima.checkpoint import CheckpointError, check_same_layout, preserved_rng
 from optima.errors import ConfigError, OptimaError
-from optima.interfaces import Batch, Capture, DistillableModel, Head, Loss, Policy, Reward, Task
+from optima.interfaces import (Batch, Capture, DistillableModel, Head, Loss, Policy, Reward, RoundLosses, StepLosses,
+                               Task)
 from optima.taps import Recorder
 
 
@@ -129,7 +131,12 @@ class NonFiniteLossError(OptimaError):
 
 class Callback(Protocol):
     """What the loops report to (e.g. `optima.reporting.Reporter`). `on_nonfinite`
-    and `on_message` are optional."""
+    and `on_message` are optional.
+
+    `on_step`'s `losses` say what they hold by their keys: `total/<term>`, the
+    whole model's value (the teacher's `total/task`; a student's `task`, `kd`,
+    and `hidden`/`attn` when the reward reads them), and `arm/<term>`, the played
+    arm's layers (a student's `hidden`, `attn`). Empty for a skipped step."""
 
     def on_step(self, stage: str, step: int, losses: dict[str, float], lr: float) -> None: ...
     def on_round(self, stage: str, result: "RoundResult") -> None: ...
@@ -235,7 +242,7 @@ class Finetuner(_Loop):
         while self.step < self.steps:
             loss = self.train_step()
             for cb in self.callbacks:
-                cb.on_step(self.name, self.step, {} if loss is None else {"task": loss}, self._lr())
+                cb.on_step(self.name, self.step, {} if loss is None else {"total/task": loss}, self._lr())
             if after_step:
                 after_step(self)
 
@@ -278,57 +285,84 @@ def finetune(network: Network, task: Task, *, steps: int, batch_size: int, optim
 
 
 class RoundAccumulator:
-    """Sums per-step full-model losses over one round.
+    """Sums per-step losses over one round: whole-model terms and per-module terms.
 
-    `add(terms)` adds one step's values (floats, or 0-dim tensors); `totals()` is
-    the per-term sum over the steps added since the last `reset()` (a term
-    missing from some steps is summed over the steps that had it); `steps`
-    counts the `add` calls. Non-finite values are summed as they are, so that
-    the reward raises on them (the Distiller never adds a skipped step's values).
+    `add(terms, per_module)` adds one step's values (floats, or 0-dim tensors);
+    `totals()` and `per_module()` are the sums over the steps added since the
+    last `reset()` (a term missing from some steps is summed over the steps that
+    had it); `steps` counts the `add` calls. Non-finite values are summed as they
+    are, so that the reward's guard sees them (the Distiller never adds a skipped
+    step's values).
     """
 
     def __init__(self) -> None:
         self._totals: dict[str, float] = {}
+        self._modules: dict[str, dict[str, float]] = {}
         self._steps = 0
 
     @property
     def steps(self) -> int:
         return self._steps
 
-    def add(self, terms: Mapping[str, float]) -> None:
-        for name, value in terms.items():
-            self._totals[name] = self._totals.get(name, 0.0) + float(value)
+    def add(self, terms: Mapping[str, float], per_module: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        _add_into(self._totals, terms)
+        for module, values in (per_module or {}).items():
+            _add_into(self._modules.setdefault(module, {}), values)
         self._steps += 1
 
     def totals(self) -> dict[str, float]:
         return dict(self._totals)
 
+    def per_module(self) -> dict[str, dict[str, float]]:
+        return {m: dict(v) for m, v in self._modules.items()}
+
     def reset(self) -> None:
-        self._totals = {}
+        self._totals, self._modules = {}, {}
         self._steps = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"totals": dict(self._totals), "steps": self._steps}
+        return {"totals": dict(self._totals), "per_module": self.per_module(), "steps": self._steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._totals = {str(k): float(v) for k, v in state["totals"].items()}
+        self._totals = _floats(state["totals"])
+        self._modules = {str(m): _floats(v) for m, v in state.get("per_module", {}).items()}
         self._steps = int(state["steps"])
 
     def __repr__(self) -> str:
-        return f"RoundAccumulator(steps={self._steps}, totals={self._totals!r})"
+        return f"RoundAccumulator(steps={self._steps}, totals={self._totals!r}, per_module={self._modules!r})"
+
+
+def _add_into(sums: dict[str, float], values: Mapping[str, float]) -> None:
+    for name, value in values.items():
+        sums[name] = sums.get(name, 0.0) + float(value)
+
+
+def _floats(values: Mapping[str, Any]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in values.items()}
+
+
+def read_values(reward: Reward, losses: Mapping[str, float]) -> dict[str, float]:
+    """The values of `losses` that `reward` reads, by name: its terms in the
+    totals (`kd`) and in each module (`hidden[image]`), for the finiteness checks."""
+    values = {t: losses[t] for t in reward.terms if t in losses}
+    for module, terms in getattr(losses, "per_module", {}).items():
+        values.update({f"{t}[{module}]": terms[t] for t in reward.terms if t in terms})
+    return values
 
 
 def guarded_reward(reward: Reward, previous: Mapping[str, float] | None,
                    current: Mapping[str, float]) -> tuple[float | None, str | None]:
     """The reward of a round, or `(None, why)` when none may reach the policy.
 
-    `(None, None)` without a previous round; `(None, why)` when a term the reward
-    reads is non-finite in `current` (a round's sums can overflow even when every
-    step was finite), or when the reward is not a number in [0, 1] (a plugin's
-    bug). `previous` is only ever a round whose terms were finite. A term missing
-    from either round is a programming error: the reward's `ValueError` goes up.
+    `previous`, `current`: `RoundLosses` (plain mappings of totals work too).
+    `(None, None)` without a previous round; `(None, why)` when a value the
+    reward reads is non-finite in `current` (a round's sums can overflow even
+    when every step was finite), or when the reward is not a number in [0, 1] (a
+    plugin's bug). `previous` is only ever a round whose values were finite. A
+    term missing from either round is a programming error: the reward's
+    `ValueError` goes up.
     """
-    bad = first_nonfinite({t: current[t] for t in reward.terms if t in current})
+    bad = first_nonfinite(read_values(reward, current))
     if bad is not None:
         return None, f"non-finite round loss {bad[0]} = {bad[1]}"
     if previous is None:
@@ -341,31 +375,34 @@ def guarded_reward(reward: Reward, previous: Mapping[str, float] | None,
 
 @dataclass
 class RoundOutcome:
-    totals: dict[str, float]  # the round's totals, scaled to T steps when steps were skipped
+    losses: RoundLosses  # the round's sums, scaled to T steps when steps were skipped
     reward: float | None  # what the policy gets, if anything
     note: str | None  # why it gets nothing (None in the first round)
-    previous: dict[str, float] | None  # what the next round compares with
+    previous: RoundLosses | None  # what the next round compares with
 
 
-def round_outcome(reward: Reward, previous: Mapping[str, float] | None, losses: RoundAccumulator,
-                  steps_per_round: int) -> RoundOutcome:
-    """A finished round's totals and reward (what `Distiller` does at a round's end).
+def round_outcome(reward: Reward, previous: RoundLosses | None, losses: RoundAccumulator,
+                  steps_per_round: int, arm: Sequence[str] = ()) -> RoundOutcome:
+    """A finished round's losses and reward (what `Distiller` does at a round's end).
 
-    `losses` holds the round's finite steps; if some were skipped, the totals are
-    scaled to `steps_per_round` steps so that rounds stay comparable. The reward
-    is `guarded_reward`'s: never NaN, inf or outside [0, 1]. The round becomes
-    the next one's `previous` only if the terms the reward reads are finite;
-    otherwise the next round compares with the last good one.
+    `losses` holds the round's finite steps, played on the modules `arm`; if
+    some were skipped, the sums are scaled to `steps_per_round` steps so that
+    rounds stay comparable. The reward is `guarded_reward`'s: never NaN, inf or
+    outside [0, 1]. The round becomes the next one's `previous` only if the
+    values the reward reads are finite; otherwise the next round compares with
+    the last good one.
     """
-    totals, finite_steps = losses.totals(), losses.steps
+    totals, modules, finite_steps = losses.totals(), losses.per_module(), losses.steps
     if 0 < finite_steps < steps_per_round:
-        totals = {k: v * steps_per_round / finite_steps for k, v in totals.items()}
+        scale = steps_per_round / finite_steps
+        totals = {k: v * scale for k, v in totals.items()}
+        modules = {m: {k: v * scale for k, v in terms.items()} for m, terms in modules.items()}
+    current = RoundLosses(totals, modules, tuple(arm))
     if finite_steps == 0:
-        return RoundOutcome(totals, None, "every step was skipped", None if previous is None else dict(previous))
-    value, note = guarded_reward(reward, previous, totals)
-    usable = first_nonfinite({t: totals[t] for t in reward.terms if t in totals}) is None
-    new_previous = totals if usable else (None if previous is None else dict(previous))
-    return RoundOutcome(totals, value, note, new_previous)
+        return RoundOutcome(current, None, "every step was skipped", previous)
+    value, note = guarded_reward(reward, previous, current)
+    usable = first_nonfinite(read_values(reward, current)) is None
+    return RoundOutcome(current, value, note, current if usable else previous)
 
 
 @dataclass
@@ -375,10 +412,40 @@ class RoundResult:
     arm: int
     arm_label: str
     reward: float | None  # None in the first round (nothing to compare with) or when withheld (see note)
-    totals: dict[str, float]  # full-model losses accumulated over the round
-    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    losses: RoundLosses  # the round's summed losses: whole model, per module, the played arm's modules
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # the policy's
     skipped: int = 0  # steps of the round skipped for non-finite values
     note: str | None = None  # why the policy got no reward, if it got none after the first round
+    plays: dict[str, Any] = field(default_factory=dict)  # `play_stats` after this round (engine, any policy)
+
+
+#: Plays of the last rounds whose entropy is logged (`plays/entropy`), for every policy.
+PLAY_ENTROPY_WINDOW = 20
+
+
+def play_stats(plays: Sequence[int], num_arms: int, window: int = PLAY_ENTROPY_WINDOW) -> dict[str, Any]:
+    """What the engine reports about the arms played so far, whatever the policy:
+    `count` (plays per arm, a list) and `entropy` (nats) of the empirical
+    distribution of the last `window` plays (0 before any play)."""
+    count = [0] * num_arms
+    for arm in plays:
+        count[arm] += 1
+    recent = [0] * num_arms
+    for arm in plays[-window:]:
+        recent[arm] += 1
+    n = sum(recent)
+    entropy = -sum(c / n * math.log(c / n) for c in recent if c) if n else 0.0
+    return {"count": count, "entropy": entropy}
+
+
+def _losses_state(losses: RoundLosses) -> dict[str, Any]:
+    return {"total": dict(losses.total), "per_module": {m: dict(v) for m, v in losses.per_module.items()},
+            "arm": list(losses.arm)}
+
+
+def _losses_from(state: Mapping[str, Any]) -> RoundLosses:
+    return RoundLosses(_floats(state["total"]), {str(m): _floats(v) for m, v in state["per_module"].items()},
+                       tuple(state["arm"]))
 
 
 @dataclass
@@ -400,19 +467,26 @@ class _OpenRound:
         return round_
 
 
+def step_report(step: StepLosses, arm: Sequence[str]) -> dict[str, float]:
+    """A step's values as callbacks get them: `total/<term>` (whole model) and
+    `arm/<term>` (the played arm's modules, `RoundLosses.arm_totals`)."""
+    arm_totals = RoundLosses(step.full, step.per_module, tuple(arm)).arm_totals()
+    return {**{f"total/{t}": v for t, v in step.full.items()}, **{f"arm/{t}": v for t, v in arm_totals.items()}}
+
+
 class Distiller(_Loop):
     """OPTIMA distillation of `student` from a frozen `teacher`, in rounds of `T` steps.
 
     Resumable at any step: `state_dict()` holds the student, the loss's
     parameters (projections), optimizer, scheduler, policy, data position,
-    counters, the previous round's totals, the history and the round in
+    counters, the previous round's losses, the history and the round in
     progress (the global RNGs are the caller's, see `optima.checkpoint`);
     `load_state_dict` continues exactly where the saved run was.
 
     `on_nonfinite` ('stop' or 'skip') decides what a step with a NaN or inf loss
     does (see `_Loop._optimizer_step`). A round's totals are summed over its
     finite steps and, if some were skipped, scaled to `T` steps so that rounds
-    stay comparable; a round without finite totals gives the policy no reward
+    stay comparable; a round without finite values gives the policy no reward
     and is not compared with (the next round compares with the last good one).
     `checkpoint_every` (rounds) and `keep_checkpoints` are read by whoever
     checkpoints the run (`optima.experiment`); the engine writes nothing.
@@ -439,7 +513,7 @@ class Distiller(_Loop):
         self.step = 0
         self.round = 0
         self.skipped = 0
-        self.previous: dict[str, float] | None = None  # the last round with finite totals
+        self.previous: RoundLosses | None = None  # the last round with finite values
         self.history: list[RoundResult] = []
         self._open: _OpenRound | None = None
 
@@ -451,9 +525,9 @@ class Distiller(_Loop):
         arm = f", arm {self.arms.label(self._open.arm)}" if self._open is not None else ""
         return f"step {self.step + 1} (round {self.round}{arm})"
 
-    def train_step(self, batch: Batch, arm_layers: frozenset[tuple[str, int]]) -> dict[str, float] | None:
-        """One step on `arm_layers`; the full-model losses, or None if the step was
-        skipped for a non-finite value."""
+    def train_step(self, batch: Batch, arm_layers: frozenset[tuple[str, int]]) -> StepLosses | None:
+        """One step on `arm_layers`; its losses (whole model and per module), or
+        None if the step was skipped for a non-finite value."""
         self.student.train()
         try:
             with autocast(self.device, self.amp):
@@ -464,11 +538,13 @@ class Distiller(_Loop):
                 mask = self.task.logit_mask(batch)
                 losses = self.loss(Capture(s_logits, self.student_rec, mask),
                                    Capture(t_logits, self.teacher_rec, mask), task_loss, arm_layers, self.need)
-            updated = self._optimizer_step(losses.objective, losses.full)
+            checked = {**losses.full, **{f"{t}[{m}]": v for m, terms in losses.per_module.items()
+                                         for t, v in terms.items()}}
+            updated = self._optimizer_step(losses.objective, checked)
         finally:
             self.student_rec.clear()
             self.teacher_rec.clear()
-        return losses.full if updated else None
+        return losses if updated else None
 
     @property
     def in_round(self) -> bool:
@@ -483,34 +559,42 @@ class Distiller(_Loop):
             self._open = _OpenRound(self.policy.select())
         current = self._open
         layers = self.arm_layers(current.arm)
+        modules = self.arms[current.arm]
         while current.steps < self.steps_per_round:
-            full = self.train_step(next(self.stream), layers)
+            step = self.train_step(next(self.stream), layers)
             current.steps += 1
-            if full is None:
+            if step is None:
                 current.skipped += 1
             else:
-                current.losses.add(full)
+                current.losses.add(step.full, step.per_module)
+            reported = {} if step is None else step_report(step, modules)
             for cb in self.callbacks:
-                cb.on_step(self.name, self.step, full or {}, self._lr())
+                cb.on_step(self.name, self.step, reported, self._lr())
             if after_step:
                 after_step(self)
         return self._finish_round()
 
     def _finish_round(self) -> RoundResult:
         current = self._open
-        outcome = round_outcome(self.reward, self.previous, current.losses, self.steps_per_round)
+        outcome = round_outcome(self.reward, self.previous, current.losses, self.steps_per_round,
+                                self.arms[current.arm])
         if outcome.reward is not None:
             self.policy.update(current.arm, outcome.reward)
         self.previous = outcome.previous
         self._open = None
         result = RoundResult(self.round, self.step, current.arm, self.arms.label(current.arm), outcome.reward,
-                             outcome.totals, self.policy.diagnostics(), skipped=current.skipped, note=outcome.note)
+                             outcome.losses, self.policy.diagnostics(), skipped=current.skipped, note=outcome.note)
         self.history.append(result)
+        result.plays = self.play_stats()
         for cb in self.callbacks:
             if outcome.note and hasattr(cb, "on_message"):
                 cb.on_message(f"{self.name}: round {self.round}: no reward for the policy ({outcome.note})")
             cb.on_round(self.name, result)
         return result
+
+    def play_stats(self) -> dict[str, Any]:
+        """Plays per arm so far and the entropy of the recent plays (`play_stats`)."""
+        return play_stats([r.arm for r in self.history], len(self.arms))
 
     def run(self, rounds: int | None = None, *, after_step: Callable[["Distiller"], None] | None = None,
             after_round: Callable[["Distiller", RoundResult], None] | None = None) -> list[RoundResult]:
@@ -530,8 +614,9 @@ class Distiller(_Loop):
             "student": self.student.state_dict(), "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(), "stream": self.stream.state_dict(),
-            "step": self.step, "round": self.round, "skipped": self.skipped, "previous": self.previous,
-            "history": [{"round": r.round, "arm": r.arm, "reward": r.reward, "totals": r.totals,
+            "step": self.step, "round": self.round, "skipped": self.skipped,
+            "previous": None if self.previous is None else _losses_state(self.previous),
+            "history": [{"round": r.round, "arm": r.arm, "reward": r.reward, "losses": _losses_state(r.losses),
                          "skipped": r.skipped, "note": r.note} for r in self.history],
             "open_round": None if self._open is None else self._open.state_dict(),
         }
@@ -553,12 +638,12 @@ class Distiller(_Loop):
         self.policy.load_state_dict(state["policy"])
         self.stream.load_state_dict(state["stream"])
         self.step, self.round, self.skipped = int(state["step"]), int(state["round"]), int(state["skipped"])
-        self.previous = None if state["previous"] is None else {k: float(v) for k, v in state["previous"].items()}
+        self.previous = None if state["previous"] is None else _losses_from(state["previous"])
         # Every round has exactly T steps (skipped ones count), so its end step is round * T.
         self.history = [RoundResult(int(r["round"]), int(r["round"]) * self.steps_per_round, int(r["arm"]),
                                     self.arms.label(int(r["arm"])),
                                     None if r["reward"] is None else float(r["reward"]),
-                                    {k: float(v) for k, v in r["totals"].items()},
+                                    _losses_from(r["losses"]),
                                     skipped=int(r["skipped"]), note=r["note"]) for r in state["history"]]
         self._open = None if state["open_round"] is None else _OpenRound.from_state(state["open_round"])
 

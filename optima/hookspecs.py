@@ -77,10 +77,12 @@ def optima_register_policies(register):
 
 @hookspec
 def optima_register_rewards(register):
-    """Rewards: a round's full-model losses against the previous round's -> [0, 1].
+    """Rewards: a round's losses against the previous round's -> [0, 1].
 
     Receives `register(name, factory)`: `factory(**bindings)` returns an
-    `optima.interfaces.Reward`. Bound called: `distillation.reward = @kd_reward()`.
+    `optima.interfaces.Reward`, called with two `optima.interfaces.RoundLosses`
+    (whole-model totals, per-module sums, the played arm). Bound called:
+    `distillation.reward = @kd_reward()`.
     Returns nothing; every implementation is called (not first-result-wins).
     """
 

@@ -4,9 +4,9 @@ A plugin fills these in; the engine (`optima.engine`) only talks to them:
 
 - `Module`: a named, ordered group of transformer layers of a model.
 - `DistillableModel`: a model split into `Module`s that maps a batch to features.
-- `Reward`: per-round accumulated full-model losses -> a reward in [0, 1].
+- `Reward`: two consecutive rounds' losses (`RoundLosses`) -> a reward in [0, 1].
 - `Policy`: picks an arm each round and learns from its reward.
-- `Loss`: the step objective for the played arm plus the full-model terms.
+- `Loss`: the step objective for the played arm, the whole-model and per-module terms.
 - `Task`: data splits, the task loss and the metric.
 
 `ArmSpace` (the arms over a model's modules) is concrete: see `optima.arms`.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 Batch = Mapping[str, Any]
-# The quantities a round accumulates for the reward: "kd", "hidden", "attn".
+# Loss values by term: "task", "kd", "hidden", "attn".
 LossTerms = Mapping[str, float]
 
 
@@ -133,14 +133,61 @@ class Task(abc.ABC):
         return self.summarize(totals)
 
 
-class Reward(abc.ABC):
-    """Turns the full-model losses of two consecutive rounds into a reward in [0, 1]."""
+@dataclass(frozen=True, eq=True)
+class RoundLosses(Mapping[str, float]):
+    """One round's distillation losses, each summed over the round's steps: what a
+    `Reward` compares.
 
-    #: The loss terms this reward reads, a subset of ("kd", "hidden", "attn").
+    - `total[term]`: the whole model ("task", "kd", and "hidden"/"attn" over every
+      layer when the reward reads them). The object is also a read-only mapping of
+      these totals: `losses["kd"]` is `losses.total["kd"]`.
+    - `per_module[module][term]`: a layer term ("hidden", "attn") summed over one
+      module's layers. Every module has the terms the reward reads; the played
+      arm's modules also have the terms that trained them.
+    - `arm`: the played arm, as the names of its modules (e.g. `("image", "text")`).
+    """
+
+    total: Mapping[str, float]
+    per_module: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    arm: tuple[str, ...] = ()
+
+    def __getitem__(self, term: str) -> float:
+        return self.total[term]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.total)
+
+    def __len__(self) -> int:
+        return len(self.total)
+
+    def of_arm(self, term: str, arm: Sequence[str] | None = None) -> float:
+        """`term` summed over the modules of `arm` (default: the played arm)."""
+        return sum(self.per_module[m][term] for m in (self.arm if arm is None else arm))
+
+    def arm_totals(self) -> dict[str, float]:
+        """The played arm's sums, `{term: of_arm(term)}`, for the layer terms that
+        every module of the arm has."""
+        held = [self.per_module.get(m, {}) for m in self.arm]
+        return {t: self.of_arm(t) for t in (held[0] if held else {}) if all(t in h for h in held)}
+
+    def __repr__(self) -> str:
+        return f"RoundLosses(total={dict(self.total)!r}, per_module={dict(self.per_module)!r}, arm={self.arm!r})"
+
+
+class Reward(abc.ABC):
+    """Turns the losses of two consecutive rounds into a reward in [0, 1].
+
+    `previous` and `current` are `RoundLosses` (whole-model totals, per-module
+    sums, the played arm); `previous` is the last round whose terms were finite
+    (its arm may differ from `current.arm`)."""
+
+    #: The loss terms this reward reads, a subset of ("kd", "hidden", "attn"). The
+    #: loss computes the layer terms among them for every layer (no grad outside
+    #: the arm), so `total` and every module of `per_module` hold them.
     terms: tuple[str, ...]
 
     @abc.abstractmethod
-    def __call__(self, previous: LossTerms, current: LossTerms) -> float: ...
+    def __call__(self, previous: RoundLosses, current: RoundLosses) -> float: ...
 
 
 class Policy(abc.ABC):
@@ -172,8 +219,13 @@ class StepLosses:
 
     #: The objective to back-propagate: task + KD + the played arm's layer losses.
     objective: torch.Tensor
-    #: Full-model values (all layers, no grad) of "kd", "hidden", "attn", plus "task".
+    #: Whole-model values (no grad): "task", "kd", and "hidden"/"attn" summed over
+    #: every layer when computed for every layer (the reward reads them); a layer
+    #: term computed only for some layers is left out, never reported partial.
     full: dict[str, float] = field(default_factory=dict)
+    #: Per module, each layer term computed for all of that module's layers
+    #: (the reward's terms for every module; the played arm's training terms).
+    per_module: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Loss(nn.Module, abc.ABC):
@@ -184,7 +236,9 @@ class Loss(nn.Module, abc.ABC):
     def forward(self, student: "Capture", teacher: "Capture", task_loss: torch.Tensor,
                 arm_layers: frozenset[tuple[str, int]], need: frozenset[str]) -> StepLosses:
         """`arm_layers`: `(module, layer index)` pairs that get layer losses with
-        gradients; `need`: full-model terms the reward reads (others may be skipped)."""
+        gradients; `need`: terms the reward reads, to be computed for every layer
+        (others may be skipped outside the arm). Returns the objective, the
+        whole-model terms and the per-module sums (`StepLosses`)."""
 
 
 @dataclass

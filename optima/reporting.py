@@ -1,12 +1,22 @@
 """Where a run reports to: TensorBoard event files, and whatever the CLI shows.
 
 TensorBoard: one run (sub-directory of `run_dir/tensorboard`) per stage, so the
-teacher and each student show up as separate runs with the same tags:
-- `loss/<term>` and `lr` per step (teacher: task; students: task, kd, hidden,
-  attn; hidden/attn are the full-model values the reward reads),
-- `round/arm` (index), `round/reward`, `round/loss/<term>` per round, at the
-  step the round ended (so they line up with the loss curves),
-- `policy/<stat>/<arm label>` per round (`mean`, `sd`, `count`) and `policy/entropy`,
+teacher and each student show up as separate runs with the same tags. Every tag
+says what it holds, whatever the reward or policy (`docs/plugins.md`, "TensorBoard
+tags"):
+
+- per step: `loss/total/<term>`, the whole model's value (teacher: `task`;
+  students: `task`, `kd`, and `hidden`, `attn` summed over every layer when the
+  reward reads them; a term computed for the arm's layers only is not logged
+  here); `loss/arm/<term>`, the played arm's layers (`hidden`, `attn`); `lr`;
+- per round, at the step the round ended (so they line up with the loss curves),
+  summed over the round's steps: `round/total/<term>`, `round/arm/<term>` and
+  `round/module/<module>/<term>` (as above, and per module); `round/reward`;
+- per round, from the engine for every policy: `plays/arm` (the played arm's
+  index), `plays/count/<arm label>` (plays so far) and `plays/entropy` (nats,
+  of the last `optima.engine.PLAY_ENTROPY_WINDOW` plays);
+- per round, what the policy reports (`Policy.diagnostics`): `policy/<stat>/<arm
+  label>` for a per-arm tensor, `policy/<stat>` for a scalar;
 - `nonfinite/skipped`: the count of steps skipped so far for a NaN or inf loss,
   at each skipped step,
 and a `summary` run with `eval/<network>/<metric>` and the config texts.
@@ -94,17 +104,24 @@ class TensorBoardReporter(Reporter):
         w.add_scalar("lr", lr, step)
 
     def on_round(self, stage, result: RoundResult):
-        w, r = self.writer(stage), result.step
-        w.add_scalar("round/arm", result.arm, r)
+        w, r, losses = self.writer(stage), result.step, result.losses
         if result.reward is not None:
             w.add_scalar("round/reward", result.reward, r)
-        for term, value in result.totals.items():
-            w.add_scalar(f"round/loss/{term}", value, r)
+        for family, values in (("total", losses.total), ("arm", losses.arm_totals()),
+                               *((f"module/{m}", v) for m, v in losses.per_module.items())):
+            for term, value in values.items():
+                w.add_scalar(f"round/{family}/{term}", value, r)
+        labels = self.arm_labels.get(stage, [])
+        w.add_scalar("plays/arm", result.arm, r)
+        if result.plays:
+            w.add_scalar("plays/entropy", result.plays["entropy"], r)
+            for label, count in zip(labels, result.plays["count"]):
+                w.add_scalar(f"plays/count/{label}", count, r)
         for stat, values in result.diagnostics.items():
             if values.dim() == 0:
                 w.add_scalar(f"policy/{stat}", float(values), r)
             else:
-                for label, v in zip(self.arm_labels.get(stage, []), values.tolist()):
+                for label, v in zip(labels, values.tolist()):
                     w.add_scalar(f"policy/{stat}/{label}", v, r)
 
     def on_nonfinite(self, stage, step, term, value, skipped):

@@ -229,7 +229,7 @@ def test_one_distillation_round_with_the_new_heads(tmp_path, which):
     distiller.close()
     assert len(results) == 2 and results[1].reward is not None and 0.0 <= results[1].reward <= 1.0
     for term in ("task", "kd", "hidden", "attn"):
-        assert all(torch.isfinite(torch.tensor(r.totals[term])) and r.totals[term] > 0 for r in results)
+        assert all(torch.isfinite(torch.tensor(r.losses[term])) and r.losses[term] > 0 for r in results)
     assert len(masks) == 4
     if which == "captions":  # KD compares caption tokens only
         assert all(s is t and s.dtype == torch.bool and s.shape[1] == 11 and not s.all() for s, t in masks)

@@ -107,7 +107,7 @@ def test_skip_leaves_the_weights_counts_and_reports(term, value):
     assert (stage, step, bad_term, skipped) == ("student", 3, term, 1) and not math.isfinite(value)
     assert [r.skipped for r in d.history] == [0, 1, 0]
     for r in d.history:  # round 2 is scaled from its one finite step to T = 2 steps
-        assert all(math.isfinite(v) for v in r.totals.values())
+        assert all(math.isfinite(v) for v in r.losses.values())
         assert r.reward is None or 0.0 <= r.reward <= 1.0
     assert d.history[1].reward is not None and d.history[1].note is None
 

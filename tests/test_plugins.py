@@ -320,7 +320,7 @@ def test_the_docs_examples_run_as_plugins():
     reg = registry.load(external=False, plugins=plugins)
     documented = {c.gin_name: c for name, _ in plugins for c in reg.of_plugin(name)}
     assert set(documented) >= {"greedy_policy", "text_only_model", "parity_task", "mean_pool_head",
-                               "round_robin_policy", "hidden_tanh_reward", "no_attention_loss"}
+                               "round_robin_policy", "own_arm_reward", "no_attention_loss"}
     hooks = {h for name, _ in plugins for h in reg.plugins[name].hooks}
     assert hooks == set(HOOKS)
 
@@ -337,6 +337,10 @@ def test_the_docs_examples_run_as_plugins():
         policy.update(arm, 0.5)
         policy.load_state_dict(policy.state_dict())
         assert 0 <= policy.select() < 3
-    assert 0.0 < documented["hidden_tanh_reward"].factory()({"hidden": 2.0}, {"hidden": 1.0}) <= 1.0
+    from optima.interfaces import RoundLosses
+
+    before = RoundLosses({}, {"image": {"hidden": 2.0, "attn": 1.0}, "text": {"hidden": 9.0, "attn": 9.0}}, ("text",))
+    after = RoundLosses({}, {"image": {"hidden": 1.0, "attn": 1.0}, "text": {"hidden": 1.0, "attn": 1.0}}, ("image",))
+    assert documented["own_arm_reward"].factory()(before, after) == pytest.approx((0.5 + 0.0) / 2)
     loss = documented["no_attention_loss"].factory(model.distill_modules(), model.distill_modules())
     assert isinstance(loss, Loss)

@@ -49,16 +49,19 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch):
 
     tb = run / "tensorboard"
     _, teacher_tags = scalars(tb / "teacher")
-    assert "loss/task" in teacher_tags
+    assert "loss/total/task" in teacher_tags
     events, tags = scalars(tb / "student")
-    for term in ("task", "kd", "hidden", "attn"):
-        assert f"loss/{term}" in tags
-    assert {"round/arm", "round/reward", "policy/entropy"} <= tags
+    for term in ("task", "kd", "hidden", "attn"):  # the combined reward reads every layer term
+        assert f"loss/total/{term}" in tags and f"round/total/{term}" in tags
+    for term in ("hidden", "attn"):
+        assert f"loss/arm/{term}" in tags and f"round/arm/{term}" in tags
+        assert {f"round/module/{m}/{term}" for m in ("image", "text", "multimodal")} <= tags
+    assert {"plays/arm", "plays/entropy", "round/reward", "policy/entropy"} <= tags
     for arm in ("image", "text+multimodal", "image+text+multimodal"):
-        assert f"policy/mean/{arm}" in tags and f"policy/count/{arm}" in tags and f"policy/sd/{arm}" in tags
-    assert len(events.Scalars("loss/kd")) == 8  # one per step
-    assert [int(e.value) for e in events.Scalars("round/arm")] == stage["plays"]
-    assert [e.step for e in events.Scalars("round/arm")] == [2, 4, 6, 8]  # at the step each round ended
+        assert f"policy/mean/{arm}" in tags and f"plays/count/{arm}" in tags and f"policy/sd/{arm}" in tags
+    assert len(events.Scalars("loss/total/kd")) == 8  # one per step
+    assert [int(e.value) for e in events.Scalars("plays/arm")] == stage["plays"]
+    assert [e.step for e in events.Scalars("plays/arm")] == [2, 4, 6, 8]  # at the step each round ended
     assert len(events.Scalars("round/reward")) == 3  # no reward in the first round
     _, summary_tags = scalars(tb / "summary")
     assert {"eval/teacher/accuracy", "eval/student/accuracy"} <= summary_tags

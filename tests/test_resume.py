@@ -78,7 +78,7 @@ def _distiller(init_seed: int, layers=(1, 1, 1)) -> Distiller:
 
 
 def _history(d: Distiller):
-    return [(r.round, r.arm, r.reward, r.totals) for r in d.history]
+    return [(r.round, r.arm, r.reward, r.losses) for r in d.history]
 
 
 def test_a_distiller_restored_mid_round_continues_exactly(tmp_path):
@@ -322,11 +322,11 @@ def _assert_tensorboard_shows_each_step_once(run_dir: Path, plays: list[int], te
         return events.Scalars(tag)
 
     if teacher_steps:
-        assert [e.step for e in scalars("teacher", "loss/task")] == list(range(1, teacher_steps + 1))
+        assert [e.step for e in scalars("teacher", "loss/total/task")] == list(range(1, teacher_steps + 1))
     else:  # reused from the cache: nothing logged
         assert not (tb / "teacher").exists()
-    assert [e.step for e in scalars("student", "loss/task")] == list(range(1, 2 * ROUNDS + 1))
-    arms = scalars("student", "round/arm")
+    assert [e.step for e in scalars("student", "loss/total/task")] == list(range(1, 2 * ROUNDS + 1))
+    arms = scalars("student", "plays/arm")
     assert [e.step for e in arms] == list(range(2, 2 * ROUNDS + 1, 2))
     assert [int(e.value) for e in arms] == plays
     assert len(scalars("summary", "eval/student/accuracy")) == 1

@@ -4,8 +4,9 @@
 
 Only the played arm's layers `A` get layer losses with gradients. The other
 layers' losses are computed under `no_grad`, and only when the reward reads them,
-to give the full-model values the reward compares across rounds; so an OPTIMA
-step never costs more than a layerwise step (`bench/step_time.py` measures it).
+to give the whole-model and per-module values the reward compares across rounds;
+so an OPTIMA step never costs more than a layerwise step (`bench/step_time.py`
+measures it). All of a step's values reach the host in one transfer.
 
 Teacher and student may differ in width (the learnable projections), depth (the
 layer map `layer_map`) and token layout (`optima.align`): given each model's
@@ -80,20 +81,30 @@ class OptimaLoss(Loss):
         kd = kd_loss(student.logits, teacher.logits, self.temperature, student.mask)
         objective = task_loss + self.weights["kd"] * kd
         totals = {"task": task_loss.detach(), "kd": kd.detach()}
+        modules: dict[tuple[str, str], torch.Tensor] = {}  # (module, term) -> sum over its layers
+        skipped: set[tuple[str, str]] = set()  # (module, term) with a layer left out
         for term, distance in (("hidden", self._hidden), ("attn", self._attn)):
             total = torch.zeros((), device=task_loss.device)
             for s_key, t_key in self.pairs.items():
                 with_grad = s_key in arm_layers and self.weights[term] > 0
                 if not (with_grad or term in need):
+                    skipped.add((s_key[0], term))
                     continue
                 with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
                     value = distance(student.recorder, teacher.recorder, s_key, t_key)
                 if with_grad:
                     objective = objective + self.weights[term] * value
                 total = total + value.detach()
-            totals[term] = total
-        values = torch.stack(list(totals.values())).tolist()  # one device sync per step
-        return StepLosses(objective=objective, full=dict(zip(totals, values)))
+                key = (s_key[0], term)
+                modules[key] = modules[key] + value.detach() if key in modules else value.detach()
+            if term in need:  # a sum over some layers only is no whole-model value
+                totals[term] = total
+        modules = {k: v for k, v in modules.items() if k not in skipped}
+        values = torch.stack([*totals.values(), *modules.values()]).tolist()  # one device sync per step
+        per_module: dict[str, dict[str, float]] = {}
+        for (module, term), value in zip(modules, values[len(totals):]):
+            per_module.setdefault(module, {})[term] = value
+        return StepLosses(objective=objective, full=dict(zip(totals, values)), per_module=per_module)
 
     def _hidden(self, s_rec, t_rec, s_key, t_key) -> torch.Tensor:
         h_s = self.proj[f"{s_key[0]}_{s_key[1]}"](s_rec.hidden(s_key))

@@ -1,8 +1,8 @@
-"""Rewards of a round: the relative decrement of full-model losses.
+"""Rewards of a round: the relative decrement of the whole model's losses.
 
 See `docs/method.md`, "Reward of a round". For each quantity `Q` the reward reads
-(a subset of "kd", "hidden", "attn"), `Q^t` is its value summed over the steps of
-round `t` (`optima.engine.RoundAccumulator`), and
+(a subset of "kd", "hidden", "attn"), `Q^t` is the whole model's value summed
+over the steps of round `t` (`RoundLosses.total`), and
 
     r_t = (1/|terms|) * sum_Q clip((Q^{t-1} - Q^t) / Q^{t-1}, 0, 1)
 
@@ -21,7 +21,7 @@ import math
 from typing import Sequence
 
 from optima.errors import ConfigError
-from optima.interfaces import LossTerms, Reward
+from optima.interfaces import LossTerms, Reward, RoundLosses
 
 #: The loss terms a reward may read, in their canonical order.
 VALID_TERMS: tuple[str, ...] = ("kd", "hidden", "attn")
@@ -32,8 +32,9 @@ class RelativeDecrementReward(Reward):
 
     `terms` is a non-empty subset of ("kd", "hidden", "attn"); an unknown or
     repeated term raises `ConfigError`. `__call__(previous, current)` takes the
-    round totals of the previous and the current round; a term missing from
-    either mapping, or a non-finite value of a term it reads, raises `ValueError`.
+    losses of the previous and the current round (`RoundLosses`, or any mapping
+    of whole-model totals) and reads their totals; a term missing from either, or
+    a non-finite value of a term it reads, raises `ValueError`.
     """
 
     def __init__(self, terms: Sequence[str]):
@@ -49,7 +50,7 @@ class RelativeDecrementReward(Reward):
             raise ConfigError(f"reward terms must not repeat, got {list(terms)}")
         self.terms: tuple[str, ...] = terms
 
-    def __call__(self, previous: LossTerms, current: LossTerms) -> float:
+    def __call__(self, previous: RoundLosses | LossTerms, current: RoundLosses | LossTerms) -> float:
         total = 0.0
         for term in self.terms:
             prev = _get(previous, term, "previous")

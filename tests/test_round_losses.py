@@ -1,0 +1,225 @@
+"""What a reward sees and TensorBoard shows of a round: whole-model totals,
+per-module sums and the played arm (`optima.interfaces.RoundLosses`), computed
+in the step's one no-grad pass and one device sync, and tags that say which of
+them they hold whatever the reward reads; play counts and entropy for any policy."""
+from __future__ import annotations
+
+import math
+import re
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, TINY_COCA
+from optima.arms import ArmSpace
+from optima.checkpoint import CheckpointManager
+from optima.engine import BatchStream, Distiller, Network, play_stats
+from optima.experiment import linear_warmup_decay, param_groups
+from optima.interfaces import Policy, Reward, RoundLosses
+from optima.plugins.heads.vl_heads import attentional_pooler_head
+from optima.plugins.losses.optima_loss import optima_loss
+from optima.plugins.models.coca import coca_model
+from optima.plugins.policies.paper import FixedPolicy
+from optima.plugins.rewards.loss_decrement import combined_reward, kd_reward
+from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
+from optima.reporting import TensorBoardReporter
+
+MODULES = ("image", "text", "multimodal")
+
+
+class Recording(Reward):
+    """Test-only: wraps a reward and keeps what it was called with."""
+
+    def __init__(self, inner: Reward):
+        self.inner, self.terms, self.calls = inner, inner.terms, []
+
+    def __call__(self, previous, current):
+        self.calls.append((previous, current))
+        return self.inner(previous, current)
+
+
+class Cycle(Policy):
+    """Test-only: a policy without diagnostics, playing every arm in turn."""
+
+    def __init__(self, num_arms, seed=0):
+        self.num_arms, self.selected = num_arms, 0
+
+    def select(self):
+        self.selected += 1
+        return (self.selected - 1) % self.num_arms
+
+    def update(self, arm, reward):
+        pass
+
+    def state_dict(self):
+        return {"selected": self.selected}
+
+    def load_state_dict(self, state):
+        self.selected = int(state["selected"])
+
+
+def distiller(reward: Reward, policy=None, rounds=3, callbacks=()) -> Distiller:
+    torch.manual_seed(0)
+    task = SyntheticVisualEntailment(image_size=32, context_length=12, train_size=32, val_size=0, test_size=8)
+    t_model, s_model = coca_model(TINY_COCA), coca_model(TINY_COCA, layers=(1, 1, 1))
+    teacher = Network(t_model, attentional_pooler_head(t_model, task))
+    student = Network(s_model, attentional_pooler_head(s_model, task))
+    loss = optima_loss(s_model.distill_modules(), t_model.distill_modules())
+    arms = ArmSpace(s_model.module_names(), [["image"], ["text", "multimodal"], ["multimodal"]])
+    opt = torch.optim.AdamW(param_groups([student.model], [student.head, loss], None), lr=1e-3)
+    return Distiller(teacher=teacher, student=student, task=task, loss=loss, arms=arms,
+                     policy=policy or FixedPolicy(len(arms), arm=1), reward=reward, optimizer=opt,
+                     scheduler=linear_warmup_decay(opt, 2 * rounds),
+                     stream=BatchStream(task, "train", 8, 1, torch.device("cpu")), steps_per_round=2, rounds=rounds,
+                     device=torch.device("cpu"), callbacks=list(callbacks))
+
+
+def test_a_reward_gets_each_rounds_losses_per_module_and_the_played_arm():
+    reward = Recording(combined_reward())
+    d = distiller(reward, policy=Cycle(3))
+    d.run()
+    assert len(reward.calls) == 2  # rounds 2 and 3
+    (p1, c1), (p2, c2) = reward.calls
+    assert (p1.arm, c1.arm, c2.arm) == (("image",), ("text", "multimodal"), ("multimodal",))
+    assert p2 is c1 and c1 is d.history[1].losses  # previous is the last round, as played
+    for losses in (p1, c1, c2):
+        assert isinstance(losses, RoundLosses) and set(losses.total) == {"task", "kd", "hidden", "attn"}
+        assert set(losses.per_module) == set(MODULES)  # the reward reads hidden and attn: every module has them
+        for term in ("hidden", "attn"):
+            assert all(losses.per_module[m][term] > 0 for m in MODULES)
+            assert losses[term] == pytest.approx(sum(losses.per_module[m][term] for m in MODULES), rel=1e-5)
+        assert losses.arm_totals() == {t: losses.of_arm(t) for t in ("hidden", "attn")}
+    # today's reward, unchanged: the relative decrement of the whole model's totals
+    expected = sum(max(0.0, (p1[t] - c1[t]) / p1[t]) for t in ("kd", "hidden", "attn")) / 3
+    assert d.history[1].reward == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_reward_that_reads_no_layer_term_gets_the_arms_modules_only_and_no_partial_total():
+    reward = Recording(kd_reward())
+    d = distiller(reward)
+    d.run(2)
+    previous, current = reward.calls[0]
+    assert set(current.total) == {"task", "kd"}  # hidden/attn are computed for the arm's layers only
+    assert set(current.per_module) == {"text", "multimodal"} == set(current.arm)
+    assert current.of_arm("hidden") > 0
+
+
+def test_the_losses_are_computed_with_one_device_sync_per_step(monkeypatch):
+    """`tolist`, `item` and `float()` are where a tensor's value reaches the host;
+    the loss makes exactly one such transfer per step, per-module sums included."""
+    d = distiller(combined_reward())
+    syncs = []
+    for name in ("tolist", "item", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: syncs.append(_n) or _o(self, *a))
+    forward = d.loss.forward
+    per_call = []
+
+    def counted(*args):
+        before = len(syncs)
+        out = forward(*args)
+        per_call.append(syncs[before:])
+        return out
+
+    monkeypatch.setattr(d.loss, "forward", counted)
+    d.run(1)
+    assert per_call == [["tolist"], ["tolist"]]
+
+
+def test_round_losses_survive_a_checkpoint_exactly(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    d = distiller(combined_reward(), policy=Cycle(3))
+    d.run(after_step=lambda d: d.step == 5 and manager.save({"loop": d.state_dict()}, step=d.step, round=d.round))
+    restored = distiller(combined_reward(), policy=Cycle(3))
+    restored.load_state_dict(manager.latest().state["loop"])
+    assert restored.previous == d.history[1].losses and restored.previous.arm == ("text", "multimodal")
+    assert [r.losses for r in restored.history] == [r.losses for r in d.history[:2]]
+    restored.run()
+    assert [r.losses for r in restored.history] == [r.losses for r in d.history]  # bit for bit, per module too
+
+
+def _scalars(log_dir: Path):
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("reward", [kd_reward, combined_reward])
+def test_tensorboard_tags_say_what_they_hold_whatever_the_reward_reads(tmp_path, reward):
+    tb = TensorBoardReporter(str(tmp_path))
+    d = distiller(reward(), policy=Cycle(3), callbacks=[tb])
+    tb.on_arms("student", d.arms.labels())
+    d.run()
+    tb.close()
+    tags = _scalars(tmp_path / "student")
+    reads_layers = reward is combined_reward
+    for term in ("hidden", "attn"):
+        # whole-model totals: always the whole model, or not logged at all
+        assert (f"round/total/{term}" in tags) == reads_layers and (f"loss/total/{term}" in tags) == reads_layers
+        arm_values = [v for _, v in tags[f"round/arm/{term}"]]
+        assert len(arm_values) == 3
+        for r, value in zip(d.history, arm_values):
+            assert value == pytest.approx(sum(r.losses.per_module[m][term] for m in r.losses.arm), rel=1e-6)
+            logged = {m for m in MODULES if r.step in dict(tags.get(f"round/module/{m}/{term}", []))}
+            assert logged == (set(MODULES) if reads_layers else set(r.losses.arm))
+        assert len(tags[f"loss/arm/{term}"]) == 6  # one per step
+        if reads_layers:  # the total is the sum over modules, never one arm's share
+            for (_, total), r in zip(tags[f"round/total/{term}"], d.history):
+                assert total == pytest.approx(sum(r.losses.per_module[m][term] for m in MODULES), rel=1e-5)
+                assert total > r.losses.of_arm(term) * 1.01
+    assert [v for _, v in tags["round/total/kd"]] == pytest.approx([r.losses["kd"] for r in d.history])
+
+
+def test_play_counts_and_entropy_are_logged_for_a_policy_that_reports_nothing(tmp_path):
+    tb = TensorBoardReporter(str(tmp_path))
+    d = distiller(kd_reward(), policy=Cycle(3), rounds=4, callbacks=[tb])
+    tb.on_arms("student", d.arms.labels())
+    d.run()
+    tb.close()
+    tags = _scalars(tmp_path / "student")
+    assert not any(t.startswith("policy/") for t in tags)
+    assert [v for _, v in tags["plays/arm"]] == [0, 1, 2, 0]
+    assert [v for _, v in tags["plays/count/image"]] == [1, 1, 1, 2]
+    assert [v for _, v in tags["plays/count/text+multimodal"]] == [0, 1, 1, 1]
+    entropy = [v for _, v in tags["plays/entropy"]]
+    assert entropy == pytest.approx([0.0, math.log(2), math.log(3), -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))])
+
+
+def test_play_stats_counts_all_plays_and_takes_the_entropy_of_the_recent_ones():
+    assert play_stats([], 3) == {"count": [0, 0, 0], "entropy": 0.0}
+    stats = play_stats([2] * 30 + [0, 1], 3, window=2)
+    assert stats["count"] == [1, 1, 30] and stats["entropy"] == pytest.approx(math.log(2))
+
+
+# --- the arm-aware reward of docs/plugins.md, run from the docs' text ------------------
+
+def _docs_reward_module():
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    section = text.split("### optima_register_rewards", 1)[1].split("\n### ", 1)[0]
+    source = next(b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "@hookimpl" in b)
+    module = types.ModuleType("docs_own_arm_reward")
+    exec(compile(source, "docs/plugins.md (optima_register_rewards)", "exec"), module.__dict__)
+    return module
+
+
+def test_the_docs_arm_aware_reward_rewards_the_played_arms_own_losses():
+    from optima import registry
+
+    module = _docs_reward_module()
+    reg = registry.load(external=False, plugins=[("docs_reward", module)])
+    reward = Recording(reg.components["own_arm_reward"].factory())
+    d = distiller(reward, policy=Cycle(3))
+    d.run()
+    for r, (previous, current) in zip(d.history[1:], reward.calls):
+        falls = []
+        for term in ("hidden", "attn"):
+            before = sum(previous.per_module[m][term] for m in r.losses.arm)
+            after = sum(current.per_module[m][term] for m in r.losses.arm)
+            falls.append(min(1.0, max(0.0, (before - after) / before)))
+        assert r.reward == pytest.approx(sum(falls) / 2, abs=1e-12)
+        # not the whole model's fall: the modules outside the arm do not count
+        whole = sum(max(0.0, (previous[t] - current[t]) / previous[t]) for t in ("hidden", "attn")) / 2
+        assert r.reward != pytest.approx(whole, abs=1e-6)
