@@ -16,6 +16,7 @@ def optima_register_tasks(register):
     from optima.plugins.tasks.nlvr2 import Nlvr2
     from optima.plugins.tasks.snli_ve import SnliVe
     from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
+    from optima.plugins.tasks.synthetic_world import tasks as world
     from optima.plugins.tasks.vqa import Vqa
 
     register("synthetic_ve", SyntheticVisualEntailment)
@@ -23,6 +24,10 @@ def optima_register_tasks(register):
     register("vqa", Vqa)
     register("nlvr2", Nlvr2)
     register("coco_captions", CocoCaptions)
+    register("world_ve", world.WorldEntailment)
+    register("world_vqa", world.WorldVqa)
+    register("world_nlvr2", world.WorldNlvr2)
+    register("world_captions", world.WorldCaptions)
 
 
 @hookimpl

@@ -50,75 +50,16 @@ DEFAULT_MAX_CAPTION_LENGTH = 30
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
-class CocoCaptions(VLTask):
-    """COCO captioning (Karpathy split): image -> caption."""
+class CaptioningTask:
+    """What every captioning task shares (mixed into a `Task` that sets `tokenizer`,
+    with the interface of `vl_data.Tokenizer`, and `max_caption_length`): CoCa's
+    captioning loss over the next tokens, padding ignored; KD over the caption's
+    tokens (`logit_mask`); teacher-forced token accuracy as the batch metric; and
+    `evaluate` by greedy decoding and CIDEr-D against each image's references
+    (batch keys `image`, `text`, `labels`, `references`)."""
 
-    name = "coco_captions_task"
-    dataset = "the Karpathy COCO split (dataset_coco.json) and the COCO 2014 images"
-
-    def __init__(self, *, data_dir: str, image_dir: str | None = None, image_size: int = 224,
-                 context_length: int = 76, annotation_file: str = "dataset_coco.json",
-                 max_caption_length: int | None = None, augment: bool = True, load_threads: int = 8):
-        if context_length < 3:
-            raise ConfigError(f"coco_captions_task.context_length must be >= 3, got {context_length}")
-        if max_caption_length is None:
-            max_caption_length = min(DEFAULT_MAX_CAPTION_LENGTH, context_length - 1)
-        if not 1 <= max_caption_length <= context_length - 1:
-            # the decoder input at the last step is start-of-text + max_caption_length - 1 tokens,
-            # at most as long as the training input (context_length - 1 tokens)
-            raise ConfigError(f"coco_captions_task.max_caption_length must be in 1..context_length - 1 = "
-                              f"{context_length - 1}, got {max_caption_length}")
-        self.annotation_file = annotation_file
-        self.max_caption_length = int(max_caption_length)
-        super().__init__(data_dir=data_dir, image_dir=image_dir, image_size=image_size,
-                         context_length=context_length, augment=augment, load_threads=load_threads)
-        self.num_outputs = self.tokenizer.vocab_size
-        self._images: list[dict] | None = None
-
-    # -- files ---------------------------------------------------------------
-
-    def annotation_files(self, split: str) -> list[tuple[str, str]]:
-        return [(os.path.join(self.data_dir, self.annotation_file), f"{self.name}.data_dir")]
-
-    def image_folders(self) -> list[str]:
-        return [os.path.join(self.image_dir, d) for d in ("train2014", "val2014")]
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "annotation_file": self.annotation_file,
-                "max_caption_length": self.max_caption_length}
-
-    def _parse(self, split: str) -> list[Record]:
-        (path, binding), = self.annotation_files(split)
-        if self._images is None:  # one file for all splits: read it once
-            self._images = field_of(read_json(path, binding), "images", path, "the file")
-        records = []
-        for n, im in enumerate(self._images):
-            if field_of(im, "split", path, f"image {n}") not in KARPATHY_SPLITS[split]:
-                continue
-            where = f"image {n}"
-            raw = tuple(str(field_of(s, "raw", path, f"a sentence of {where}")).strip()
-                        for s in field_of(im, "sentences", path, where))
-            if not raw:
-                raise ConfigError(f"{path}: {where} has no sentences")
-            file = os.path.join(self.image_dir, str(field_of(im, "filepath", path, where)),
-                                str(field_of(im, "filename", path, where)))
-            image_id = int(im.get("cocoid", im.get("imgid", n)))
-            records.append(Record((file,), raw[0], raw, {"image_id": image_id,
-                                                         "references": [simple_tokenize(r) for r in raw]}))
-        if all(s in self._records or s == split for s in KARPATHY_SPLITS):
-            self._images = None  # every split parsed: drop the raw json
-        return records
-
-    def _collate(self, records: Sequence[Record], split: str, generator: torch.Generator) -> dict[str, Any]:
-        # one caption per image, drawn from the batch's generator (seeded from the epoch's seed)
-        picks = [r.target[int(torch.randint(len(r.target), (1,), generator=generator))] for r in records]
-        tokens = self.tokenizer(picks)
-        return {"image": self.load_images([r.images[0] for r in records], split == "train", generator),
-                "text": tokens[:, :-1], "labels": tokens[:, 1:],
-                "image_id": torch.tensor([r.meta["image_id"] for r in records], dtype=torch.long),
-                "references": [list(r.meta["references"]) for r in records]}
-
-    # -- Task ----------------------------------------------------------------
+    tokenizer: Any
+    max_caption_length: int
 
     def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
         labels = batch["labels"]
@@ -189,6 +130,75 @@ class CocoCaptions(VLTask):
                 seq.append(t)
             out.append(seq)
         return out
+
+
+class CocoCaptions(CaptioningTask, VLTask):
+    """COCO captioning (Karpathy split): image -> caption."""
+
+    name = "coco_captions_task"
+    dataset = "the Karpathy COCO split (dataset_coco.json) and the COCO 2014 images"
+
+    def __init__(self, *, data_dir: str, image_dir: str | None = None, image_size: int = 224,
+                 context_length: int = 76, annotation_file: str = "dataset_coco.json",
+                 max_caption_length: int | None = None, augment: bool = True, load_threads: int = 8):
+        if context_length < 3:
+            raise ConfigError(f"coco_captions_task.context_length must be >= 3, got {context_length}")
+        if max_caption_length is None:
+            max_caption_length = min(DEFAULT_MAX_CAPTION_LENGTH, context_length - 1)
+        if not 1 <= max_caption_length <= context_length - 1:
+            # the decoder input at the last step is start-of-text + max_caption_length - 1 tokens,
+            # at most as long as the training input (context_length - 1 tokens)
+            raise ConfigError(f"coco_captions_task.max_caption_length must be in 1..context_length - 1 = "
+                              f"{context_length - 1}, got {max_caption_length}")
+        self.annotation_file = annotation_file
+        self.max_caption_length = int(max_caption_length)
+        super().__init__(data_dir=data_dir, image_dir=image_dir, image_size=image_size,
+                         context_length=context_length, augment=augment, load_threads=load_threads)
+        self.num_outputs = self.tokenizer.vocab_size
+        self._images: list[dict] | None = None
+
+    # -- files ---------------------------------------------------------------
+
+    def annotation_files(self, split: str) -> list[tuple[str, str]]:
+        return [(os.path.join(self.data_dir, self.annotation_file), f"{self.name}.data_dir")]
+
+    def image_folders(self) -> list[str]:
+        return [os.path.join(self.image_dir, d) for d in ("train2014", "val2014")]
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "annotation_file": self.annotation_file,
+                "max_caption_length": self.max_caption_length}
+
+    def _parse(self, split: str) -> list[Record]:
+        (path, binding), = self.annotation_files(split)
+        if self._images is None:  # one file for all splits: read it once
+            self._images = field_of(read_json(path, binding), "images", path, "the file")
+        records = []
+        for n, im in enumerate(self._images):
+            if field_of(im, "split", path, f"image {n}") not in KARPATHY_SPLITS[split]:
+                continue
+            where = f"image {n}"
+            raw = tuple(str(field_of(s, "raw", path, f"a sentence of {where}")).strip()
+                        for s in field_of(im, "sentences", path, where))
+            if not raw:
+                raise ConfigError(f"{path}: {where} has no sentences")
+            file = os.path.join(self.image_dir, str(field_of(im, "filepath", path, where)),
+                                str(field_of(im, "filename", path, where)))
+            image_id = int(im.get("cocoid", im.get("imgid", n)))
+            records.append(Record((file,), raw[0], raw, {"image_id": image_id,
+                                                         "references": [simple_tokenize(r) for r in raw]}))
+        if all(s in self._records or s == split for s in KARPATHY_SPLITS):
+            self._images = None  # every split parsed: drop the raw json
+        return records
+
+    def _collate(self, records: Sequence[Record], split: str, generator: torch.Generator) -> dict[str, Any]:
+        # one caption per image, drawn from the batch's generator (seeded from the epoch's seed)
+        picks = [r.target[int(torch.randint(len(r.target), (1,), generator=generator))] for r in records]
+        tokens = self.tokenizer(picks)
+        return {"image": self.load_images([r.images[0] for r in records], split == "train", generator),
+                "text": tokens[:, :-1], "labels": tokens[:, 1:],
+                "image_id": torch.tensor([r.meta["image_id"] for r in records], dtype=torch.long),
+                "references": [list(r.meta["references"]) for r in records]}
 
 
 def cider(references: Mapping[Any, Sequence[str]], candidates: Mapping[Any, Sequence[str]]) -> float:

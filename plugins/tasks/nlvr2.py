@@ -106,15 +106,24 @@ class Nlvr2(VLTask):
                 "label": torch.tensor([r.target for r in records], dtype=torch.long)}
 
     def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
-        _check_pairs(logits, batch)
-        return F.cross_entropy(logits, batch["label"])
+        return pair_loss(logits, batch)
 
     def metric(self, logits: torch.Tensor, batch) -> dict[str, float]:
-        _check_pairs(logits, batch)
-        return accuracy_sums(logits, batch["label"])
+        return pair_accuracy_sums(logits, batch)
 
     def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
         return summarize_accuracy(totals)
+
+
+def pair_loss(logits: torch.Tensor, batch) -> torch.Tensor:
+    """Cross-entropy of one prediction per image pair."""
+    _check_pairs(logits, batch)
+    return F.cross_entropy(logits, batch["label"])
+
+
+def pair_accuracy_sums(logits: torch.Tensor, batch) -> dict[str, float]:
+    _check_pairs(logits, batch)
+    return accuracy_sums(logits, batch["label"])
 
 
 def _stem(file: str) -> str:

@@ -226,18 +226,30 @@ class Vqa(VLTask):
     # -- Task ----------------------------------------------------------------
 
     def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
-        target = batch["target"]
-        # mean over (batch, answers) x answers = sum over answers, mean over batch
-        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype)) * target.shape[1]
+        return soft_score_loss(logits, batch["target"])
 
     def metric(self, logits: torch.Tensor, batch) -> dict[str, float]:
-        target = batch["target"]
-        score = target.gather(1, logits.argmax(-1, keepdim=True)).sum()
-        return {"score": float(score.item()), "count": float(target.shape[0])}
+        return soft_score_sums(logits, batch["target"])
 
     def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
-        count = float(totals.get("count", 0.0))
-        return {"accuracy": float(totals["score"]) / count if count > 0 else float("nan")}
+        return summarize_soft_scores(totals)
+
+
+def soft_score_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on soft scores `(B, num_answers)`, summed over answers, mean over the batch."""
+    # mean over (batch, answers) x answers = sum over answers, mean over batch
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype)) * target.shape[1]
+
+
+def soft_score_sums(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Sum of the soft score of each argmax answer (VQA accuracy), and the count."""
+    score = target.gather(1, logits.argmax(-1, keepdim=True)).sum()
+    return {"score": float(score.item()), "count": float(target.shape[0])}
+
+
+def summarize_soft_scores(totals: Mapping[str, float]) -> dict[str, float]:
+    count = float(totals.get("count", 0.0))
+    return {"accuracy": float(totals["score"]) / count if count > 0 else float("nan")}
 
 
 def answer_vocabulary(annotations, num_answers: int, path: str = "annotations") -> tuple[str, ...]:
@@ -249,4 +261,5 @@ def answer_vocabulary(annotations, num_answers: int, path: str = "annotations") 
     return tuple(a for a, _ in ranked[:num_answers])
 
 
-__all__ = ["Vqa", "normalize_answer", "vqa_score", "soft_scores", "answer_vocabulary"]
+__all__ = ["Vqa", "normalize_answer", "vqa_score", "soft_scores", "answer_vocabulary", "soft_score_loss",
+           "soft_score_sums", "summarize_soft_scores"]
