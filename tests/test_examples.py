@@ -88,7 +88,7 @@ def test_audio_model_has_four_modules_all_recorded(from_source):
     hidden, (attn,) = recorded[("audio", 1)]
     assert hidden.shape == (3, 16, 32) and attn.shape == (3, 16, 16)
     # the decoder cross-attends to the image tokens and the 16 audio tokens
-    image_tokens = model.coca.encode(batch)[0].shape[1]
+    image_tokens = model.coca.encode_image(batch["image"]).shape[1]
     _, (_, cross_attn) = recorded[("multimodal", 0)]
     assert cross_attn.shape[-1] == image_tokens + 16
     with pytest.raises(ConfigError, match="needs 4 counts"):

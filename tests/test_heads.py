@@ -123,8 +123,7 @@ def test_caption_head_shares_the_models_projection(tmp_path):
     assert logits.shape == (3, 11, 49408)
     assert torch.allclose(logits, feats @ model.coca.text_decoder.text_projection, atol=1e-5)
     # the same as open_clip's own decoder output (its vocabulary logits)
-    _, image_embs = model.coca._encode_image(batch["image"])
-    _, token_embs = model.coca._encode_text(batch["text"])
+    image_embs, token_embs = model.encode_image(batch["image"]), model.encode_text(batch["text"])
     assert torch.allclose(logits, model.coca.text_decoder(image_embs, token_embs), atol=1e-4)
 
 

@@ -5,15 +5,13 @@ them they hold whatever the reward reads; play counts and entropy for any policy
 from __future__ import annotations
 
 import math
-import re
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY_COCA
+from conftest import TINY_COCA
 from optima.arms import ArmSpace
 from optima.checkpoint import CheckpointManager
 from optima.engine import BatchStream, Distiller, Network, play_stats
@@ -192,34 +190,3 @@ def test_play_stats_counts_all_plays_and_takes_the_entropy_of_the_recent_ones():
     assert play_stats([], 3) == {"count": [0, 0, 0], "entropy": 0.0}
     stats = play_stats([2] * 30 + [0, 1], 3, window=2)
     assert stats["count"] == [1, 1, 30] and stats["entropy"] == pytest.approx(math.log(2))
-
-
-# --- the arm-aware reward of docs/plugins.md, run from the docs' text ------------------
-
-def _docs_reward_module():
-    text = (ROOT / "docs" / "plugins.md").read_text()
-    section = text.split("### optima_register_rewards", 1)[1].split("\n### ", 1)[0]
-    source = next(b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "@hookimpl" in b)
-    module = types.ModuleType("docs_own_arm_reward")
-    exec(compile(source, "docs/plugins.md (optima_register_rewards)", "exec"), module.__dict__)
-    return module
-
-
-def test_the_docs_arm_aware_reward_rewards_the_played_arms_own_losses():
-    from optima import registry
-
-    module = _docs_reward_module()
-    reg = registry.load(external=False, plugins=[("docs_reward", module)])
-    reward = Recording(reg.components["own_arm_reward"].factory())
-    d = distiller(reward, policy=Cycle(3))
-    d.run()
-    for r, (previous, current) in zip(d.history[1:], reward.calls):
-        falls = []
-        for term in ("hidden", "attn"):
-            before = sum(previous.per_module[m][term] for m in r.losses.arm)
-            after = sum(current.per_module[m][term] for m in r.losses.arm)
-            falls.append(min(1.0, max(0.0, (before - after) / before)))
-        assert r.reward == pytest.approx(sum(falls) / 2, abs=1e-12)
-        # not the whole model's fall: the modules outside the arm do not count
-        whole = sum(max(0.0, (previous[t] - current[t]) / previous[t]) for t in ("hidden", "attn")) / 2
-        assert r.reward != pytest.approx(whole, abs=1e-6)

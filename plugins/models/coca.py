@@ -8,6 +8,10 @@
   (`text_decoder.cross_attn[i]`); the layer's hidden state is the cross block's
   output and both attentions are matched.
 
+A model that adds a module to CoCa (video, audio...) extends `CoCaExtension`
+and builds on `CoCaModel`'s public `encode_image`, `encode_text`, `decode` and
+`memory_width` (docs/plugins.md, "Adding a module to CoCa").
+
 Token layouts (`CoCaModel.token_layout`, see `optima.align`): the image module is
 one class token followed by the patch grid, so a teacher with smaller patches
 (ViT-L/14: 16x16) is pooled onto the student's grid (ViT-B/32: 7x7); text and
@@ -21,6 +25,7 @@ of the source, everything else (embeddings, poolers, norms, projections) copied.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import os
@@ -82,6 +87,17 @@ class CoCaModel(DistillableModel):
     """Wraps an `open_clip.coca_model.CoCa`; `forward` returns the multimodal
     decoder's normalised token features `(B, L, width)`.
 
+    Its public parts are what a model that extends CoCa builds on (see
+    `CoCaExtension` and docs/plugins.md, "Adding a module to CoCa"):
+
+    - `encode_image(images)`: the image tokens the decoder attends to,
+    - `encode_text(text)`: the unimodal text tokens that enter the decoder,
+    - `decode(memory, text_tokens)`: the multimodal decoder over any memory
+      tokens of width `memory_width`,
+    - `memory_width`, `feature_dim`, `distill_modules()`, `token_layout(module)`,
+      `vocab_projection()`.
+
+    `forward(batch)` is `decode(encode_image(batch["image"]), encode_text(batch["text"]))`.
     The decoder loop is spelled out (as in open_clip's `MultimodalTransformer`)
     to stop before the vocabulary projection, which classification does not use.
     """
@@ -103,6 +119,13 @@ class CoCaModel(DistillableModel):
 
     def distill_modules(self) -> Sequence[Module]:
         return self._modules_spec
+
+    @property
+    def memory_width(self) -> int:
+        """The width of the decoder's memory tokens (its cross-attention keys and
+        values): what `decode` takes, so what a new module's tokens are projected to.
+        open_clip's decoder cross-attends at its own width, `multimodal_cfg.width`."""
+        return self.coca.text_decoder.width
 
     def token_layout(self, module: str) -> dict[str, Any] | None:
         """How `module`'s tokens are laid out, for `optima.align`:
@@ -129,26 +152,88 @@ class CoCaModel(DistillableModel):
                             "patches one to one, so both models need the same patch grid"}
         raise ConfigError(f"CoCa has no module {module!r}; its modules are {', '.join(MODULES)}")
 
-    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image tokens for the decoder `(B, N, w)` and text tokens `(B, L, w)`."""
-        _, image_embs = self.coca._encode_image(batch["image"])
-        _, token_embs = self.coca._encode_text(batch["text"])
-        return image_embs, token_embs
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` -> the tokens the decoder attends to `(B, N, memory_width)`
+        (with an attentional pooler its outputs, less the one kept for the contrastive
+        embedding: `N = attn_pooler_queries - 1`; without one, the patch tokens).
+        Runs the `image` module's layers."""
+        return self.coca._encode_image(images)[1]
 
-    def decode(self, image_embs: torch.Tensor, token_embs: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Token ids `(B, L)` -> the unimodal text tokens that enter the decoder
+        `(B, L, width)` (CoCa's appended class token excluded). Runs the `text` module's layers."""
+        return self.coca._encode_text(text)[1]
+
+    def decode(self, memory: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """The multimodal decoder: `text_tokens` `(B, L, width)` (from `encode_text`)
+        attend causally to themselves and across to `memory` `(B, M, memory_width)`,
+        any number `M` of tokens from any modules (`encode_image`'s, a new module's,
+        or both concatenated on dim 1). Returns normalised features `(B, L,
+        feature_dim)`. Runs the `multimodal` module's layers."""
+        if memory.shape[-1] != self.memory_width:
+            raise ConfigError(f"CoCaModel.decode: memory tokens of width {memory.shape[-1]}, but the decoder "
+                              f"cross-attends at memory_width = {self.memory_width}; project a new module's "
+                              f"tokens to model.memory_width")
         dec = self.coca.text_decoder
-        x, n = token_embs, token_embs.shape[1]
+        x, n = text_tokens, text_tokens.shape[1]
         for self_block, cross_block in zip(dec.resblocks, dec.cross_attn):
             x = self_block(x, attn_mask=dec.attn_mask[:n, :n])
-            x = cross_block(x, k_x=image_embs, v_x=image_embs)
+            x = cross_block(x, k_x=memory, v_x=memory)
         return dec.ln_final(x)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.decode(*self.encode(batch))
+        return self.decode(self.encode_image(batch["image"]), self.encode_text(batch["text"]))
 
     def vocab_projection(self) -> nn.Parameter:
         """The decoder's `(width, vocab)` output projection (for captioning heads)."""
         return self.coca.text_decoder.text_projection
+
+
+class CoCaExtension(DistillableModel):
+    """Base of a model that is CoCa plus modules of its own (video, audio, depth...):
+    CoCa's three modules first, then `new_modules()`, so the arms cover all of them.
+
+    A subclass calls `super().__init__(coca)` with a `CoCaModel` (from
+    `coca_model(...)`), builds its modules, and implements:
+
+    - `new_modules()`: its `Module`s (named layers: a block whose output is the
+      hidden state `(B, T, w)`, and its batch-first `nn.MultiheadAttention`s);
+    - `forward(batch)`: usually `self.coca.decode(memory, self.coca.encode_text(...))`
+      with the new module's tokens, projected to `self.coca.memory_width`, in the
+      memory (in place of `encode_image`'s tokens, or concatenated with them);
+    - optionally `new_token_layout(module)` (default None: teacher and student
+      tokens matched one to one, so both need the same token count).
+
+    Inherited: `feature_dim`, `distill_modules()`, `token_layout(module)` (CoCa's
+    for its modules), `vocab_projection()` (caption heads) and `checkpoints`
+    (reported by `--dry-run`). The decoder cross-attends to every memory token,
+    so a teacher and student must give it the same number of them.
+    """
+
+    def __init__(self, coca: CoCaModel):
+        super().__init__()
+        if not isinstance(coca, CoCaModel):
+            raise ConfigError(f"{type(self).__name__} extends a CoCaModel (from coca_model), got {type(coca).__name__}")
+        self.coca = coca
+        self.feature_dim = coca.feature_dim
+        self.checkpoints = coca.checkpoints
+
+    @abc.abstractmethod
+    def new_modules(self) -> Sequence[Module]:
+        """The modules this model adds to CoCa's, in a fixed order."""
+
+    def new_token_layout(self, module: str) -> dict[str, Any] | None:
+        """The token layout of one of `new_modules()` (see `optima.align`); None: one to one."""
+        return None
+
+    def distill_modules(self) -> Sequence[Module]:
+        return (*self.coca.distill_modules(), *self.new_modules())
+
+    def token_layout(self, module: str) -> dict[str, Any] | None:
+        return self.coca.token_layout(module) if module in MODULES else self.new_token_layout(module)
+
+    def vocab_projection(self) -> nn.Parameter:
+        return self.coca.vocab_projection()
 
 
 def coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", overrides: Mapping[str, Any] | None = None,

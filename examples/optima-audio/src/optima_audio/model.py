@@ -20,8 +20,8 @@ from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
 
 from optima.errors import ConfigError
-from optima.interfaces import Batch, DistillableModel, Layer, Module
-from optima.plugins.models.coca import CoCaModel, coca_model
+from optima.interfaces import Batch, Layer, Module
+from optima.plugins.models.coca import CoCaExtension, CoCaModel, coca_model
 
 MODULES = ("image", "text", "multimodal", "audio")
 
@@ -94,26 +94,21 @@ class AudioEncoder(nn.Module):
         return self.proj(self.ln_post(self.transformer(x)))  # (B, T, out_dim)
 
 
-class AudioCoCaModel(DistillableModel):
+class AudioCoCaModel(CoCaExtension):
     """CoCa (image, text, multimodal) plus an `audio` module; `forward` returns the
     multimodal decoder's token features `(B, L, width)`, as `CoCaModel` does."""
 
     def __init__(self, coca: CoCaModel, audio: AudioEncoder):
-        super().__init__()
-        self.coca, self.audio = coca, audio
-        self.feature_dim = coca.feature_dim
-        self._modules_spec = (
-            *coca.distill_modules(),
-            Module("audio", tuple(Layer(b, (b.attn,)) for b in audio.transformer.resblocks)),
-        )
+        super().__init__(coca)
+        self.audio = audio
+        self._audio = Module("audio", tuple(Layer(b, (b.attn,)) for b in audio.transformer.resblocks))
 
-    def distill_modules(self) -> Sequence[Module]:
-        return self._modules_spec
+    def new_modules(self) -> Sequence[Module]:
+        return (self._audio,)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        image_embs, token_embs = self.coca.encode(batch)
-        memory = torch.cat([image_embs, self.audio(batch["audio"])], dim=1)  # (B, N + T, w)
-        return self.coca.decode(memory, token_embs)
+        memory = torch.cat([self.coca.encode_image(batch["image"]), self.audio(batch["audio"])], dim=1)  # (B, N + T, w)
+        return self.coca.decode(memory, self.coca.encode_text(batch["text"]))
 
 
 def audio_coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", layers: Sequence[int] | None = None,
@@ -135,7 +130,7 @@ def audio_coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", layers: Se
                           f"got {list(layers)}")
     coca = coca_model(arch, overrides=overrides, layers=None if layers is None else tuple(layers[:3]),
                       pretrained=pretrained)
-    width = coca.coca.text_decoder.width
+    width = coca.memory_width
     audio = AudioEncoder(width, audio_width or width, 2 if layers is None else int(layers[3]), audio_heads,
                          sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels,
                          max_frames=max_frames)

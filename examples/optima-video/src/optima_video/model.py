@@ -21,8 +21,8 @@ from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
 
 from optima.errors import ConfigError
-from optima.interfaces import Batch, DistillableModel, Layer, Module
-from optima.plugins.models.coca import CoCaModel, coca_model
+from optima.interfaces import Batch, Layer, Module
+from optima.plugins.models.coca import CoCaExtension, CoCaModel, coca_model
 
 MODULES = ("image", "text", "multimodal", "video")
 
@@ -57,29 +57,25 @@ class TemporalEncoder(nn.Module):
         return self.proj_out(x)
 
 
-class VideoCoCaModel(DistillableModel):
+class VideoCoCaModel(CoCaExtension):
     """CoCa (image, text, multimodal) plus a temporal `video` module. Reads
     `batch["video"]` `(B, F, 3, H, W)` and `batch["text"]`; `forward` returns
     the multimodal decoder's token features `(B, L, width)`."""
 
     def __init__(self, coca: CoCaModel, temporal: TemporalEncoder):
-        super().__init__()
-        self.coca, self.temporal = coca, temporal
-        self.feature_dim = coca.feature_dim
-        self._modules_spec = (
-            *coca.distill_modules(),
-            Module("video", tuple(Layer(b, (b.attn,)) for b in temporal.transformer.resblocks)),
-        )
+        super().__init__(coca)
+        self.temporal = temporal
+        self._video = Module("video", tuple(Layer(b, (b.attn,)) for b in temporal.transformer.resblocks))
 
-    def distill_modules(self) -> Sequence[Module]:
-        return self._modules_spec
+    def new_modules(self) -> Sequence[Module]:
+        return (self._video,)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         video = batch["video"]
         B, F = video.shape[:2]
-        frame_tokens, token_embs = self.coca.encode({"image": video.flatten(0, 1), "text": batch["text"]})
+        frame_tokens = self.coca.encode_image(video.flatten(0, 1))  # (B*F, N, w)
         memory = self.temporal(frame_tokens.unflatten(0, (B, F)))  # (B, F*N, w)
-        return self.coca.decode(memory, token_embs)
+        return self.coca.decode(memory, self.coca.encode_text(batch["text"]))
 
 
 def video_coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", layers: Sequence[int] | None = None,
@@ -98,7 +94,7 @@ def video_coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", layers: Se
                           f"got {list(layers)}")
     coca = coca_model(arch, overrides=overrides, layers=None if layers is None else tuple(layers[:3]),
                       pretrained=pretrained)
-    dim = coca.coca.text_decoder.width
+    dim = coca.memory_width
     temporal = TemporalEncoder(dim, temporal_width or dim, 2 if layers is None else int(layers[3]),
                                temporal_heads, max_frames)
     return VideoCoCaModel(coca, temporal)
