@@ -269,19 +269,19 @@ def _tiny_coca():
 @pytest.mark.parametrize("cls,head", [(WorldEntailment, "attentional_pooler_head"), (WorldVqa, "attentional_pooler_head"),
                                       (WorldNlvr2, "pair_head"), (WorldCaptions, "caption_head")])
 def test_each_task_trains_and_evaluates_with_coca(cls, head):
-    from optima.engine import Network, evaluate, finetune
+    from optima.engine import Finetuner, Network, evaluate
     from optima.plugins.heads import vl_heads
 
     torch.manual_seed(0)
     task = cls(seed=0, train_size=64, val_size=0, test_size=24)
     model = _tiny_coca()
     net = Network(model, getattr(vl_heads, head)(model, task))
-    params = list({id(p): p for p in net.parameters()}.values())
+    params = list({id(p): p for p in net.parameters()}.values())  # the caption head shares the model's projection
     opt = torch.optim.AdamW(params, lr=1e-3)
-    losses = []
-    finetune(net, task, steps=6, batch_size=16, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-             seed=0, device=torch.device("cpu"), on_step=lambda step, l, lr: losses.append(l["task"]))
-    assert len(losses) == 6 and all(np.isfinite(losses))
+    tuner = Finetuner(net, task, steps=6, batch_size=16, optimizer=opt, seed=0, device=torch.device("cpu"),
+                      scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    losses = [tuner.train_step() for _ in range(6)]
+    assert all(np.isfinite(losses))
     metrics = evaluate(net, task, "test", 8, torch.device("cpu"))
     key = "cider" if cls is WorldCaptions else "accuracy"
     assert np.isfinite(metrics[key]) and metrics[key] >= 0
