@@ -50,7 +50,8 @@ class RichReporter(Reporter):
             self.progress.console.print(f"{stage}: {self.status[stage]}round losses {losses}")
 
     def on_message(self, text):
-        self.progress.console.print(text)
+        # one unbroken line, as written: messages name files (paths may hold [brackets])
+        self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def on_nonfinite(self, stage, step, term, value, skipped):
         self.progress.console.print(f"{stage}: step {step}: {term} = {value}; step skipped ({skipped} so far)")
@@ -67,13 +68,30 @@ def _holds_files(run_dir: str) -> bool:
     return os.path.isdir(run_dir) and any(name != LOCK for name in os.listdir(run_dir))
 
 
-def prepare_run_dir(run_dir: str) -> None:
-    """Never overwrite an earlier run: its logs and weights stay as they were."""
+def prepare_run_dir(run_dir: str) -> bool:
+    """Never overwrite an earlier run: its logs and weights stay as they were.
+    Returns whether the directory was made here."""
     if _holds_files(run_dir):
         resumable = os.path.isfile(os.path.join(run_dir, "config.gin"))
         raise ConfigError(f"run directory {run_dir} already holds files; pass another --run-dir"
                           + (f", or --resume {run_dir} to continue that run" if resumable else ""))
+    made = not os.path.isdir(run_dir)
     os.makedirs(run_dir, exist_ok=True)
+    return made
+
+
+def discard_refused_run(run_dir: str, made: bool) -> None:
+    """A new run refused at its start (e.g. its data turned out empty) leaves no
+    run directory behind, so that the same command can simply be run again: when
+    it holds nothing but what this command wrote (config.gin, the lock), those go."""
+    if not os.path.isdir(run_dir) or set(os.listdir(run_dir)) - {"config.gin", LOCK}:
+        return
+    for name in ("config.gin", LOCK):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, name))
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(run_dir)
 
 
 @contextlib.contextmanager
@@ -170,14 +188,18 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
         check_resume(run_dir, config_text, force)
     else:
         run_dir = run_dir or default_run_dir(config)
-        prepare_run_dir(run_dir)
+        made = prepare_run_dir(run_dir)
     with run_dir_lock(run_dir):
         config_path = os.path.join(run_dir, "config.gin")
         if not resume:
             if _holds_files(run_dir):  # another process got here first
                 raise ConfigError(f"run directory {run_dir} already holds files; pass another --run-dir")
             write_text_atomic(config_path, header + config_text)
-            return _run(config, bindings, run_dir)
+            try:
+                return _run(config, bindings, run_dir)
+            except ConfigError:
+                discard_refused_run(run_dir, made)
+                raise
         differences = check_resume(run_dir, config_text, force)
         if not differences:
             console.print(f"resuming {run_dir}")
@@ -240,6 +262,9 @@ def print_summary(summary: dict, run_dir: str) -> None:
         for k, label in enumerate(info["arms"]):
             plays.add_row(label, str(info["plays"].count(k)))
         console.print(plays)
+    if summary.get("skipped_records"):
+        console.print(f"{len(summary['skipped_records'])} damaged file(s): their records were skipped "
+                      "(named in the warnings above and in metrics.json)", soft_wrap=True)
     console.print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir}/tensorboard)")
 
 

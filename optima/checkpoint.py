@@ -226,6 +226,23 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None: JSON has no such
+    numbers (Python would write a bare `NaN`, which JSON readers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    """`obj` as valid JSON, atomically; non-finite numbers are written as null."""
+    write_text_atomic(path, json.dumps(finite_json(obj), indent=indent, allow_nan=False))
+
+
 def _reason(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return "no space left on device"

@@ -43,9 +43,9 @@ import torch
 
 from optima.align import pair_layouts
 from optima.arms import ArmSpace
-from optima.checkpoint import Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_text_atomic
+from optima.checkpoint import Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_json_atomic
 from optima.config import TEACHER
-from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
+from optima.engine import BatchStream, Distiller, Finetuner, Network, SkippedRecords, batch_rows, evaluate
 from optima.errors import ConfigError
 from optima.reporting import Reporter, Reporters, TensorBoardReporter
 from optima.validation import validate_experiment
@@ -211,6 +211,8 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     reporter.on_message(f"teacher: cached at {path}")
     if tuner.skipped:
         result["skipped_steps"] = tuner.skipped
+    if len(tuner.stream.skipped_records):
+        result["skipped_records"] = list(tuner.stream.skipped_records)
     return result
 
 
@@ -243,7 +245,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         name=name, teacher=teacher, student=student, task=task, loss=objective, arms=arm_space,
         policy=policy(num_arms=len(arm_space), seed=seed), reward=reward, optimizer=opt,
         scheduler=linear_warmup_decay(opt, total, warmup_steps),
-        stream=BatchStream(task, "train", batch_size, seed + 1, device), steps_per_round=steps_per_round,
+        stream=BatchStream(task, "train", batch_size, seed + 1, device, warn=reporter.on_message),
+        steps_per_round=steps_per_round,
         rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter],
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
 
@@ -270,8 +273,8 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
     stages = dict(students) if students is not None else {"student": student}
     if TEACHER in stages:
         raise ConfigError(f"'{TEACHER}' is reserved; rename that student in experiment.students")
-    validate_experiment(teacher=teacher, stages=stages, seed=seed, device=device, eval_batch_size=eval_batch_size,
-                        device_present=not dry_run)
+    validate_experiment(task=task, teacher=teacher, stages=stages, seed=seed, device=device,
+                        eval_batch_size=eval_batch_size, device_present=not dry_run)
     if validate_only:
         return {}
     if dry_run:
@@ -291,6 +294,8 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
     cache = Path(cache_dir or default_cache_dir())
     seed_everything(seed)
     the_task = task()
+    for split in ("train", "test"):  # before any training: no hang on no data, no metric of nothing at the end
+        _require_examples(the_task, split)
     with gin.config_scope(TEACHER):
         teacher_net = _network(teacher, head, the_task, dev)
 
@@ -313,18 +318,33 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
             summary["stages"][name] = result
             networks[name] = student_net
             upstream, current_teacher = result["key"], student_net
+        unreadable = SkippedRecords(reporter.on_message)
         for name, net in networks.items():
             if keeper.interrupted:  # every stage is finished and cached: a resume only evaluates
                 raise keeper.stop("before the evaluation")
-            summary["metrics"][name] = evaluate(net, the_task, "test", eval_batch_size, dev)
+            summary["metrics"][name] = evaluate(net, the_task, "test", eval_batch_size, dev, skipped=unreadable)
             reporter.on_eval(name, summary["metrics"][name])
+        # damaged files left out of training (stages trained in this run) and evaluation
+        reasons = [r for stage in summary["stages"].values() for r in stage.get("skipped_records", ())]
+        summary["skipped_records"] = list(dict.fromkeys([*reasons, *unreadable]))  # one line per damaged file
         tb.add_text("config/operative_config.gin", gin.operative_config_str())
     finally:
         reporter.close()
     for name in stages:
         _save_atomic(networks[name], Path(run_dir) / f"{name}.safetensors")
-    write_text_atomic(os.path.join(run_dir, "metrics.json"), json.dumps(summary, indent=1))
+    write_json_atomic(os.path.join(run_dir, "metrics.json"), summary, indent=1)  # NaN and inf as null
     return summary
+
+
+def _require_examples(task, split: str) -> None:
+    """A `ConfigError` unless `split` yields at least one example (damaged ones
+    are left out; the first readable one ends the search)."""
+    skipped = SkippedRecords()
+    for batch in task.batches(split, 1, shuffle=False, seed=0):
+        if batch_rows(skipped.take(batch)):
+            return
+    raise ConfigError(f"the {split} split of {type(task).__name__} has no examples{skipped.why_none()}; "
+                      "check its data files and bindings")
 
 
 def _network(model_factory: Callable, head: Callable, task, device: torch.device) -> Network:
@@ -369,8 +389,10 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
               "plays": [r.arm for r in distiller.history], "rewards": [r.reward for r in distiller.history]}
     if distiller.skipped:
         result["skipped_steps"] = distiller.skipped
+    if len(distiller.stream.skipped_records):
+        result["skipped_records"] = list(distiller.stream.skipped_records)
     _save_atomic(student, path)
-    write_text_atomic(record, json.dumps(result))
+    write_json_atomic(record, result)
     return {**result, "cached": False, **({"resumed_from_step": resumed.step} if resumed else {})}
 
 

@@ -21,6 +21,11 @@ import torch
 from torch import nn
 
 Batch = Mapping[str, Any]
+#: A batch may list under this key one line per example its task left out (a
+#: damaged file, named): the engine drops the key, warns once per line and
+#: counts them in the run's summary; a batch whose examples were all left out
+#: has no rows and is passed over.
+SKIPPED_RECORDS = "skipped_records"
 # Loss values by term: "task", "kd", "hidden", "attn".
 LossTerms = Mapping[str, float]
 
@@ -91,7 +96,14 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> Iterator[Batch]:
-        """One pass over `split` ("train", "val" or "test")."""
+        """One pass over `split` ("train", "val" or "test"). A batch may leave out
+        examples it cannot read, listed under `SKIPPED_RECORDS`."""
+
+    def check_data(self, splits: Sequence[str]) -> None:
+        """Cheap checks, before any work, that `splits` can be read: files exist and
+        are not empty, sizes are positive. Raise `optima.errors.ConfigError` naming
+        the file or binding. This default checks nothing; a split that turns out
+        to have no examples is refused when the run starts anyway."""
 
     def batches_from(self, split: str, batch_size: int, *, seed: int, start: int) -> Iterator[Batch]:
         """`batches(split, batch_size, shuffle=True, seed=seed)` from batch `start`

@@ -49,10 +49,12 @@ class Reporter:
 
 
 class Reporters(Reporter):
-    """Fans every event out to several reporters."""
+    """Fans every event out to several reporters. A warning already given in this
+    run is not repeated (e.g. a damaged file met by every stage)."""
 
     def __init__(self, reporters: Sequence[Reporter]):
         self.reporters = list(reporters)
+        self._warned: set[str] = set()
 
     def _all(self, method: str, *args) -> None:
         for r in self.reporters:
@@ -63,7 +65,12 @@ class Reporters(Reporter):
     def on_step(self, *args): self._all("on_step", *args)
     def on_round(self, *args): self._all("on_round", *args)
     def on_eval(self, *args): self._all("on_eval", *args)
-    def on_message(self, *args): self._all("on_message", *args)
+    def on_message(self, text: str) -> None:
+        if text.startswith("warning:"):
+            if text in self._warned:
+                return
+            self._warned.add(text)
+        self._all("on_message", text)
     def on_nonfinite(self, *args): self._all("on_nonfinite", *args)
     def close(self): self._all("close")
 

@@ -159,10 +159,11 @@ def _check_device(device: Any, available: bool) -> None:
         raise ConfigError(f"experiment.device = {device!r}, but no CUDA device is available; use 'auto' or 'cpu'")
 
 
-def validate_experiment(*, teacher: Callable, stages: Mapping[str, Callable], seed: Any, device: Any,
-                        eval_batch_size: Any, device_present: bool = True) -> None:
+def validate_experiment(*, task: Callable, teacher: Callable, stages: Mapping[str, Callable], seed: Any,
+                        device: Any, eval_batch_size: Any, device_present: bool = True) -> None:
     """Raise `ConfigError` for the first binding out of its range (see module doc).
-    `device_present`: also require the device to exist here (not for a dry run)."""
+    `device_present`: also require the device and the data to exist here (not for
+    a dry run, which lists what is missing)."""
     _check("experiment.seed", seed, integer(0, 2**63 - 1))
     _check("experiment.eval_batch_size", eval_batch_size, integer(1))
     _check_device(device, device_present)
@@ -170,6 +171,10 @@ def validate_experiment(*, teacher: Callable, stages: Mapping[str, Callable], se
         if not isinstance(name, str) or not gin.config.config_parser.MODULE_RE.match(name):
             raise ConfigError(f"experiment.students key {name!r} must be a name usable as a gin scope "
                               "(letters, digits, _ and .)")
+
+    the_task = task()  # the task checks its own bindings (sizes, paths, patterns) when built
+    if device_present:
+        the_task.check_data(("train", "test"))  # the splits every run reads
 
     teacher_values = bound("teacher_training", [TEACHER])
     _check_params(teacher_values, STAGE_PARAMS["teacher_training"])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 
+from optima.errors import ConfigError
 from optima.interfaces import Task
 from optima.plugins.tasks.synthetic_ve import (ATTRIBUTES, COLOURS, LABELS, SHAPES, SPLITS,
                                          SyntheticVisualEntailment, _RGB)
@@ -251,12 +252,14 @@ def test_unknown_split_and_bad_batch_size(task):
 
 
 def test_bad_constructor_args():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match=r"^synthetic_ve_task.train_size = -1 must be an integer >= 0$"):
         SyntheticVisualEntailment(train_size=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="synthetic_ve_task.seed = -2"):
         SyntheticVisualEntailment(seed=-2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match=r"synthetic_ve_task.image_size = 4 must be an integer >= 8"):
         SyntheticVisualEntailment(image_size=4)
+    with pytest.raises(ConfigError, match=r"synthetic_ve_task.test_size = 0 must be >= 1: every run reads"):
+        SyntheticVisualEntailment(test_size=0).check_data(("train", "test"))
 
 
 def test_loss_metric_summarize(task):

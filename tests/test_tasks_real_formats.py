@@ -291,7 +291,9 @@ def test_nlvr2_pair_batches(nlvr2_dir):
     assert batches[0]["text"].shape == (2, 12) and batches[0]["label"].tolist() == [1, 0]
     b = _all(task, "val", batch_size=2)[0]
     assert not torch.equal(b["image"][0, 0], b["image"][0, 1])  # img0 and img1 differ
-    single = task.load_images([task.records("val")[0].images[1]], False, torch.Generator())
+    images, why = task.read_record(task.records("val")[0])
+    assert why is None and len(images) == 2
+    single = task.transform_images(images[1:], False, torch.Generator())
     assert torch.equal(b["image"][0, 1], single[0])  # slot 1 holds img1
 
 

@@ -140,7 +140,8 @@ class CocoCaptions(CaptioningTask, VLTask):
 
     def __init__(self, *, data_dir: str, image_dir: str | None = None, image_size: int = 224,
                  context_length: int = 76, annotation_file: str = "dataset_coco.json",
-                 max_caption_length: int | None = None, augment: bool = True, load_threads: int = 8):
+                 max_caption_length: int | None = None, augment: bool = True, load_threads: int = 8,
+                 strict: bool = False):
         if context_length < 3:
             raise ConfigError(f"coco_captions_task.context_length must be >= 3, got {context_length}")
         if max_caption_length is None:
@@ -153,7 +154,8 @@ class CocoCaptions(CaptioningTask, VLTask):
         self.annotation_file = annotation_file
         self.max_caption_length = int(max_caption_length)
         super().__init__(data_dir=data_dir, image_dir=image_dir, image_size=image_size,
-                         context_length=context_length, augment=augment, load_threads=load_threads)
+                         context_length=context_length, augment=augment, load_threads=load_threads,
+                         strict=strict)
         self.num_outputs = self.tokenizer.vocab_size
         self._images: list[dict] | None = None
 
@@ -191,11 +193,12 @@ class CocoCaptions(CaptioningTask, VLTask):
             self._images = None  # every split parsed: drop the raw json
         return records
 
-    def _collate(self, records: Sequence[Record], split: str, generator: torch.Generator) -> dict[str, Any]:
+    def _collate(self, records: Sequence[Record], images: torch.Tensor, split: str,
+                 generator: torch.Generator) -> dict[str, Any]:
         # one caption per image, drawn from the batch's generator (seeded from the epoch's seed)
         picks = [r.target[int(torch.randint(len(r.target), (1,), generator=generator))] for r in records]
         tokens = self.tokenizer(picks)
-        return {"image": self.load_images([r.images[0] for r in records], split == "train", generator),
+        return {"image": images,
                 "text": tokens[:, :-1], "labels": tokens[:, 1:],
                 "image_id": torch.tensor([r.meta["image_id"] for r in records], dtype=torch.long),
                 "references": [list(r.meta["references"]) for r in records]}

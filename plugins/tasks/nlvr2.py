@@ -47,7 +47,7 @@ class Nlvr2(VLTask):
     def __init__(self, *, data_dir: str, image_dir: str | None = None, image_size: int = 224,
                  context_length: int = 76, train_file: str = "train.json", val_file: str = "dev.json",
                  test_file: str = "test1.json", image_pattern: str = "{split}/{directory}/{stem}-img{i}.png",
-                 augment: bool = True, load_threads: int = 8):
+                 augment: bool = True, load_threads: int = 8, strict: bool = False):
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.image_pattern = image_pattern
         try:
@@ -56,7 +56,8 @@ class Nlvr2(VLTask):
             raise ConfigError(f"nlvr2_task.image_pattern={image_pattern!r} may only use {{split}}, {{directory}}, "
                               f"{{stem}}, {{identifier}} and {{i}}: {e!r}") from None
         super().__init__(data_dir=data_dir, image_dir=image_dir, image_size=image_size,
-                         context_length=context_length, augment=augment, load_threads=load_threads)
+                         context_length=context_length, augment=augment, load_threads=load_threads,
+                         strict=strict)
 
     def default_image_dir(self) -> str:
         return os.path.join(self.data_dir, "images")
@@ -98,9 +99,8 @@ class Nlvr2(VLTask):
                                   {"identifier": identifier}))
         return records
 
-    def _collate(self, records: Sequence[Record], split: str, generator: torch.Generator) -> dict[str, Any]:
-        paths = [p for r in records for p in r.images]
-        images = self.load_images(paths, split == "train", generator)
+    def _collate(self, records: Sequence[Record], images: torch.Tensor, split: str,
+                 generator: torch.Generator) -> dict[str, Any]:
         return {"image": images.view(len(records), IMAGES_PER_EXAMPLE, *images.shape[1:]),
                 "text": self.tokenizer([r.text for r in records]),
                 "label": torch.tensor([r.target for r in records], dtype=torch.long)}

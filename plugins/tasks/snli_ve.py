@@ -40,10 +40,11 @@ class SnliVe(VLTask):
     def __init__(self, *, data_dir: str, image_dir: str | None = None, image_size: int = 224,
                  context_length: int = 76, train_file: str = "snli_ve_train.jsonl",
                  val_file: str = "snli_ve_dev.jsonl", test_file: str = "snli_ve_test.jsonl",
-                 augment: bool = True, load_threads: int = 8):
+                 augment: bool = True, load_threads: int = 8, strict: bool = False):
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         super().__init__(data_dir=data_dir, image_dir=image_dir, image_size=image_size,
-                         context_length=context_length, augment=augment, load_threads=load_threads)
+                         context_length=context_length, augment=augment, load_threads=load_threads,
+                         strict=strict)
 
     def default_image_dir(self) -> str:
         return os.path.join(self.data_dir, "flickr30k_images")
@@ -74,8 +75,9 @@ class SnliVe(VLTask):
                                   str(field_of(row, "sentence2", path, where)), LABELS.index(gold)))
         return records
 
-    def _collate(self, records: Sequence[Record], split: str, generator: torch.Generator) -> dict[str, Any]:
-        return {"image": self.load_images([r.images[0] for r in records], split == "train", generator),
+    def _collate(self, records: Sequence[Record], images: torch.Tensor, split: str,
+                 generator: torch.Generator) -> dict[str, Any]:
+        return {"image": images,
                 "text": self.tokenizer([r.text for r in records]),
                 "label": torch.tensor([r.target for r in records], dtype=torch.long)}
 

@@ -45,7 +45,7 @@ real CoCa pipeline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 
+from optima.errors import ConfigError
 from optima.interfaces import Batch, Task
 
 LABELS = ("entailment", "neutral", "contradiction")
@@ -108,15 +109,15 @@ class SyntheticVisualEntailment(Task):
     def __init__(self, *, image_size: int = 32, context_length: int = 16,
                  train_size: int = 20_000, val_size: int = 1_000,
                  test_size: int = 2_000, seed: int = 0) -> None:
-        if image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {image_size}")
-        if context_length < 2:
-            raise ValueError(f"context_length must be at least 2 (sot, eot), got {context_length}")
+        def check(name: str, value, minimum: int, why: str = "") -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"synthetic_ve_task.{name} = {value!r} must be an integer >= {minimum}{why}")
+
+        check("image_size", image_size, 8, " (shapes are drawn at least 8 px wide)")
+        check("context_length", context_length, 2, " (start and end of text)")
         for name, n in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
-            if n < 0:
-                raise ValueError(f"{name} must be >= 0, got {n}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")  # numpy seeds are non-negative
+            check(name, n, 0)
+        check("seed", seed, 0, " (numpy seeds are non-negative)")
         self.image_size = int(image_size)
         self.context_length = int(context_length)
         self.sizes = {"train": int(train_size), "val": int(val_size), "test": int(test_size)}
@@ -158,6 +159,12 @@ class SyntheticVisualEntailment(Task):
         if count <= 0:
             return {"accuracy": float("nan")}
         return {"accuracy": float(totals["correct"]) / count}
+
+    def check_data(self, splits: Sequence[str]) -> None:
+        for split in splits:
+            if self.size(split) < 1:
+                raise ConfigError(f"synthetic_ve_task.{split}_size = {self.sizes[split]} must be >= 1: "
+                                  f"every run reads the {split} split")
 
     # -- helpers ----------------------------------------------------------
 

@@ -20,7 +20,13 @@
   without reading the images of those before it.
 - A missing file raises `optima.errors.ConfigError` naming the path and the gin
   binding to set; `missing_paths()` lists the expected-but-absent files and
-  folders without raising and without parsing anything.
+  folders without raising and without parsing anything. An annotation file that
+  is not UTF-8 or not JSON is a `ConfigError` naming the file and line.
+- A damaged image (not an image, truncated) must not end a run hours in:
+  `read_record`, called per record by whatever makes the batch, leaves the
+  record out and the batch lists why under `skipped_records` (the engine warns
+  once per file and counts them in the run's summary). With `<task>.strict =
+  True` it is a `ConfigError` naming the file instead.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 
 from optima.errors import ConfigError
-from optima.interfaces import Batch, Task
+from optima.interfaces import SKIPPED_RECORDS, Batch, Task
 
 SPLITS = ("train", "val", "test")
 PAD_ID = 0  # open_clip's tokenizer pads with 0 (CoCa's `pad_id`)
@@ -108,6 +114,21 @@ def _open_rgb(path: str):
         return im.convert("RGB")  # convert() reads the pixels, so the file can close
 
 
+#: What PIL raises for a file it cannot decode (not an image, truncated, corrupt).
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _decode_problem(e: BaseException) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL knows"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 # -- records and files ----------------------------------------------------
 
 
@@ -134,6 +155,13 @@ def _file_digest(path: str) -> str:
     return f"{size}:{h.hexdigest()}"
 
 
+def _is_blank(path: str) -> bool:
+    """Empty or whitespace only (reads at most 4 KiB)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return not head.strip() and os.path.getsize(path) <= len(head)
+
+
 class VLTask(Task):
     """Base of the real tasks: lazy parsing, batching, image loading, file checks.
 
@@ -146,7 +174,7 @@ class VLTask(Task):
     dataset: str = "the data set"
 
     def __init__(self, *, data_dir: str, image_dir: str | None, image_size: int, context_length: int,
-                 augment: bool, load_threads: int):
+                 augment: bool, load_threads: int, strict: bool = False):
         if not data_dir:
             raise ConfigError(f"{self.name}.data_dir must be set (the folder holding the {self.dataset} files)")
         if image_size < 8:
@@ -159,6 +187,7 @@ class VLTask(Task):
         self.context_length = int(context_length)
         self.augment = bool(augment)
         self.load_threads = int(load_threads)
+        self.strict = bool(strict)  # not in `config()`: it changes no result, only whether a bad file stops the run
         self.tokenizer = Tokenizer(self.context_length)
         self._records: dict[str, list[Record]] = {}
         self._transforms = None
@@ -182,9 +211,11 @@ class VLTask(Task):
         """Read `split`'s annotation files (they exist) into records."""
 
     @abc.abstractmethod
-    def _collate(self, records: Sequence[Record], split: str, generator: torch.Generator) -> dict[str, Any]:
-        """One batch from `records`; random choices (augmentation, a caption) come
-        from `generator`, which is seeded per batch."""
+    def _collate(self, records: Sequence[Record], images: torch.Tensor, split: str,
+                 generator: torch.Generator) -> dict[str, Any]:
+        """One batch from `records` and `images`, their image files in order, already
+        transformed `(N, 3, H, W)`; random choices (a caption) come from
+        `generator`, which is seeded per batch."""
 
     # -- Task --------------------------------------------------------------
 
@@ -208,7 +239,45 @@ class VLTask(Task):
         batch_seeds = torch.randint(0, 2 ** 62, (n_batches,), generator=g).tolist()
         for k in range(start, n_batches):
             chunk = [records[i] for i in order[k * batch_size:(k + 1) * batch_size]]
-            yield self._collate(chunk, split, torch.Generator().manual_seed(batch_seeds[k]))
+            yield self.make_batch(chunk, split, torch.Generator().manual_seed(batch_seeds[k]))
+
+    def make_batch(self, records: Sequence[Record], split: str, generator: torch.Generator) -> Batch:
+        """The batch of `records`: each record's images read (`read_record`), a
+        record with an unreadable image left out and its reason listed under
+        `batch["skipped_records"]`, then `_collate`. Every record may be left out:
+        the batch then has no rows."""
+        if self.load_threads > 1 and len(records) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.load_threads, thread_name_prefix=f"{self.name}-images")
+            read = list(self._pool.map(self.read_record, records))
+        else:
+            read = [self.read_record(r) for r in records]
+        kept = [r for r, (_, why) in zip(records, read) if why is None]
+        pil = [im for images, why in read if why is None for im in images]
+        batch = self._collate(kept, self.transform_images(pil, split == "train", generator), split, generator)
+        skipped = [why for _, why in read if why is not None]
+        if skipped:
+            batch[SKIPPED_RECORDS] = skipped
+        return batch
+
+    def read_record(self, record: Record) -> tuple[list, str | None]:
+        """`(images, None)`: the record's images decoded (RGB PIL images); or `([],
+        reason)` when one is not a readable image (random bytes, a text file, a
+        truncated JPEG): the record is to be skipped, `reason` names the file. With
+        `strict`, that is a `ConfigError` instead. A missing file is always a
+        `ConfigError` (most likely `image_dir` is wrong)."""
+        images = []
+        for path in record.images:
+            self.require(path, f"{self.name}.image_dir")
+            try:
+                images.append(_open_rgb(path))
+            except _decode_errors() as e:
+                reason = f"{path} is not a readable image ({_decode_problem(e)})"
+                if self.strict:
+                    raise ConfigError(f"{reason}; replace or remove it ({self.name}.strict = True; unbound, such "
+                                      "a record is skipped with a warning)") from None
+                return [], f"{reason}; its record is skipped ({self.name}.strict = True stops instead)"
+        return images, None
 
     # -- helpers -----------------------------------------------------------
 
@@ -218,8 +287,23 @@ class VLTask(Task):
         if split not in self._records:
             for path, binding in self.annotation_files(split):
                 self.require(path, binding)
-            self._records[split] = self._parse(split)
+            records = self._parse(split)
+            if not records:
+                files = ", ".join(p for p, _ in self.annotation_files(split))
+                raise ConfigError(f"{self.name}: the {split} split has no examples in {files}; "
+                                  f"is this the complete official file?")
+            self._records[split] = records
         return self._records[split]
+
+    def check_data(self, splits: Sequence[str]) -> None:
+        """The annotation files of `splits` exist and are not empty (nothing is parsed)."""
+        for split in splits:
+            self._check_split(split)
+            for path, binding in self.annotation_files(split):
+                self.require(path, binding)
+                if os.path.isfile(path) and _is_blank(path):
+                    raise ConfigError(f"{binding}: {path} is empty; the {split} split needs its examples "
+                                      f"(download {self.dataset} again)")
 
     def size(self, split: str) -> int:
         return len(self.records(split))
@@ -260,18 +344,11 @@ class VLTask(Task):
             value = getattr(self, binding.rsplit(".", 1)[-1], None)
             raise ConfigError(f"{binding}={value}: missing {path}; download {self.dataset} and set {binding}")
 
-    def load_images(self, paths: Sequence[str], train: bool, generator: torch.Generator) -> torch.Tensor:
-        """`(N, 3, image_size, image_size)` float32, normalised."""
+    def transform_images(self, pil: Sequence[Any], train: bool, generator: torch.Generator) -> torch.Tensor:
+        """Decoded images -> `(N, 3, image_size, image_size)` float32, normalised;
+        on the train split with `augment`, a random crop seeded from `generator`."""
         if self._transforms is None:
             self._transforms = image_transforms(self.image_size)
-        for p in paths:
-            self.require(p, f"{self.name}.image_dir")
-        if self.load_threads > 1 and len(paths) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.load_threads, thread_name_prefix=f"{self.name}-images")
-            pil = list(self._pool.map(_open_rgb, paths))
-        else:
-            pil = [_open_rgb(p) for p in paths]
         if not pil:
             return torch.zeros(0, 3, self.image_size, self.image_size)
         if train and self.augment:
@@ -295,26 +372,36 @@ class VLTask(Task):
 # -- json -----------------------------------------------------------------
 
 
+def _read_text(path: str, binding: str) -> str:
+    """The file as UTF-8 text; a `ConfigError` naming the file and line otherwise."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{binding}: {path} line {line} is not UTF-8 text (byte {data[e.start]:#04x}); "
+                          "is this the official file, complete and undamaged?") from None
+
+
 def read_json(path: str, binding: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(_read_text(path, binding))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{binding}: {path} is not valid JSON ({e})") from None
+        raise ConfigError(f"{binding}: {path} line {e.lineno} is not valid JSON ({e.msg})") from None
 
 
 def read_jsonl(path: str, binding: str) -> list[dict]:
     """One JSON object per non-empty line."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{binding}: {path} line {lineno} is not valid JSON ({e})") from None
+    for lineno, line in enumerate(_read_text(path, binding).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{binding}: {path} line {lineno} is not valid JSON ({e})") from None
     return out
 
 

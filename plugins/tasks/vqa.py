@@ -110,7 +110,7 @@ class Vqa(VLTask):
                  question_file: str = "v2_OpenEnded_mscoco_{split}_questions.json",
                  annotation_file: str = "v2_mscoco_{split}_annotations.json",
                  image_pattern: str = "{split}/COCO_{split}_{image_id:012d}.jpg",
-                 augment: bool = True, load_threads: int = 8):
+                 augment: bool = True, load_threads: int = 8, strict: bool = False):
         if num_answers < 1:
             raise ConfigError(f"vqa_task.num_answers must be >= 1, got {num_answers}")
         self.num_answers = int(num_answers)
@@ -123,7 +123,8 @@ class Vqa(VLTask):
             raise ConfigError(f"vqa_task.image_pattern={image_pattern!r} is not a valid pattern over "
                               f"{{split}} and {{image_id}}: {e!r}") from None
         super().__init__(data_dir=data_dir, image_dir=image_dir, image_size=image_size,
-                         context_length=context_length, augment=augment, load_threads=load_threads)
+                         context_length=context_length, augment=augment, load_threads=load_threads,
+                         strict=strict)
         self._answers: tuple[str, ...] | None = None
 
     # -- files --------------------------------------------------------------
@@ -213,12 +214,13 @@ class Vqa(VLTask):
                                   {"question_id": qid}))
         return records
 
-    def _collate(self, records: Sequence[Record], split: str, generator: torch.Generator) -> dict[str, Any]:
+    def _collate(self, records: Sequence[Record], images: torch.Tensor, split: str,
+                 generator: torch.Generator) -> dict[str, Any]:
         target = torch.zeros(len(records), self.num_answers)
         for row, r in enumerate(records):
             for cls, score in r.target:
                 target[row, cls] = score
-        return {"image": self.load_images([r.images[0] for r in records], split == "train", generator),
+        return {"image": images,
                 "text": self.tokenizer([r.text for r in records]),
                 "target": target,
                 "question_id": torch.tensor([r.meta["question_id"] for r in records], dtype=torch.long)}

@@ -1,0 +1,204 @@
+"""Bad input, as a user meets it through `optima run`: one table per class, each
+row the exact line the CLI prints and its exit code. Errors are one line, exit 2,
+and leave no run directory; damaged images are skipped with a warning naming the
+file (counted in metrics.json) unless `<task>.strict = True`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from optima.cli.main import app
+
+from real_format_data import PAPER_TASKS, tiny_paper_bindings, write_jsonl
+
+#: per task: the train annotation file, the test annotation file and an image of the train split
+FILES = {
+    "snlive": ("snli_ve_train.jsonl", "snli_ve_test.jsonl", "flickr30k_images/1000.jpg"),
+    "vqa": ("v2_mscoco_train2014_annotations.json", "v2_OpenEnded_mscoco_val2014_questions.json",
+            "train2014/COCO_train2014_000000000009.jpg"),
+    "nlvr2": ("train.json", "test1.json", "images/train/3/train-10-0-img0.png"),
+    "coco": ("dataset_coco.json", "dataset_coco.json", "train2014/COCO_train2014_000000000001.jpg"),
+}
+DATA_BINDING = {task: f"{PAPER_TASKS[task][1]}.data_dir" for task in PAPER_TASKS}
+
+
+def run_cli(*args: str) -> tuple[int, list[str]]:
+    result = CliRunner().invoke(app, ["run", *args])
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, [line for line in result.output.splitlines() if line.strip()]
+
+
+def run_task(task: str, data: Path, run_dir: Path, *bindings: str) -> tuple[int, list[str]]:
+    args = [PAPER_TASKS[task][0], "--run-dir", str(run_dir)]
+    for b in [*tiny_paper_bindings(task, data), *bindings]:
+        args += ["-b", b]
+    return run_cli(*args)
+
+
+def assert_refused(code: int, lines: list[str], expected: str, run_dir: Path) -> None:
+    assert (code, lines) == (2, [f"optima: error: {expected}"])
+    assert not run_dir.exists()  # refused before the run began: the same command can simply run again
+
+
+# -- empty data --------------------------------------------------------------------
+
+
+def _no_test_examples(task: str, data: Path) -> None:
+    if task == "snlive":  # lines without annotator consensus only: no example
+        write_jsonl(data / FILES[task][1], [{"Flikr30kID": "1000.jpg", "sentence2": "x", "gold_label": "-"}])
+    elif task == "vqa":
+        (data / FILES[task][1]).write_text(json.dumps({"questions": []}))
+    elif task == "nlvr2":
+        (data / FILES[task][1]).write_text("\n")
+    else:  # no image of the Karpathy test split
+        coco = json.loads((data / "dataset_coco.json").read_text())
+        coco["images"] = [im for im in coco["images"] if im["split"] != "test"]
+        (data / "dataset_coco.json").write_text(json.dumps(coco))
+
+
+EMPTY = [
+    # (task, what is empty, expected line: {data} is the data folder)
+    ("snlive", "train", "snli_ve_task.data_dir: {data}/snli_ve_train.jsonl is empty; the train split needs its "
+                        "examples (download SNLI-VE again)"),
+    ("vqa", "train", "vqa_task.data_dir: {data}/v2_mscoco_train2014_annotations.json is empty; the train split "
+                     "needs its examples (download VQA v2 again)"),
+    ("nlvr2", "train", "nlvr2_task.data_dir: {data}/train.json is empty; the train split needs its examples "
+                       "(download NLVR2 again)"),
+    ("coco", "train", "coco_captions_task.data_dir: {data}/dataset_coco.json is empty; the train split needs its "
+                      "examples (download the Karpathy COCO split (dataset_coco.json) and the COCO 2014 images again)"),
+    ("snlive", "test", "snli_ve_task: the test split has no examples in {data}/snli_ve_test.jsonl; is this the "
+                       "complete official file?"),
+    ("vqa", "test", "vqa_task: the test split has no examples in {data}/v2_OpenEnded_mscoco_val2014_questions.json, "
+                    "{data}/v2_mscoco_val2014_annotations.json; is this the complete official file?"),
+    ("nlvr2", "test", "nlvr2_task.data_dir: {data}/test1.json is empty; the test split needs its examples "
+                      "(download NLVR2 again)"),
+    ("coco", "test", "coco_captions_task: the test split has no examples in {data}/dataset_coco.json; is this the "
+                     "complete official file?"),
+]
+
+
+@pytest.mark.parametrize("task, split, expected", EMPTY, ids=[f"{t}-{s}" for t, s, _ in EMPTY])
+def test_empty_data_is_refused_before_the_run(task, split, expected, tmp_path):
+    data = PAPER_TASKS[task][2](tmp_path / "data")
+    if split == "train":
+        (data / FILES[task][0]).write_text("")
+    else:
+        _no_test_examples(task, data)
+    code, lines = run_task(task, data, tmp_path / "run")
+    assert_refused(code, lines, expected.format(data=data), tmp_path / "run")
+
+
+SYNTHETIC_EMPTY = [
+    ("synthetic_ve_task.train_size = 0", "synthetic_ve_task.train_size = 0 must be >= 1: every run reads the train split"),
+    ("synthetic_ve_task.test_size = 0", "synthetic_ve_task.test_size = 0 must be >= 1: every run reads the test split"),
+]
+
+
+@pytest.mark.parametrize("binding, expected", SYNTHETIC_EMPTY)
+def test_empty_synthetic_splits_are_refused(binding, expected, tmp_path):
+    code, lines = run_cli("gin/quickstart.gin", "--run-dir", str(tmp_path / "run"), "-b", binding)
+    assert_refused(code, lines, expected, tmp_path / "run")
+
+
+# -- damaged data ------------------------------------------------------------------
+
+
+def damage(path: Path, kind: str) -> None:
+    if kind == "random bytes":
+        path.write_bytes(bytes(range(256)) * 2)
+    elif kind == "a text file":
+        path.write_text("this is not an image\n")
+    else:  # a truncated image: the header is there, the pixels end early
+        path.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 4])
+
+
+DAMAGED = [
+    # (task, damage, what PIL says)
+    ("snlive", "random bytes", "not an image format PIL knows"),
+    ("vqa", "a text file", "not an image format PIL knows"),
+    ("nlvr2", "truncated", "image file is truncated"),
+    ("coco", "truncated", "Truncated File Read"),
+]
+
+
+@pytest.mark.parametrize("task, kind, problem", DAMAGED, ids=[t for t, _, _ in DAMAGED])
+def test_a_damaged_image_is_skipped_with_a_warning_and_counted(task, kind, problem, tmp_path):
+    data = PAPER_TASKS[task][2](tmp_path / "data")
+    damage(data / FILES[task][2], kind)
+    code, lines = run_task(task, data, tmp_path / "run")
+    configurable = PAPER_TASKS[task][1]
+    reason = (f"{data / FILES[task][2]} is not a readable image ({problem}); its record is skipped "
+              f"({configurable}.strict = True stops instead)")
+    assert code == 0, "\n".join(lines)
+    assert [line for line in lines if line.startswith("warning")] == [f"warning: {reason}"]  # once, however often it is read
+    assert "1 damaged file(s): their records were skipped (named in the warnings above and in metrics.json)" in lines
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["skipped_records"] == [reason]
+
+
+@pytest.mark.parametrize("task, kind, problem", DAMAGED, ids=[t for t, _, _ in DAMAGED])
+def test_a_damaged_image_stops_a_strict_run(task, kind, problem, tmp_path):
+    data = PAPER_TASKS[task][2](tmp_path / "data")
+    damage(data / FILES[task][2], kind)
+    configurable = PAPER_TASKS[task][1]
+    code, lines = run_task(task, data, tmp_path / "run", f"{configurable}.strict = True")
+    assert_refused(code, lines, f"{data / FILES[task][2]} is not a readable image ({problem}); replace or remove "
+                                f"it ({configurable}.strict = True; unbound, such a record is skipped with a warning)",
+                   tmp_path / "run")
+
+
+@pytest.mark.parametrize("task", sorted(PAPER_TASKS))
+def test_an_annotation_file_that_is_not_utf8_names_file_and_line(task, tmp_path):
+    data = PAPER_TASKS[task][2](tmp_path / "data")
+    path = data / FILES[task][0]
+    text = path.read_bytes()
+    cut = text.index(b"\n") + 3 if b"\n" in text.rstrip() else 20  # on line 2 of JSON lines, line 1 of JSON
+    path.write_bytes(text[:cut] + b"\xe9" + text[cut:])  # latin-1 "e-acute"
+    line = 2 if b"\n" in text.rstrip() else 1
+    code, lines = run_task(task, data, tmp_path / "run")
+    assert_refused(code, lines, f"{DATA_BINDING[task]}: {path} line {line} is not UTF-8 text (byte 0xe9); is this "
+                                "the official file, complete and undamaged?", tmp_path / "run")
+
+
+def test_a_stream_over_no_usable_examples_is_an_error_not_a_hang():
+    """The engine's guard, for any task: a pass without a single row (an empty
+    split, or every record damaged) stops instead of looping for ever."""
+    import torch
+
+    from optima.engine import BatchStream
+    from optima.errors import ConfigError
+    from optima.interfaces import SKIPPED_RECORDS
+    from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
+
+    class AllDamaged(SyntheticVisualEntailment):
+        def batches(self, split, batch_size, *, shuffle, seed):
+            for batch in super().batches(split, batch_size, shuffle=shuffle, seed=seed):
+                yield {k: v[:0] for k, v in batch.items()} | {SKIPPED_RECORDS: ["x.jpg is damaged"]}
+
+    warnings = []
+    stream = BatchStream(AllDamaged(train_size=4, test_size=1), "train", 2, 0, torch.device("cpu"),
+                         warn=warnings.append)
+    with pytest.raises(ConfigError, match=r"^the train split of AllDamaged has no usable examples \(all 1 "
+                                          r"unreadable; the first: x.jpg is damaged\)$"):
+        next(stream)
+    assert warnings == ["warning: x.jpg is damaged"]
+    empty = BatchStream(SyntheticVisualEntailment(train_size=0), "train", 2, 0, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="has no usable examples$"):
+        next(empty)
+
+
+def test_metrics_json_is_always_valid_json(tmp_path):
+    """NaN and inf have no JSON spelling: metrics.json writes them as null."""
+    import math
+
+    from optima.checkpoint import write_json_atomic
+
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, {"metrics": {"teacher": {"accuracy": math.nan}}, "r": [math.inf, 0.5, (-math.inf,)]})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"metrics": {"teacher": {"accuracy": None}}, "r": [None, 0.5, [None]]}
