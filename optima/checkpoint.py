@@ -207,19 +207,49 @@ def sha256(path: Path) -> str:
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """`write(tmp)` then fsync and rename onto `path`: readers see the old file or
     the new one, never half of one. On failure the temporary file is removed and
-    `CheckpointWriteError` names `path`."""
+    a failed write (a full disk) is a `CheckpointWriteError` naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with failed_writes(tmp, lambda why: f"could not write {path}: {why}"):
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise CheckpointWriteError(f"could not write {path}: {_reason(e)}") from None
+
+
+@contextlib.contextmanager
+def failed_writes(tmp: Path, message: Callable[[str], str]) -> Iterator[None]:
+    """Every write of a run goes through this: if the block fails, `tmp` (a file or
+    a directory) is removed; a failure of the file system (no space left, quota,
+    a read-only disk, ...: an `OSError`, or safetensors' error wrapping one)
+    becomes a `CheckpointWriteError` of one line, `message(why)`."""
+    try:
+        yield
+    except BaseException as e:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        why = _write_problem(e)
+        if why is None:
+            raise
+        raise CheckpointWriteError(message(why)) from None
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _write_problem(e: BaseException) -> str | None:
+    """Why a write failed, when the file system refused it; None for anything else."""
+    if isinstance(e, OSError):
+        return _reason(e)
+    m = _OS_ERROR.search(str(e))  # safetensors (Rust): "I/O error: No space left on device (os error 28)"
+    if m and type(e).__name__ == "SafetensorError":
+        code = int(m.group(1))
+        return _reason(OSError(code, os.strerror(code)))
+    return None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -245,7 +275,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = No
 
 def _reason(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
-        return "no space left on device"
+        return "no space left on device (the disk is full)"
     if e.errno == errno.EDQUOT:
         return "disk quota exceeded"
     return e.strerror or str(e)
@@ -308,7 +338,8 @@ class CheckpointManager:
         tmp = self.directory / f".{final.name}.tmp"
         previous = self.paths()
         CheckpointManager.saves += 1
-        try:
+        intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        with failed_writes(tmp, lambda why: f"could not write checkpoint {final}: {why}; {intact}"):
             tensors: dict[str, torch.Tensor] = {}
             skeleton = encode(state, tensors)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -329,10 +360,6 @@ class CheckpointManager:
             else:
                 os.replace(tmp, final)
             _fsync_dir(self.directory)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-            raise CheckpointWriteError(f"could not write checkpoint {final}: {_reason(e)}; {intact}") from None
         self._prune()
         return final
 

@@ -202,3 +202,119 @@ def test_metrics_json_is_always_valid_json(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"metrics": {"teacher": {"accuracy": None}}, "r": [None, 0.5, [None]]}
+
+
+# -- a full disk -------------------------------------------------------------------
+
+QUICK = [  # the quickstart, tiny: a teacher checkpoint at step 1, distillation checkpoints at rounds 1 and 2
+    "synthetic_ve_task.train_size = 32", "synthetic_ve_task.test_size = 8", "synthetic_ve_task.val_size = 0",
+    "teacher_training.steps = 2", "teacher_training.warmup_steps = 0", "teacher_training.batch_size = 8",
+    "teacher_training.checkpoint_every = 1", "distillation.rounds = 2", "distillation.steps_per_round = 1",
+    "distillation.batch_size = 8", "distillation.warmup_steps = 0", "distillation.checkpoint_every = 1",
+    "optima_policy.warmup_rounds = 7",
+]
+ENOSPC_TEXT = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' words
+FULL = "no space left on device (the disk is full)"
+
+FULL_DISK = [
+    # (the write that finds the disk full: a regex over the written path; the line after "optima: error: ",
+    #  {run} and {cache} standing for the run and cache folders, [0-9a-f]{16} for a stage key)
+    ("teacher checkpoint", r"/checkpoints/teacher/\.step-000000001\.tmp/tensors",
+     "could not write checkpoint {run}/checkpoints/teacher/step-000000001: " + FULL + "; no earlier checkpoint exists"),
+    ("teacher cache", r"/cache/\.teacher-[0-9a-f]{16}\.safetensors\.tmp$",
+     "could not write {cache}/teacher-[0-9a-f]{16}.safetensors: " + FULL),
+    ("first distillation checkpoint", r"/checkpoints/student/\.step-000000001\.tmp/tensors",
+     "could not write checkpoint {run}/checkpoints/student/step-000000001: " + FULL + "; no earlier checkpoint exists"),
+    ("second distillation checkpoint", r"/checkpoints/student/\.step-000000002\.tmp/tensors",
+     "could not write checkpoint {run}/checkpoints/student/step-000000002: " + FULL + "; the previous checkpoint "
+     "{run}/checkpoints/student/step-000000001 is intact"),
+    ("student stage cache", r"/cache/\.student-[0-9a-f]{16}\.safetensors\.tmp$",
+     "could not write {cache}/student-[0-9a-f]{16}.safetensors: " + FULL),
+    ("the run's student weights", r"/run/\.student\.safetensors\.tmp$",
+     "could not write {run}/student.safetensors: " + FULL),
+    ("checkpoint state (JSON)", r"/checkpoints/student/\.step-000000002\.tmp/state\.json$",
+     "could not write checkpoint {run}/checkpoints/student/step-000000002: " + FULL + "; the previous checkpoint "
+     "{run}/checkpoints/student/step-000000001 is intact"),
+]
+
+
+@pytest.mark.parametrize("what, where, expected", FULL_DISK, ids=[w for w, _, _ in FULL_DISK])
+def test_a_full_disk_stops_cleanly_with_the_resume_command(what, where, expected, tmp_path, monkeypatch):
+    """ENOSPC injected at one write (safetensors' own error for tensors, an OSError
+    for JSON): one line saying so and naming the path, the resume command, exit 1,
+    no temporary file left, earlier checkpoints intact; the resumed run finishes."""
+    import errno
+    import re
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from optima import checkpoint
+    from optima.checkpoint import CheckpointManager
+    from optima.cli.run import command_line
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    monkeypatch.setenv("OPTIMA_CACHE", str(cache))
+    hits = []
+    real_save, real_text = safetensors.torch.save_file, checkpoint._write_text
+
+    def save_file(tensors, filename, metadata=None):
+        if re.search(where, str(filename)):
+            hits.append(filename)
+            Path(filename).write_bytes(b"half a file")  # what a full disk leaves
+            raise SafetensorError(ENOSPC_TEXT)
+        return real_save(tensors, filename, metadata)
+
+    def write_text(path, text):
+        if re.search(where, str(path)):
+            hits.append(path)
+            Path(path).write_text(text[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_text(path, text)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(checkpoint, "_write_text", write_text)
+    bindings = [a for b in QUICK for a in ("-b", b)]
+    code, lines = run_cli("gin/quickstart.gin", "--run-dir", str(run), *bindings)
+    assert len(hits) == 1, lines
+    resume = command_line("gin/quickstart.gin", QUICK, "--resume", str(run))
+    pattern = re.escape(f"optima: error: {expected}; resume with: {resume}").replace(
+        re.escape("{run}"), re.escape(str(run))).replace(re.escape("{cache}"), re.escape(str(cache))).replace(
+        re.escape("[0-9a-f]{16}"), "[0-9a-f]{16}")
+    assert code == 1
+    assert [line for line in lines if line.startswith("optima: error")] == [lines[-1]]
+    assert re.fullmatch(pattern, lines[-1]), lines[-1]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    for step in sorted(run.glob("checkpoints/*/step-*")):
+        CheckpointManager.load(step)  # intact: sizes and checksums match
+    if what == "second distillation checkpoint":  # the resume command finishes the run
+        monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+        code, lines = run_cli("gin/quickstart.gin", *bindings, "--resume", str(run))
+        assert code == 0, lines
+        assert json.loads((run / "metrics.json").read_text())["stages"]["student"]["resumed_from_step"] == 1
+
+
+def test_a_write_the_os_refuses_inside_safetensors_is_understood(tmp_path):
+    """Not injected: the OS refuses the write (a file size limit, EFBIG) inside
+    safetensors' Rust code, and its error is read as the file system's."""
+    import resource
+    import signal
+
+    import torch
+
+    from optima.checkpoint import CheckpointManager, CheckpointWriteError
+
+    manager = CheckpointManager(tmp_path / "ckpt")
+    manager.save({"w": torch.zeros(4)}, step=1)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(CheckpointWriteError) as e:
+            manager.save({"w": torch.zeros(100_000)}, step=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(e.value) == (f"could not write checkpoint {tmp_path}/ckpt/step-000000002: File too large; "
+                            f"the previous checkpoint {tmp_path}/ckpt/step-000000001 is intact")
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-000000001"]
