@@ -533,7 +533,7 @@ def fault_point(where: str, n: int) -> None:
 #: when a run is resumed, and they are left out of the stage cache keys.
 OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "on_nonfinite")
 OPERATIONAL_BINDINGS = tuple(f"{c}.{p}" for c in ("distillation", "teacher_training") for p in OPERATIONAL) \
-    + ("experiment.cache_dir",)
+    + ("experiment.cache_dir", "experiment.data_workers")
 
 
 def is_operational(key: str) -> bool:

@@ -13,16 +13,17 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from optima.arms import ArmSpace
-from optima.checkpoint import CheckpointError, check_same_layout, preserved_rng
+from optima.checkpoint import CheckpointError, check_same_layout
+from optima.data import BatchStream, SkippedRecords, eval_batches, to_device  # noqa: F401 (the engine's data API)
 from optima.errors import ConfigError, OptimaError
-from optima.interfaces import (SKIPPED_RECORDS, Batch, Capture, DistillableModel, Head, Loss, Policy, Reward,
-                               RoundLosses, StepLosses, Task)
+from optima.interfaces import (Batch, Capture, DistillableModel, Head, Loss, Policy, Reward, RoundLosses, StepLosses,
+                               Task, batch_rows)
 from optima.taps import Recorder
 
 
@@ -46,112 +47,6 @@ class Network(nn.Module):
         return self.head(self.model(batch))
 
 
-class BatchStream:
-    """Endless shuffled batches of one split, epoch after epoch; its position is
-    state so that a resumed run sees the same batches.
-
-    After `load_state_dict`, the first `next` goes on after the epoch's first
-    `position` batches (`Task.batches_from`, without touching any global RNG);
-    a task's `batches` must depend only on its arguments (the seed among them).
-    Examples a task left out (`SKIPPED_RECORDS`) are reported to `warn` once each
-    and kept in `skipped_records` (state too); a batch left with no rows is
-    passed over. A pass that yields no rows at all is a `ConfigError`, not an
-    endless loop.
-    """
-
-    def __init__(self, task: Task, split: str, batch_size: int, seed: int, device: torch.device,
-                 warn: Callable[[str], None] | None = None):
-        self.task, self.split, self.batch_size, self.seed, self.device = task, split, batch_size, seed, device
-        self.epoch, self.position = 0, 0
-        self.skipped_records = SkippedRecords(warn)
-        self._it: Iterator[Batch] | None = None
-        self._rows = 0  # rows yielded in this pass, if it started at its beginning
-
-    def __iter__(self):
-        return self
-
-    def _start_epoch(self) -> None:
-        seed = self.seed + self.epoch
-        self._rows = None if self.position else 0
-        if self.position:  # after a resume: past the batches the saved run had already seen
-            with preserved_rng():
-                self._it = iter(self.task.batches_from(self.split, self.batch_size, seed=seed, start=self.position))
-        else:
-            self._it = iter(self.task.batches(self.split, self.batch_size, shuffle=True, seed=seed))
-
-    def __next__(self) -> Batch:
-        while True:
-            if self._it is None:
-                self._start_epoch()
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                if self._rows == 0:
-                    raise ConfigError(f"the {self.split} split of {type(self.task).__name__} has no usable "
-                                      f"examples{self.skipped_records.why_none()}") from None
-                self._it, self.epoch, self.position = None, self.epoch + 1, 0
-                continue
-            self.position += 1
-            batch = self.skipped_records.take(batch)
-            rows = batch_rows(batch)
-            if self._rows is not None:
-                self._rows += rows
-            if rows:
-                return to_device(batch, self.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "skipped_records": list(self.skipped_records)}
-
-    def load_state_dict(self, state) -> None:
-        self.epoch, self.position, self._it = int(state["epoch"]), int(state["position"]), None
-        self.skipped_records.load(state.get("skipped_records", ()))
-
-
-class SkippedRecords:
-    """The distinct reasons examples were left out of batches (`SKIPPED_RECORDS`),
-    in order; each new one goes to `warn` (as `warning: <reason>`)."""
-
-    def __init__(self, warn: Callable[[str], None] | None = None):
-        self.warn = warn
-        self._reasons: dict[str, None] = {}
-
-    def take(self, batch: Batch) -> Batch:
-        """`batch` without its `SKIPPED_RECORDS`, which are recorded."""
-        if SKIPPED_RECORDS not in batch:
-            return batch
-        for reason in batch[SKIPPED_RECORDS]:
-            if reason not in self._reasons:
-                self._reasons[reason] = None
-                if self.warn is not None:
-                    self.warn(f"warning: {reason}")
-        return {k: v for k, v in batch.items() if k != SKIPPED_RECORDS}
-
-    def why_none(self) -> str:
-        return f" (all {len(self)} unreadable; the first: {next(iter(self._reasons))})" if self._reasons else ""
-
-    def load(self, reasons: Iterable[str]) -> None:
-        self._reasons = dict.fromkeys(str(r) for r in reasons)
-
-    def __iter__(self):
-        return iter(self._reasons)
-
-    def __len__(self) -> int:
-        return len(self._reasons)
-
-
-def batch_rows(batch: Batch) -> int:
-    """The number of examples in a batch: the leading size of its first tensor
-    with a batch dimension (0 if it has none)."""
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    return 0
-
-
-def to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on GPUs when asked; full precision otherwise."""
     if enabled and device.type == "cuda":
@@ -161,20 +56,21 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(network: Network, task: Task, split: str, batch_size: int, device: torch.device,
-             amp: bool = False, skipped: SkippedRecords | None = None) -> dict[str, float]:
-    """`task.evaluate` over `split`, in order. Examples the task left out go to
+             amp: bool = False, skipped: SkippedRecords | None = None, workers: int = 0) -> dict[str, float]:
+    """`task.evaluate` over `split`, in order (`workers` DataLoader processes make
+    the batches of a task with a `batch_source`). Examples the task left out go to
     `skipped`; a split without any example is a `ConfigError` (no metric of nothing)."""
     skipped = SkippedRecords() if skipped is None else skipped
     rows = 0
 
     def batches():
         nonlocal rows
-        for batch in task.batches(split, batch_size, shuffle=False, seed=0):
+        for batch in eval_batches(task, split, batch_size, device, workers):
             batch = skipped.take(batch)
             n = batch_rows(batch)
             rows += n
             if n:
-                yield to_device(batch, device)
+                yield batch
 
     was_training = network.training
     network.eval()
@@ -300,12 +196,13 @@ class Finetuner(_Loop):
     def __init__(self, network: Network, task: Task, *, steps: int, batch_size: int,
                  optimizer: torch.optim.Optimizer, scheduler: Any, seed: int, device: torch.device,
                  grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Any] = (),
-                 on_nonfinite: str = "stop", name: str = "teacher", binding: str = "teacher_training.on_nonfinite"):
+                 on_nonfinite: str = "stop", name: str = "teacher", binding: str = "teacher_training.on_nonfinite",
+                 workers: int = 0):
         self.network, self.task, self.steps, self.device, self.amp = network, task, steps, device, amp
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.callbacks, self.name, self.binding = list(callbacks), name, binding
         self.on_nonfinite = _check_action(on_nonfinite, binding)
-        self.stream = BatchStream(task, "train", batch_size, seed, device, warn=self._message)
+        self.stream = BatchStream(task, "train", batch_size, seed, device, warn=self._message, workers=workers)
         self.step = 0
         self.skipped = 0
 

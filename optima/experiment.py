@@ -16,7 +16,8 @@ stage's gin bindings (`teacher_training.*` and the `teacher/` scope for the
 teacher; for a student stage every binding outside the teacher's and the other
 stages' scopes). A rerun, or a second experiment that shares a stage, reuses it.
 Bindings that only decide how a run is kept alive (`checkpoint_every`,
-`keep_checkpoints`, `on_nonfinite`, `experiment.cache_dir`) are left out of the keys.
+`keep_checkpoints`, `on_nonfinite`, `experiment.cache_dir`,
+`experiment.data_workers`) are left out of the keys.
 
 Runs survive interruptions (`optima.checkpoint`): the teacher's fine-tuning every
 `teacher_training.checkpoint_every` steps and each distillation stage every
@@ -45,8 +46,10 @@ from optima.align import pair_layouts
 from optima.arms import ArmSpace
 from optima.checkpoint import Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_json_atomic
 from optima.config import TEACHER
-from optima.engine import BatchStream, Distiller, Finetuner, Network, SkippedRecords, batch_rows, evaluate
+from optima.data import SkippedRecords, default_workers
+from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError
+from optima.interfaces import batch_rows
 from optima.reporting import Reporter, Reporters, TensorBoardReporter
 from optima.validation import validate_experiment
 
@@ -164,9 +167,9 @@ def _load_cached(network: torch.nn.Module, path: Path, device: torch.device, rep
 
 # --- stages ----------------------------------------------------------------------
 
-@gin.configurable(denylist=["network", "task", "seed", "device", "reporter", "cache", "keeper"])
+@gin.configurable(denylist=["network", "task", "seed", "device", "reporter", "cache", "keeper", "workers"])
 def teacher_training(network: Network, task, seed: int, device: torch.device, reporter: Reporter, cache: Path,
-                     keeper: RunKeeper | None = None, *,
+                     keeper: RunKeeper | None = None, workers: int = 0, *,
                      steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
                      optimizer: Callable = gin.REQUIRED, head_lr: float | None = None, warmup_steps: int = 0,
                      grad_clip: float = 1.0, amp: bool = False, checkpoint_every: int = 500,
@@ -188,7 +191,8 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     opt = optimizer(param_groups([network.model], [network.head], head_lr))
     tuner = Finetuner(network, task, steps=steps, batch_size=batch_size, optimizer=opt,
                       scheduler=linear_warmup_decay(opt, steps, warmup_steps), seed=seed, device=device,
-                      grad_clip=grad_clip, amp=amp, callbacks=[reporter], on_nonfinite=on_nonfinite, name=TEACHER)
+                      grad_clip=grad_clip, amp=amp, callbacks=[reporter], on_nonfinite=on_nonfinite, name=TEACHER,
+                      workers=workers)
     result: dict[str, Any] = {"key": key, "cached": False, "path": str(path)}
     after_step = None
     if keeper is not None:
@@ -206,7 +210,10 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
                 raise keeper.stop(f"after teacher step {t.step}", saved)
 
     reporter.on_stage(TEACHER, steps, "step", tuner.step)
-    tuner.run(after_step)
+    try:
+        tuner.run(after_step)
+    finally:
+        tuner.stream.close()
     _save_atomic(network, path)
     reporter.on_message(f"teacher: cached at {path}")
     if tuner.skipped:
@@ -216,9 +223,9 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     return result
 
 
-@gin.configurable(denylist=["name", "teacher", "student", "task", "seed", "device", "reporter"])
+@gin.configurable(denylist=["name", "teacher", "student", "task", "seed", "device", "reporter", "workers"])
 def distillation(name: str, teacher: Network, student: Network, task, seed: int, device: torch.device,
-                 reporter: Reporter, *, rounds: int = gin.REQUIRED, steps_per_round: int = gin.REQUIRED,
+                 reporter: Reporter, workers: int = 0, *, rounds: int = gin.REQUIRED, steps_per_round: int = gin.REQUIRED,
                  batch_size: int = gin.REQUIRED, policy: Callable = gin.REQUIRED, reward=gin.REQUIRED,
                  loss: Callable = gin.REQUIRED, optimizer: Callable = gin.REQUIRED,
                  arms: Sequence[Sequence[str]] | None = None, head_lr: float | None = None,
@@ -245,7 +252,7 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         name=name, teacher=teacher, student=student, task=task, loss=objective, arms=arm_space,
         policy=policy(num_arms=len(arm_space), seed=seed), reward=reward, optimizer=opt,
         scheduler=linear_warmup_decay(opt, total, warmup_steps),
-        stream=BatchStream(task, "train", batch_size, seed + 1, device, warn=reporter.on_message),
+        stream=BatchStream(task, "train", batch_size, seed + 1, device, warn=reporter.on_message, workers=workers),
         steps_per_round=steps_per_round,
         rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter],
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
@@ -257,7 +264,7 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
                task: Callable = gin.REQUIRED, teacher: Callable = gin.REQUIRED, head: Callable = gin.REQUIRED,
                student: Callable | None = None, students: Mapping[str, Callable] | None = None,
                seed: int = 0, device: str = "auto", eval_batch_size: int = 256,
-               cache_dir: str | None = None) -> dict[str, Any]:
+               cache_dir: str | None = None, data_workers: int | None = None) -> dict[str, Any]:
     """Teacher (cached), one or more distillation stages (cached), test evaluation.
 
     `student` is shorthand for `students = {'student': ...}`. Writes TensorBoard
@@ -267,6 +274,11 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
     validated first (`optima.validation`); `validate_only` stops there. With
     `dry_run`, builds every model on the meta device and returns the plan
     instead (nothing is loaded, trained or written).
+
+    `data_workers`: DataLoader worker processes that make the batches of a task
+    with a `batch_source` (the image tasks), per training process; None: one
+    fewer than the CPUs available to the process (`optima.data.default_workers`).
+    The batches do not depend on it, so it may change on resume.
     """
     if (student is None) == (students is None):
         raise ConfigError("bind exactly one of experiment.student and experiment.students")
@@ -274,7 +286,7 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
     if TEACHER in stages:
         raise ConfigError(f"'{TEACHER}' is reserved; rename that student in experiment.students")
     validate_experiment(task=task, teacher=teacher, stages=stages, seed=seed, device=device,
-                        eval_batch_size=eval_batch_size, device_present=not dry_run)
+                        eval_batch_size=eval_batch_size, data_workers=data_workers, device_present=not dry_run)
     if validate_only:
         return {}
     if dry_run:
@@ -284,12 +296,13 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
 
     with Interrupts() as interrupts:
         return _run(run_dir, reporters, interrupts, task=task, teacher=teacher, head=head, stages=stages, seed=seed,
-                    device=device, eval_batch_size=eval_batch_size, cache_dir=cache_dir)
+                    device=device, eval_batch_size=eval_batch_size, cache_dir=cache_dir,
+                    workers=default_workers() if data_workers is None else data_workers)
 
 
 def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *, task: Callable, teacher: Callable,
          head: Callable, stages: Mapping[str, Callable], seed: int, device: str, eval_batch_size: int,
-         cache_dir: str | None) -> dict[str, Any]:
+         cache_dir: str | None, workers: int) -> dict[str, Any]:
     dev = resolve_device(device)
     cache = Path(cache_dir or default_cache_dir())
     seed_everything(seed)
@@ -306,7 +319,8 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
     networks = {TEACHER: teacher_net}
     try:
         tb.add_text("config/config.gin", gin.config_str())
-        summary["stages"][TEACHER] = teacher_training(teacher_net, the_task, seed, dev, reporter, cache, keeper)
+        summary["stages"][TEACHER] = teacher_training(teacher_net, the_task, seed, dev, reporter, cache, keeper,
+                                                     workers)
         upstream, current_teacher = summary["stages"][TEACHER]["key"], teacher_net
         for i, (name, factory) in enumerate(stages.items()):
             seed_everything(seed + 1 + i)
@@ -314,7 +328,7 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
                 student_net = _network(factory, head, the_task, dev)
                 summary["params_M"][name] = _count(student_net)
                 result = _distillation_stage(name, current_teacher, student_net, the_task, seed, dev, reporter,
-                                             cache, upstream, list(stages), keeper)
+                                             cache, upstream, list(stages), keeper, workers)
             summary["stages"][name] = result
             networks[name] = student_net
             upstream, current_teacher = result["key"], student_net
@@ -322,7 +336,8 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
         for name, net in networks.items():
             if keeper.interrupted:  # every stage is finished and cached: a resume only evaluates
                 raise keeper.stop("before the evaluation")
-            summary["metrics"][name] = evaluate(net, the_task, "test", eval_batch_size, dev, skipped=unreadable)
+            summary["metrics"][name] = evaluate(net, the_task, "test", eval_batch_size, dev, skipped=unreadable,
+                                                workers=workers)
             reporter.on_eval(name, summary["metrics"][name])
         # damaged files left out of training (stages trained in this run) and evaluation
         reasons = [r for stage in summary["stages"].values() for r in stage.get("skipped_records", ())]
@@ -353,7 +368,7 @@ def _network(model_factory: Callable, head: Callable, task, device: torch.device
 
 
 def _distillation_stage(name, teacher, student, task, seed, device, reporter, cache, upstream, stages,
-                        keeper: RunKeeper | None = None):
+                        keeper: RunKeeper | None = None, workers: int = 0):
     key = stage_key(weights=_weights_digest(student), task=task.fingerprint(), seed=seed, upstream=upstream,
                     bindings=_bindings(name, stages))
     path = cache / f"student-{key}.safetensors"
@@ -361,7 +376,7 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
     if path.exists() and record.exists() and _load_cached(student, path, device, reporter):
         reporter.on_message(f"{name}: reusing {path}")
         return {**json.loads(record.read_text()), "cached": True}
-    distiller = distillation(name, teacher, student, task, seed, device, reporter)
+    distiller = distillation(name, teacher, student, task, seed, device, reporter, workers)
     resumed = None
     hooks: dict[str, Any] = {}
     if keeper is not None:
@@ -385,6 +400,7 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
         distiller.run(**hooks)
     finally:
         distiller.close()
+        distiller.stream.close()
     result = {"key": key, "path": str(path), "arms": distiller.arms.labels(),
               "plays": [r.arm for r in distiller.history], "rewards": [r.reward for r in distiller.history]}
     if distiller.skipped:

@@ -7,7 +7,8 @@ A plugin fills these in; the engine (`optima.engine`) only talks to them:
 - `Reward`: two consecutive rounds' losses (`RoundLosses`) -> a reward in [0, 1].
 - `Policy`: picks an arm each round and learns from its reward.
 - `Loss`: the step objective for the played arm, the whole-model and per-module terms.
-- `Task`: data splits, the task loss and the metric.
+- `Task`: data splits, the task loss and the metric; optionally a `BatchSource`
+  (batch k made alone) so that worker processes make its batches.
 
 `ArmSpace` (the arms over a model's modules) is concrete: see `optima.arms`.
 """
@@ -88,6 +89,58 @@ class Head(nn.Module, abc.ABC):
     def forward(self, features: torch.Tensor) -> torch.Tensor: ...
 
 
+class BatchSource(abc.ABC):
+    """One pass of `Task.batches` as a map: `len(source)` batches, batch `k` made
+    alone, in any process and in any order.
+
+    The engine hands a source to `torch.utils.data.DataLoader` worker processes,
+    which make batches in parallel and ahead of the step. So a source is
+    pickled (no open files, pools or locks in it), and `batch(k)` depends only
+    on `k` and the pass's arguments (randomness from a generator seeded per
+    batch, drawn up front; never a global RNG): then the batches are the same
+    for any number of workers, and a resumed run starts at its batch unmade.
+    """
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def batch(self, k: int) -> Batch:
+        """Batch `k` of the pass, equal to the k-th batch `Task.batches` yields."""
+
+    def shard(self, k: int, rank: int, world: int) -> Batch:
+        """Process `rank`'s share of batch `k` in a run of `world` processes: its
+        rows `shard_rows(n, rank, world)`. This default makes the whole batch and
+        slices it; override it to make only those rows (the image tasks do)."""
+        return slice_rows(self.batch(k), rank, world)
+
+
+def shard_rows(n: int, rank: int, world: int) -> slice:
+    """The rows of an `n`-row batch that process `rank` of `world` gets: contiguous,
+    sizes differing by at most one, in rank order."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def batch_rows(batch: Batch) -> int:
+    """The number of examples in a batch: the leading size of its first tensor
+    with a batch dimension (0 if it has none)."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return 0
+
+
+def slice_rows(batch: Batch, rank: int, world: int) -> dict[str, Any]:
+    """`batch` cut to the rows of `rank` (see `shard_rows`): tensors and lists
+    with the batch's leading size are sliced, anything else is kept."""
+    if world == 1:
+        return dict(batch)
+    n = batch_rows(batch)
+    rows = shard_rows(n, rank, world)
+    return {k: v[rows] if isinstance(v, (torch.Tensor, list, tuple)) and len(v) == n and k != SKIPPED_RECORDS else v
+            for k, v in batch.items()}
+
+
 class Task(abc.ABC):
     """Data and evaluation of one task. Batches are dicts of tensors."""
 
@@ -116,6 +169,13 @@ class Task(abc.ABC):
             if next(it, None) is None:  # the pass ended there
                 break
         return it
+
+    def batch_source(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> BatchSource | None:
+        """The pass `batches(split, batch_size, shuffle=shuffle, seed=seed)` as a
+        `BatchSource`, so that DataLoader worker processes make its batches (decode,
+        augmentation, tokenisation off the training process, ahead of the step);
+        None (this default): the engine calls `batches` in the training process."""
+        return None
 
     @abc.abstractmethod
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:

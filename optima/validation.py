@@ -160,12 +160,15 @@ def _check_device(device: Any, available: bool) -> None:
 
 
 def validate_experiment(*, task: Callable, teacher: Callable, stages: Mapping[str, Callable], seed: Any,
-                        device: Any, eval_batch_size: Any, device_present: bool = True) -> None:
+                        device: Any, eval_batch_size: Any, data_workers: Any = None,
+                        device_present: bool = True) -> None:
     """Raise `ConfigError` for the first binding out of its range (see module doc).
     `device_present`: also require the device and the data to exist here (not for
     a dry run, which lists what is missing)."""
     _check("experiment.seed", seed, integer(0, 2**63 - 1))
     _check("experiment.eval_batch_size", eval_batch_size, integer(1))
+    if data_workers is not None:
+        _check("experiment.data_workers", data_workers, integer(0))
     _check_device(device, device_present)
     for name in stages:
         if not isinstance(name, str) or not gin.config.config_parser.MODULE_RE.match(name):

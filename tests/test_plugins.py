@@ -328,6 +328,14 @@ def test_the_docs_examples_run_as_plugins():
     assert model.module_names() == documented["text_only_model"].modules
     task = documented["parity_task"].factory(size=8)
     batch = next(task.batches("train", 4, shuffle=True, seed=0))
+    # its batch source: DataLoader workers make the same batches as `batches`
+    from optima.data import BatchStream
+
+    stream = BatchStream(task, "train", 3, 0, torch.device("cpu"), workers=2)
+    made = [next(stream) for _ in range(3)]
+    stream.close()
+    assert all(torch.equal(m[k], b[k]) for m, b in zip(made, task.batches("train", 3, shuffle=True, seed=0))
+               for k in b)
     head = documented["mean_pool_head"].factory(model, task)
     logits = head(model(batch))
     assert logits.shape == (4, 2) and torch.isfinite(task.loss(logits, batch))

@@ -6,18 +6,21 @@
   centre crop. The random crop draws from torch's global generator, which is
   seeded per batch (from the `batches` seed) inside `torch.random.fork_rng`, so a
   given seed always gives the same tensors and the caller's generator is left
-  alone. Files are decoded in a small thread pool (`load_threads`); the
-  transforms then run in order in the calling thread, which keeps them
-  deterministic.
+  alone. Batches are made by `torch.utils.data.DataLoader` worker processes
+  (`VLTask.batch_source`, see `optima.data`); in the training process itself
+  (no workers) files are decoded in a small thread pool (`load_threads`). The
+  transforms run in order in the process that makes the batch, which keeps
+  them deterministic.
 - Text goes through open_clip's bundled BPE tokenizer (`SimpleTokenizer`: the
   vocabulary ships inside the package, nothing is fetched): start-of-text,
   tokens, end-of-text, zero padding, truncated to `context_length` (the last
   kept token is then end-of-text).
 - A task parses its annotation files once per split into an in-memory list of
   `Record`s (paths and strings only, small); images are loaded lazily, per
-  batch. `VLTask.batches` shuffles with a `torch.Generator` and yields the last
-  partial batch too; `batches_from` (a resumed run) starts at a given batch
-  without reading the images of those before it.
+  batch. A pass (`VLPass`) shuffles with a `torch.Generator`, draws one seed
+  per batch up front and includes the last partial batch; so batch k can be
+  made alone, by any worker, and `batches_from` (a resumed run) starts at a
+  given batch without reading the images of those before it.
 - A missing file raises `optima.errors.ConfigError` naming the path and the gin
   binding to set; `missing_paths()` lists the expected-but-absent files and
   folders without raising and without parsing anything. An annotation file that
@@ -40,11 +43,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
+from torch.utils.data import get_worker_info
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 
 from optima.errors import ConfigError
-from optima.interfaces import SKIPPED_RECORDS, Batch, Task
+from optima.interfaces import SKIPPED_RECORDS, Batch, BatchSource, Task, shard_rows
 
 SPLITS = ("train", "val", "test")
 PAD_ID = 0  # open_clip's tokenizer pads with 0 (CoCa's `pad_id`)
@@ -219,34 +223,25 @@ class VLTask(Task):
 
     # -- Task --------------------------------------------------------------
 
+    def batch_source(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> "VLPass":
+        return VLPass(self, split, batch_size, shuffle, seed)
+
     def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> Iterator[Batch]:
-        return self._batches(split, batch_size, shuffle, seed, start=0)
+        source = self.batch_source(split, batch_size, shuffle=shuffle, seed=seed)
+        return (source.batch(k) for k in range(len(source)))
 
     def batches_from(self, split: str, batch_size: int, *, seed: int, start: int) -> Iterator[Batch]:
         # a resumed run skips the batches it saw without reading their images
-        return self._batches(split, batch_size, True, seed, start)
-
-    def _batches(self, split: str, batch_size: int, shuffle: bool, seed: int, start: int) -> Iterator[Batch]:
-        records = self.records(split)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(records)
-        g = torch.Generator().manual_seed(int(seed))
-        order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
-        n_batches = (n + batch_size - 1) // batch_size
-        # One seed per batch, drawn up front: batch k is the same whether or not
-        # batches 0..k-1 were materialised (a resumed stream skips them).
-        batch_seeds = torch.randint(0, 2 ** 62, (n_batches,), generator=g).tolist()
-        for k in range(start, n_batches):
-            chunk = [records[i] for i in order[k * batch_size:(k + 1) * batch_size]]
-            yield self.make_batch(chunk, split, torch.Generator().manual_seed(batch_seeds[k]))
+        source = self.batch_source(split, batch_size, shuffle=True, seed=seed)
+        return (source.batch(k) for k in range(start, len(source)))
 
     def make_batch(self, records: Sequence[Record], split: str, generator: torch.Generator) -> Batch:
         """The batch of `records`: each record's images read (`read_record`), a
         record with an unreadable image left out and its reason listed under
         `batch["skipped_records"]`, then `_collate`. Every record may be left out:
         the batch then has no rows."""
-        if self.load_threads > 1 and len(records) > 1:
+        # in a DataLoader worker the workers are the parallelism: read in order
+        if self.load_threads > 1 and len(records) > 1 and get_worker_info() is None:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.load_threads, thread_name_prefix=f"{self.name}-images")
             read = list(self._pool.map(self.read_record, records))
@@ -367,6 +362,45 @@ class VLTask(Task):
         state = dict(self.__dict__)
         state["_pool"] = None  # thread pools do not pickle
         return state
+
+
+class VLPass(BatchSource):
+    """One pass over a split of a `VLTask` (see `Task.batch_source`): the order and
+    one seed per batch are drawn up front from `seed`, so batch `k` is the same
+    whether or not batches `0..k-1` were made, in whatever process makes it.
+
+    A shard (`shard(k, rank, world)`, a process's rows in a run of several) reads
+    only its rows' images; its random choices (crops, a caption) come from the
+    batch's seed and the rank, so they differ from the same rows of the whole
+    batch (which a run of one process makes), while the examples are the same.
+    """
+
+    def __init__(self, task: VLTask, split: str, batch_size: int, shuffle: bool, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.task, self.split, self.batch_size = task, split, int(batch_size)
+        n = len(task.records(split))
+        g = torch.Generator().manual_seed(int(seed))
+        self.order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        n_batches = (n + batch_size - 1) // batch_size
+        self.seeds = torch.randint(0, 2 ** 62, (n_batches,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def _records(self, k: int) -> list[Record]:
+        records = self.task.records(self.split)
+        return [records[i] for i in self.order[k * self.batch_size:(k + 1) * self.batch_size].tolist()]
+
+    def batch(self, k: int) -> Batch:
+        return self.task.make_batch(self._records(k), self.split, torch.Generator().manual_seed(int(self.seeds[k])))
+
+    def shard(self, k: int, rank: int, world: int) -> Batch:
+        if world == 1:
+            return self.batch(k)
+        records = self._records(k)
+        mine = records[shard_rows(len(records), rank, world)]
+        return self.task.make_batch(mine, self.split, torch.Generator().manual_seed(int(self.seeds[k]) + rank))
 
 
 # -- json -----------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""The input pipeline (optima.data): batches made by DataLoader worker processes
+are the same, in the same order, for any number of workers; a resumed stream
+starts at its batch without opening the images of earlier ones; a task with
+only `batches` still works, in the training process; shards of a batch are its
+rows."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from optima.data import BatchStream, default_workers, eval_batches
+from optima.interfaces import shard_rows, slice_rows
+from optima.plugins.tasks import vl_data
+from optima.plugins.tasks.snli_ve import LABELS, SnliVe
+from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
+
+N = 12  # examples, each with its own image; batches of 2: 6 per epoch
+
+
+def make_snli(root: Path, n: int = N) -> Path:
+    images = root / "flickr30k_images"
+    images.mkdir(parents=True)
+    rows = []
+    for k in range(n):
+        im = Image.new("RGB", (48, 36), (20 * k % 256, 255 - 20 * k % 256, 90))
+        for x in range(k * 3 % 40, k * 3 % 40 + 6):
+            for y in range(36):
+                im.putpixel((x, y), (255, 255, 255))
+        im.save(images / f"{k}.jpg", quality=90)
+        rows.append({"Flikr30kID": f"{k}.jpg", "sentence2": f"Sentence number {k}.", "gold_label": LABELS[k % 3]})
+    for name in ("snli_ve_train.jsonl", "snli_ve_dev.jsonl", "snli_ve_test.jsonl"):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture
+def task(tmp_path):
+    return SnliVe(data_dir=str(make_snli(tmp_path / "snli")), image_size=32, context_length=12, augment=True,
+                  load_threads=2)
+
+
+def _take(stream: BatchStream, n: int) -> list[dict]:
+    out = [next(stream) for _ in range(n)]
+    stream.close()
+    return out
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+def test_batches_are_the_same_for_any_number_of_workers(task):
+    """15 batches (2.5 epochs, random crops on): 0, 1 and 2 workers give equal tensors."""
+    runs = {w: _take(BatchStream(task, "train", 2, 5, torch.device("cpu"), workers=w), 15) for w in (0, 1, 2)}
+    assert _same(runs[0], runs[1]) and _same(runs[0], runs[2])
+    # and they are the task's own passes, epoch e shuffled with seed + e
+    own = [b for e in range(3) for b in task.batches("train", 2, shuffle=True, seed=5 + e)][:15]
+    assert _same(runs[0], own)
+    assert not torch.equal(runs[0][0]["image"], runs[0][6]["image"])  # epochs differ
+
+
+def test_a_resumed_stream_starts_at_its_batch_without_opening_earlier_images(task, tmp_path, monkeypatch):
+    """A stream restored at epoch 1, batch 3, with 2 workers: its batches are the
+    uninterrupted stream's from there, and no worker opened an image of batches
+    0-2 of that epoch (each example has its own image, so the sets are disjoint)."""
+    full = _take(BatchStream(task, "train", 2, 5, torch.device("cpu")), 6 + 5)
+    log = tmp_path / "opened.txt"
+
+    def logged(path, real=vl_data._open_rgb):
+        with open(log, "a") as f:  # the workers are other processes: they report through a file
+            f.write(path + "\n")
+        return real(path)
+
+    monkeypatch.setattr(vl_data, "_open_rgb", logged)
+    stream = BatchStream(task, "train", 2, 5, torch.device("cpu"), workers=2, prefetch=1)
+    stream.load_state_dict({"epoch": 1, "position": 3})
+    resumed = _take(stream, 2)
+    assert _same(resumed, full[9:11])
+    assert stream.state_dict() == {"epoch": 1, "position": 5}
+
+    records = task.records("train")
+    source = task.batch_source("train", 2, shuffle=True, seed=6)  # epoch 1
+    def images(k):
+        return {records[i].images[0] for i in source.order[2 * k:2 * k + 2].tolist()}
+    opened = set(log.read_text().split())
+    assert images(3) | images(4) <= opened
+    assert not opened & (images(0) | images(1) | images(2))
+
+
+def test_a_task_with_only_batches_is_read_in_the_training_process():
+    """The synthetic task has no `batch_source`: workers are not used, batches are
+    the task's own, and a resumed stream goes on where it was."""
+    task = SyntheticVisualEntailment(image_size=16, context_length=8, train_size=10, val_size=0, test_size=4)
+    assert task.batch_source("train", 4, shuffle=True, seed=0) is None
+    stream = BatchStream(task, "train", 4, 1, torch.device("cpu"), workers=2)
+    got = _take(stream, 5)
+    own = [*task.batches("train", 4, shuffle=True, seed=1), *task.batches("train", 4, shuffle=True, seed=2)][:5]
+    assert _same(got, own)
+    resumed = BatchStream(task, "train", 4, 1, torch.device("cpu"), workers=2)
+    resumed.load_state_dict({"epoch": 1, "position": 1})
+    assert _same(_take(resumed, 1), own[4:5])
+
+
+def test_evaluation_batches_with_workers_are_the_unshuffled_pass(task):
+    own = list(task.batches("test", 5, shuffle=False, seed=0))
+    assert _same(list(eval_batches(task, "test", 5, torch.device("cpu"), workers=2)), own)
+
+
+def test_shards_are_the_rows_of_the_batch(tmp_path):
+    """Without random choices (no augmentation), the shards of a batch over 3
+    processes, in rank order, are the whole batch; a source's default `shard`
+    slices the whole batch the same way."""
+    task = SnliVe(data_dir=str(make_snli(tmp_path / "snli", n=7)), image_size=32, context_length=12,
+                  augment=False, load_threads=0)
+    source = task.batch_source("train", 5, shuffle=True, seed=3)
+    for k in range(len(source)):
+        whole = source.batch(k)
+        shards = [source.shard(k, r, 3) for r in range(3)]
+        assert _same([{key: torch.cat([s[key] for s in shards]) for key in whole}], [whole])
+        assert _same([slice_rows(whole, r, 3) for r in range(3)], shards)
+    assert [shard_rows(5, r, 3) for r in range(3)] == [slice(0, 1), slice(1, 3), slice(3, 5)]
+
+
+def test_default_workers_leave_a_cpu_to_the_training_process(monkeypatch):
+    monkeypatch.setattr("optima.data.available_cpus", lambda: 16)
+    assert default_workers() == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on the node share its CPUs
+    assert default_workers() == 1
+    monkeypatch.setattr("optima.data.available_cpus", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers() == 0
