@@ -64,11 +64,14 @@ def test_batches_are_the_same_for_any_number_of_workers(task):
     assert not torch.equal(runs[0][0]["image"], runs[0][6]["image"])  # epochs differ
 
 
-def test_a_resumed_stream_starts_at_its_batch_without_opening_earlier_images(task, tmp_path, monkeypatch):
+def test_a_resumed_stream_starts_at_its_batch_without_opening_earlier_images(tmp_path, monkeypatch):
     """A stream restored at epoch 1, batch 3, with 2 workers: its batches are the
     uninterrupted stream's from there, and no worker opened an image of batches
-    0-2 of that epoch (each example has its own image, so the sets are disjoint)."""
-    full = _take(BatchStream(task, "train", 2, 5, torch.device("cpu")), 6 + 5)
+    0-2 of that epoch (each example has its own image, so the sets are disjoint;
+    12 batches an epoch, so the workers' prefetching stays inside epoch 1)."""
+    task = SnliVe(data_dir=str(make_snli(tmp_path / "snli", n=24)), image_size=32, context_length=12, augment=True,
+                  load_threads=2)
+    full = _take(BatchStream(task, "train", 2, 5, torch.device("cpu")), 12 + 5)
     log = tmp_path / "opened.txt"
 
     def logged(path, real=vl_data._open_rgb):
@@ -80,7 +83,7 @@ def test_a_resumed_stream_starts_at_its_batch_without_opening_earlier_images(tas
     stream = BatchStream(task, "train", 2, 5, torch.device("cpu"), workers=2, prefetch=1)
     stream.load_state_dict({"epoch": 1, "position": 3})
     resumed = _take(stream, 2)
-    assert _same(resumed, full[9:11])
+    assert _same(resumed, full[15:17])
     assert stream.state_dict() == {"epoch": 1, "position": 5}
 
     records = task.records("train")
