@@ -84,7 +84,7 @@ def test_a_resumed_stream_starts_at_its_batch_without_opening_earlier_images(tmp
     stream.load_state_dict({"epoch": 1, "position": 3})
     resumed = _take(stream, 2)
     assert _same(resumed, full[15:17])
-    assert stream.state_dict() == {"epoch": 1, "position": 5}
+    assert stream.state_dict() == {"epoch": 1, "position": 5, "skipped_records": []}
 
     records = task.records("train")
     source = task.batch_source("train", 2, shuffle=True, seed=6)  # epoch 1
@@ -137,3 +137,19 @@ def test_default_workers_leave_a_cpu_to_the_training_process(monkeypatch):
     monkeypatch.setattr("optima.data.available_cpus", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert default_workers() == 0
+
+
+def test_damaged_images_met_by_workers_reach_the_stream(tmp_path):
+    """A damaged file read in a worker process: its record is left out and the
+    reason arrives with the batch, so the stream warns and counts it (what the
+    run's summary lists)."""
+    task = SnliVe(data_dir=str(make_snli(tmp_path / "snli", n=6)), image_size=32, context_length=12, augment=True,
+                  load_threads=0)
+    (tmp_path / "snli" / "flickr30k_images" / "4.jpg").write_bytes(b"not a jpeg")
+    warnings = []
+    stream = BatchStream(task, "train", 3, 0, torch.device("cpu"), workers=2, warn=warnings.append)
+    rows = sum(next(stream)["label"].shape[0] for _ in range(2))  # one epoch
+    stream.close()
+    assert rows == 5
+    assert list(stream.skipped_records) == [r[len("warning: "):] for r in warnings]
+    assert len(warnings) == 1 and "4.jpg is not a readable image" in warnings[0]
