@@ -249,7 +249,8 @@ def finetune(network: Network, task: Task, *, steps: int, batch_size: int, optim
              scheduler: Any, seed: int, device: torch.device, grad_clip: float | None = 1.0, amp: bool = False,
              on_step: Callable[[int, dict[str, float], float], None] | None = None,
              on_nonfinite: str = "stop") -> None:
-    """Plain task training (the teacher's fine-tuning), start to end (see `Finetuner`)."""
+    """Plain task training (the teacher's fine-tuning), start to end (see `Finetuner`);
+    `on_step(step, losses, lr)` gets the losses as callbacks do (`{"total/task": value}`)."""
 
     class _OnStep:
         def on_step(self, stage, step, losses, lr):
