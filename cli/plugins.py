@@ -3,7 +3,7 @@ it registers (models with their modules, tasks, heads, policies, rewards, losses
 
 Plugins that fail to load are listed with their error and the rest still loads
 (exit code 0); malformed ones (misspelled hook, duplicate name) are listed too,
-but the command exits 2, as `optima run` would refuse to start.
+but the command exits 2 (`optima run` skips them with a warning).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def describe(registry: registry_mod.Registry) -> dict[str, Any]:
         plugins.append({"name": info.name, "version": info.version, "distribution": info.distribution,
                         "module": info.module, "builtin": info.builtin, "status": info.status,
                         "error": info.error, "hooks": list(info.hooks), "components": components})
-    return {"external_plugins": registry.external, "plugins": plugins, "errors": list(registry.errors)}
+    return {"external_plugins": registry.external, "plugins": plugins, "errors": list(registry.errors),
+            "warnings": list(registry.warnings)}
 
 
 def plugins_command(as_json: bool, external: bool | None) -> int:
@@ -42,8 +43,8 @@ def plugins_command(as_json: bool, external: bool | None) -> int:
         typer.echo(json.dumps(data, indent=1))
     else:
         print_tables(data)
-    for name, error in registry.failures.items():
-        typer.echo(f"optima: warning: plugin {name!r} failed to load and is skipped: {error}", err=True)
+    for line in registry.warning_lines(malformed=False):  # malformed ones are errors here
+        typer.echo(line, err=True)
     for error in registry.errors:
         typer.echo(f"optima: error: {error}", err=True)
     return 2 if registry.errors else 0

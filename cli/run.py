@@ -167,8 +167,8 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
     if resume and run_dir and os.path.abspath(run_dir) != os.path.abspath(resume):
         raise ConfigError("pass either --run-dir (a new run) or --resume RUN_DIR (continue one), not both")
     registry = cfg.setup(external_plugins)
-    for name, error in registry.failures.items():
-        console.print(f"[yellow]warning:[/] plugin {name!r} failed to load and is skipped: {error}")
+    for line in registry.warning_lines():  # a broken package is skipped; runs that do not use it go on
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     cfg.parse([config], bindings)
     if dry_run:
         try:
@@ -246,12 +246,12 @@ def _run(config: str, bindings: Sequence[str], run_dir: str) -> dict:
 def print_summary(summary: dict, run_dir: str) -> None:
     table = Table(title="OPTIMA run")
     table.add_column("network")
-    table.add_column("params (M)", justify="right")
+    table.add_column("params", justify="right")
     metric_names = sorted({k for m in summary["metrics"].values() for k in m})
     for name in metric_names:
         table.add_column(f"test {name}", justify="right")
     for net, metrics in summary["metrics"].items():
-        table.add_row(net, f"{summary['params_M'][net]:.2f}", *(f"{metrics[k]:.4f}" for k in metric_names))
+        table.add_row(net, count_text(summary['params_M'][net] * 1e6), *(f"{metrics[k]:.4f}" for k in metric_names))
     console.print(table)
     for stage, info in summary["stages"].items():
         if "plays" not in info:
@@ -268,15 +268,24 @@ def print_summary(summary: dict, run_dir: str) -> None:
     console.print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir}/tensorboard)")
 
 
+def count_text(n: float) -> str:
+    """A parameter count with 3 significant digits and a unit: 940, 12.3 K, 86.2 M, 1.23 B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size * 0.9995:  # what shows as 1 or more of this unit
+            value = n / size
+            return f"{value:.3g} {unit}" if value < 999.5 else f"{value:.0f} {unit}"
+    return f"{n:.0f}"
+
+
 def print_plan(plan: dict, config: str) -> None:
     console.print(f"[bold]dry run of {config}[/]: task {plan['task']}")
     models = Table(title="models (built on the meta device)")
-    for col in ("model", "params (M)", "module", "layers", "width", "module params (M)"):
+    for col in ("model", "params", "module", "layers", "width", "module params"):
         models.add_column(col, justify="left" if col in ("model", "module") else "right")
     for name, m in plan["models"].items():
         for i, (mod, info) in enumerate(m["modules"].items()):
-            models.add_row(name if i == 0 else "", f"{m['params_M']:.1f}" if i == 0 else "", mod,
-                           str(info["layers"]), str(info["width"]), f"{info['params_M']:.1f}")
+            models.add_row(name if i == 0 else "", count_text(m["params_M"] * 1e6) if i == 0 else "", mod,
+                           str(info["layers"]), str(info["width"]), count_text(info["params_M"] * 1e6))
     console.print(models)
     stages = Table(title="stages")
     for col in ("stage", "from", "steps", "rounds x T", "policy", "reward"):

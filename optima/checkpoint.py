@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from optima.errors import ConfigError, OptimaError
+from optima.errors import ConfigError, OptimaError, warning
 
 FORMAT = "optima-checkpoint/1"
 TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
@@ -379,7 +379,7 @@ class CheckpointManager:
             try:
                 return self.load(path)
             except CheckpointError as e:
-                self.warn(f"warning: {e}; falling back to the previous checkpoint")
+                self.warn(warning(f"{e}; falling back to the previous checkpoint"))
                 with contextlib.suppress(OSError):
                     os.replace(path, path.with_name(path.name + ".corrupt"))
         if paths:
@@ -457,8 +457,8 @@ class RunKeeper:
         if found is None:
             return None
         if found.manifest.get("key") != key:
-            self.message(f"warning: {found.path} was written for another {stage} stage (other bindings, data or "
-                         "initial weights); continuing from it")
+            self.message(warning(f"{found.path} was written for another {stage} stage (other bindings, data or "
+                                 "initial weights); continuing from it"))
         loop.load_state_dict(found.state["loop"], source=str(found.path))
         set_rng_state(found.state["rng"])
         where = f"round {found.manifest['round']}, " if found.manifest.get("round") is not None else ""

@@ -44,9 +44,11 @@ def _unregister(key: str) -> None:
         gin.config._REGISTRY.pop(selector)  # gin has no public unregister
 
 
-def setup(external_plugins: bool | None = None, plugins=()) -> registry_mod.Registry:
+def setup(external_plugins: bool | None = None, plugins=(), strict: bool = False) -> registry_mod.Registry:
     """Load plugins and make every component and core stage a gin configurable.
 
+    A malformed plugin is skipped and listed in the registry's `errors` (with
+    `strict`, `PluginError`), so one broken package does not stop every run.
     Callable again in one process with another plugin set (tests, `--no-plugins`):
     components of plugins no longer loaded stop being configurable.
     """
@@ -54,7 +56,7 @@ def setup(external_plugins: bool | None = None, plugins=()) -> registry_mod.Regi
 
     import optima.experiment  # noqa: F401  (defines experiment, teacher_training, distillation)
 
-    reg = registry_mod.load(external=external_plugins, plugins=plugins)
+    reg = registry_mod.load(external=external_plugins, plugins=plugins, strict=strict)
     for stale in set(_REGISTERED) - set(reg.components) - {f"torch.optim.{o}" for o in _OPTIMIZERS}:
         _unregister(stale)
     for component in reg.components.values():

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from optima import distributed
 from optima.checkpoint import preserved_rng
-from optima.errors import ConfigError
+from optima.errors import ConfigError, warning
 from optima.interfaces import SKIPPED_RECORDS, Batch, BatchSource, Task, batch_rows, slice_rows
 
 #: The DataLoader's default: batches each worker makes ahead.
@@ -124,7 +124,7 @@ def eval_batches(task: Task, split: str, batch_size: int, device: torch.device, 
 
 class SkippedRecords:
     """The distinct reasons examples were left out of batches (`SKIPPED_RECORDS`),
-    in order; each new one goes to `warn` (as `warning: <reason>`). Batches made
+    in order; each new one goes to `warn` (as `optima: warning: <reason>`). Batches made
     by worker processes carry their reasons with them, so they all arrive here."""
 
     def __init__(self, warn: Callable[[str], None] | None = None):
@@ -143,7 +143,7 @@ class SkippedRecords:
             if reason not in self._reasons:
                 self._reasons[reason] = None
                 if self.warn is not None:
-                    self.warn(f"warning: {reason}")
+                    self.warn(warning(reason))
 
     def why_none(self) -> str:
         return f" (all {len(self)} unreadable; the first: {next(iter(self._reasons))})" if self._reasons else ""

@@ -48,7 +48,7 @@ from optima.checkpoint import Interrupts, RunKeeper, fault_point, is_operational
 from optima.config import TEACHER
 from optima.data import SkippedRecords, default_workers
 from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
-from optima.errors import ConfigError
+from optima.errors import ConfigError, warning
 from optima.interfaces import batch_rows
 from optima.reporting import Reporter, Reporters, TensorBoardReporter
 from optima.validation import validate_experiment
@@ -159,7 +159,7 @@ def _load_cached(network: torch.nn.Module, path: Path, device: torch.device, rep
         load_model(network, str(path), device=str(device))
         return True
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
-        reporter.on_message(f"warning: cache file {path} is unreadable ({str(e).splitlines()[0]}); redoing it")
+        reporter.on_message(warning(f"cache file {path} is unreadable ({str(e).splitlines()[0]}); redoing it"))
         with contextlib.suppress(OSError):
             path.unlink()
         return False

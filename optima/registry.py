@@ -7,8 +7,12 @@ check that every hook implementation matches a specification.
 - A malformed plugin (a hook that has no specification, e.g. a misspelling; a
   component registered under a name another plugin already took; two plugins
   under one entry-point name) is an error: `load()` raises `PluginError` naming
-  it, or with `strict=False` (`optima plugins`) records it in `Registry.errors`
-  and skips the plugin.
+  it, or with `strict=False` records it in `Registry.errors` and skips the
+  plugin. `optima run` loads with `strict=False` and warns (a broken package
+  must not stop runs that do not use it); `optima plugins` exits 2.
+- A plugin that implements no hook at all (e.g. `optima_registr_policies`, a
+  prefix no hook matches, so it is not even seen as a misspelled hook) loads
+  but adds nothing: recorded in `Registry.warnings`.
 - `OPTIMA_DISABLE_PLUGINS=1` loads built-ins only; a comma-separated list of
   entry-point names skips just those.
 
@@ -29,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pluggy
 
 from optima import hookspecs
-from optima.errors import OptimaError
+from optima.errors import OptimaError, warning
 
 ENTRY_POINT_GROUP = "optima"
 BUILTIN = "optima.builtin"
@@ -94,14 +98,24 @@ class Registry:
     #: every plugin seen, loaded or not, in load order
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     components: dict[str, Component] = field(default_factory=dict)  # by gin name
-    #: malformed plugins (only filled with `strict=False`; `strict` raises the first)
+    #: malformed plugins, skipped (only filled with `strict=False`; `strict` raises the first)
     errors: list[str] = field(default_factory=list)
+    #: plugins that loaded but add nothing (no hook implemented)
+    warnings: list[str] = field(default_factory=list)
     external: bool = True
 
     @property
     def failures(self) -> dict[str, str]:
         """Plugins that raised on import or in a hook: name -> one-line error."""
         return {p.name: p.error or "" for p in self.plugins.values() if p.status == "failed"}
+
+    def warning_lines(self, malformed: bool = True) -> list[str]:
+        """One `optima: warning:` line per plugin that failed to load, is
+        malformed (unless `malformed` is False) or adds nothing; the first two
+        kinds are skipped and the rest goes on."""
+        lines = [f"plugin {name!r} failed to load and is skipped: {error}" for name, error in self.failures.items()]
+        lines += self.errors if malformed else []
+        return [warning(line) for line in lines + self.warnings]
 
     def of_kind(self, kind: str) -> list[Component]:
         return [c for c in self.components.values() if c.kind == kind]
@@ -203,10 +217,13 @@ class _Loader:
         self._drop(info)
 
     def invalid(self, info: PluginInfo, message: str, record: bool = True) -> None:
-        if not info.builtin:
-            message += f" (to run without it: {DISABLE_VARIABLE}={info.name})"
         if self.strict:
+            if not info.builtin:
+                message += f" (to run without it: {DISABLE_VARIABLE}={info.name})"
             raise PluginError(message)
+        message += f"; {_origin(info)} is skipped"
+        if not info.builtin:
+            message += f" ({DISABLE_VARIABLE}={info.name} turns it off)"
         info.status, info.error = "invalid", message
         if record:
             self.registry.plugins[info.name] = info
@@ -246,6 +263,8 @@ class _Loader:
                                       f"{', '.join(hints)}; valid hooks: {', '.join(HOOKS.values())}")
         names = {hc.name for hc in callers}
         info.hooks = tuple(h for h in HOOKS.values() if h in names)
+        if not info.hooks:
+            self.registry.warnings.append(_no_hooks(plugin, info))
 
     def collect(self) -> None:
         """Call each loaded plugin's hooks, then merge its components (a plugin's
@@ -295,6 +314,19 @@ def _registrar(found: list[Component], kind: str, plugin: str):
             raise PluginError(f"plugin {plugin!r} registers {kind} {name!r} twice")
         found.append(component)
     return register
+
+
+def _no_hooks(plugin: Any, info: PluginInfo) -> str:
+    """The warning for a plugin that implements no hook, with the function names
+    that look like misspelled hooks."""
+    near = []
+    for name in sorted(dir(plugin)):
+        match = difflib.get_close_matches(name, list(HOOKS.values()), n=1, cutoff=0.75)
+        if match and callable(getattr(plugin, name, None)):
+            near.append(f"{name!r} (did you mean {match[0]!r}?)")
+    found = f"; {', '.join(near)}" if near else ""
+    return (f"plugin {info.name!r} ({info.module}) implements no hook, so it adds nothing{found}; hooks are "
+            f"functions named {', '.join(HOOKS.values())}")
 
 
 def _origin(info: PluginInfo) -> str:

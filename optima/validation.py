@@ -193,6 +193,12 @@ def validate_experiment(*, task: Callable, teacher: Callable, stages: Mapping[st
             upstream = student
 
 
+def _naming(component: str, e: ConfigError) -> ConfigError:
+    """A component's own error, naming it once: prefixed only if it does not already."""
+    message = str(e).splitlines()[0]
+    return ConfigError(message if component in message else f"{component}: {message}")
+
+
 def _validate_stage(name: str, student, teacher, seed: int) -> None:
     scopes = [name]
     values = bound("distillation", scopes)
@@ -223,7 +229,7 @@ def _validate_stage(name: str, student, teacher, seed: int) -> None:
             try:
                 values["policy"][1](num_arms=n, seed=seed)
             except ConfigError as e:
-                raise ConfigError(f"{policy_name}: {e}") from None
+                raise _naming(policy_name, e) from None
 
     ref = _reference("distillation", "loss", scopes)
     if ref is not None and "loss" in values:
@@ -237,6 +243,6 @@ def _validate_stage(name: str, student, teacher, seed: int) -> None:
             try:
                 values["loss"][1](student.distill_modules(), teacher.distill_modules(), **pair_layouts(student, teacher))
             except ConfigError as e:
-                raise ConfigError(f"{loss_name}: {e}") from None
+                raise _naming(loss_name, e) from None
 
     _check_optimizer("distillation", scopes, values.get("optimizer", (None, None))[1])

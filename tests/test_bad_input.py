@@ -134,7 +134,7 @@ def test_a_damaged_image_is_skipped_with_a_warning_and_counted(task, kind, probl
     reason = (f"{data / FILES[task][2]} is not a readable image ({problem}); its record is skipped "
               f"({configurable}.strict = True stops instead)")
     assert code == 0, "\n".join(lines)
-    assert [line for line in lines if line.startswith("warning")] == [f"warning: {reason}"]  # once, however often it is read
+    assert [line for line in lines if line.startswith("optima: warning")] == [f"optima: warning: {reason}"]  # once, however often it is read
     assert "1 damaged file(s): their records were skipped (named in the warnings above and in metrics.json)" in lines
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["skipped_records"] == [reason]
@@ -185,7 +185,7 @@ def test_a_stream_over_no_usable_examples_is_an_error_not_a_hang():
     with pytest.raises(ConfigError, match=r"^the train split of AllDamaged has no usable examples \(all 1 "
                                           r"unreadable; the first: x.jpg is damaged\)$"):
         next(stream)
-    assert warnings == ["warning: x.jpg is damaged"]
+    assert warnings == ["optima: warning: x.jpg is damaged"]
     empty = BatchStream(SyntheticVisualEntailment(train_size=0), "train", 2, 0, torch.device("cpu"))
     with pytest.raises(ConfigError, match="has no usable examples$"):
         next(empty)

@@ -1,6 +1,7 @@
 """Multi-stage pipelines: Large -> mid -> small in one run, stage reuse across
 experiments, and the dry run of every shipped experiment file."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,16 @@ def test_dry_run_of_every_experiment(name, tmp_path):
     assert "models (built on the meta device)" in out and "teacher" in out
     assert "7 arms" in out
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_dry_run_counts_parameters_with_a_unit_that_shows_small_modules():
+    from optima.cli.run import count_text
+
+    assert [count_text(n) for n in (0, 940, 1000, 12_345, 999_999, 86_200_000, 1_234_000_000)] == [
+        "0", "940", "1 K", "12.3 K", "1 M", "86.2 M", "1.23 B"]
+    result = CliRunner().invoke(app, ["run", "gin/quickstart.gin", "--dry-run", "-b", "coca_model.arch = %TINY_COCA",
+                                      "-b", "coca_model.layers = (1, 1, 1)"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = [l for l in result.output.splitlines() if "│ image " in l or "│ text " in l]
+    assert rows and all(re.search(r"\d K │\s*$|\d K\s*│\s*$", r) for r in rows), result.output
+    assert " 0.0 " not in result.output
