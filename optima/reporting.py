@@ -32,6 +32,7 @@ import os
 from typing import Sequence
 
 from optima.engine import RoundResult
+from optima.errors import WARNING_PREFIX
 
 
 class Reporter:
@@ -66,7 +67,7 @@ class Reporters(Reporter):
     def on_round(self, *args): self._all("on_round", *args)
     def on_eval(self, *args): self._all("on_eval", *args)
     def on_message(self, text: str) -> None:
-        if text.startswith("warning:"):
+        if text.startswith(WARNING_PREFIX):
             if text in self._warned:
                 return
             self._warned.add(text)

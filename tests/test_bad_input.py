@@ -134,7 +134,8 @@ def test_a_damaged_image_is_skipped_with_a_warning_and_counted(task, kind, probl
     reason = (f"{data / FILES[task][2]} is not a readable image ({problem}); its record is skipped "
               f"({configurable}.strict = True stops instead)")
     assert code == 0, "\n".join(lines)
-    assert [line for line in lines if line.startswith("optima: warning")] == [f"optima: warning: {reason}"]  # once, however often it is read
+    # once, however often it is read
+    assert [line for line in lines if line.startswith("optima: warning")] == [f"optima: warning: {reason}"]
     assert "1 damaged file(s): their records were skipped (named in the warnings above and in metrics.json)" in lines
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["skipped_records"] == [reason]
