@@ -151,5 +151,5 @@ def test_damaged_images_met_by_workers_reach_the_stream(tmp_path):
     rows = sum(next(stream)["label"].shape[0] for _ in range(2))  # one epoch
     stream.close()
     assert rows == 5
-    assert list(stream.skipped_records) == [r[len("warning: "):] for r in warnings]
+    assert list(stream.skipped_records) == [r[len("optima: warning: "):] for r in warnings]
     assert len(warnings) == 1 and "4.jpg is not a readable image" in warnings[0]
