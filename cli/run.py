@@ -27,10 +27,14 @@ class RichReporter(Reporter):
         self.tasks: dict[str, int] = {}
         self.status: dict[str, str] = {}
         self.totals: dict[str, int] = {}
+        self.distilling: set[str] = set()  # stages with rounds (they print a line per round instead)
 
     def on_stage(self, stage, total, unit, start=0):
         self.tasks[stage] = self.progress.add_task(stage, total=total, completed=start, status="")
         self.totals[stage] = total
+
+    def on_arms(self, stage, labels):
+        self.distilling.add(stage)
 
     def on_step(self, stage, step, losses, lr):
         # whole-model values as `kd=...`, the played arm's as `arm.hidden=...`
@@ -38,8 +42,9 @@ class RichReporter(Reporter):
             f"{k.removeprefix('total/').replace('/', '.')}={v:.3g}" for k, v in losses.items())
         self.progress.update(self.tasks[stage], completed=step, status=text)
         total = self.totals.get(stage, 0)
-        # no live bar in logs: a line every tenth of a fine-tuning stage
-        if stage == "teacher" and not self.progress.console.is_terminal and total and step % max(1, total // 10) == 0:
+        # no live bar in logs: a line every tenth of a fine-tuning or pretraining stage
+        if stage not in self.distilling and not self.progress.console.is_terminal and total \
+                and step % max(1, total // 10) == 0:
             self.progress.console.print(f"{stage}: step {step}/{total} {text}")
 
     def on_round(self, stage, result):
@@ -293,6 +298,8 @@ def print_plan(plan: dict, config: str) -> None:
     for name, s in plan["stages"].items():
         if s["kind"] == "fine-tune":
             stages.add_row(name, "task", str(s["steps"]), "", "", "")
+        elif s["kind"] == "pretrain":
+            stages.add_row(name, s["corpus"], str(s["steps"]), "", "", "")
         else:
             stages.add_row(name, s["teacher"], str(s["steps"]), f"{s['rounds']} x {s['steps_per_round']}",
                            s["policy"], s["reward"])

@@ -193,33 +193,45 @@ class Finetuner(_Loop):
     `state_dict()` holds the network, optimizer, scheduler, data position and
     counters (the global RNGs are the caller's, see `optima.checkpoint.rng_state`)."""
 
-    def __init__(self, network: Network, task: Task, *, steps: int, batch_size: int,
+    def __init__(self, network: nn.Module, task: Task, *, steps: int, batch_size: int,
                  optimizer: torch.optim.Optimizer, scheduler: Any, seed: int, device: torch.device,
                  grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Any] = (),
                  on_nonfinite: str = "stop", name: str = "teacher", binding: str = "teacher_training.on_nonfinite",
-                 workers: int = 0):
+                 workers: int = 0, objective: Callable[[Batch], Mapping[str, torch.Tensor]] | None = None,
+                 term_weights: Mapping[str, float] | None = None):
+        """`objective(batch)`: the named loss terms of a step (default: the task loss of
+        `network(batch)`, `{"task": ...}`); the step minimises their sum weighted by
+        `term_weights` (1 where not given). The pretraining stage passes the model's
+        `pretraining_losses`."""
         self.network, self.task, self.steps, self.device, self.amp = network, task, steps, device, amp
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.callbacks, self.name, self.binding = list(callbacks), name, binding
         self.on_nonfinite = _check_action(on_nonfinite, binding)
+        self.objective = objective or (lambda batch: {"task": self.task.loss(self.network(batch).float(), batch)})
+        self.term_weights = dict(term_weights or {})
         self.stream = BatchStream(task, "train", batch_size, seed, device, warn=self._message, workers=workers)
         self.step = 0
         self.skipped = 0
+        self.last_terms: dict[str, float] = {}
 
     def train_step(self) -> float | None:
-        """One step; the task loss, or None if the step was skipped."""
+        """One step; the (weighted) objective, or None if the step was skipped.
+        `last_terms` holds the step's terms, unweighted."""
         batch = next(self.stream)
         with autocast(self.device, self.amp):
-            loss = self.task.loss(self.network(batch).float(), batch)
+            terms = self.objective(batch)
+        loss = sum(self.term_weights.get(k, 1.0) * v.float() for k, v in terms.items())
+        self.last_terms = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
         value = loss.item()
-        return value if self._optimizer_step(loss, {"task": value}) else None
+        return value if self._optimizer_step(loss, self.last_terms) else None
 
     def run(self, after_step: Callable[["Finetuner"], None] | None = None) -> None:
         self.network.train()
         while self.step < self.steps:
             loss = self.train_step()
             for cb in self.callbacks:
-                cb.on_step(self.name, self.step, {} if loss is None else {"total/task": loss}, self._lr())
+                reported = {} if loss is None else {f"total/{k}": v for k, v in self.last_terms.items()}
+                cb.on_step(self.name, self.step, reported, self._lr())
             if after_step:
                 after_step(self)
 

@@ -1,5 +1,12 @@
 """The pipeline a gin file declares, as stages (each a gin configurable):
 
+0. `pretraining` (optional): models pretrained with their own objective on a
+   caption corpus, e.g. `experiment.pretraining = {'large': @large/coca_model,
+   'base': @base/coca_model}` (CoCa's contrastive + captioning loss); the
+   teacher starts from one (`experiment.teacher_pretrained = 'large'`, passed
+   as its factory's `pretrained`) and the students sample their layers from
+   one (`experiment.students_init_from = 'base'`, passed as `init_from`). This
+   is how the synthetic protocol gets the paper's CoCa-Large and CoCa-Base;
 1. `teacher_training`: the teacher fine-tuned on the task (or a checkpoint as is);
 2. students built by their model factories (e.g. layers sampled from CoCa-Base);
 3. `distillation`: each student distilled with any policy and reward, in order:
@@ -9,11 +16,13 @@
    one stage;
 4. evaluation of every network on the task's test split.
 
-Stages 1 and 3 are cached under `experiment.cache_dir` by a key over everything
+Stages 0, 1 and 3 are cached under `experiment.cache_dir` by a key over everything
 that decides their result: the initial weights (architecture, initialisation,
 checkpoint), the task's fingerprint, the upstream stage's key, the seed and the
 stage's gin bindings (`teacher_training.*` and the `teacher/` scope for the
-teacher; for a student stage every binding outside the teacher's and the other
+teacher; `pretraining.*` and the stage's scope for a pretraining stage, whose
+data is its corpus and whose seed is `pretraining.seed`, not the experiment's;
+for a student stage every binding outside the teacher's and the other
 stages' scopes). A rerun, or a second experiment that shares a stage, reuses it.
 Bindings that only decide how a run is kept alive (`checkpoint_every`,
 `keep_checkpoints`, `on_nonfinite`, `experiment.cache_dir`,
@@ -150,6 +159,34 @@ def _save_atomic(network: torch.nn.Module, path: Path) -> None:
     write_atomic(path, lambda tmp: save_model(network, str(tmp)))
 
 
+def _save_state_atomic(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors, atomically (see `_save_atomic`); tensors that share
+    memory are written as copies (safetensors refuses shared storage)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _holds_state(path: Path, state: Mapping[str, torch.Tensor], reporter: Reporter) -> bool:
+    """Whether a cached checkpoint file holds exactly `state`'s tensors (names and
+    shapes); an unreadable or different one is reported, removed and redone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if shapes == {k: tuple(v.shape) for k, v in state.items()}:
+            return True
+        problem = "its tensors differ from the model's"
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+        problem = f"unreadable ({str(e).splitlines()[0]})"
+    reporter.on_message(f"warning: cache file {path} is {problem}; redoing it")
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return False
+
+
 def _load_cached(network: torch.nn.Module, path: Path, device: torch.device, reporter: Reporter) -> bool:
     """Load a cached stage; a corrupt cache file is reported, removed and redone."""
     from safetensors import SafetensorError
@@ -223,6 +260,82 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     return result
 
 
+@gin.configurable(denylist=["name", "factory", "device", "reporter", "cache", "keeper", "workers"])
+def pretraining(name: str, factory: Callable, device: torch.device, reporter: Reporter, cache: Path,
+                keeper: RunKeeper | None = None, workers: int = 0, *, corpus: Callable = gin.REQUIRED, steps: int = gin.REQUIRED,
+                batch_size: int = gin.REQUIRED, optimizer: Callable = gin.REQUIRED, warmup_steps: int = 0,
+                term_weights: Mapping[str, float] | None = None, seed: int = 0, grad_clip: float = 1.0,
+                amp: bool = False, checkpoint_every: int = 500, keep_checkpoints: int = 2,
+                on_nonfinite: str = "stop") -> dict[str, Any]:
+    """Pretrain the model `factory()` with its own objective
+    (`DistillableModel.pretraining_losses`, e.g. CoCa's contrastive + captioning
+    loss) on the batches of `corpus()` (a task in the captioning batch format),
+    or find it cached. Returns `{"key", "path", "cached"}`; `path` is the
+    checkpoint (`checkpoint_state()`, safetensors) that the teacher's and the
+    students' factories load.
+
+    `seed` (not the experiment's) draws the initial weights and the data order:
+    like a downloaded CoCa, one pretrained model serves every experiment seed.
+    `term_weights`: weight of each term (1 where not given; CoCa: caption 2,
+    contrastive 1). Checkpointed and resumed like `teacher_training`."""
+    for binding, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name}/pretraining.{binding} must be an integer >= {low}, got {value!r}")
+    seed_everything(seed)
+    model = factory().to(device)
+    data = corpus()
+    key = stage_key(weights=_weights_digest(model), corpus=data.fingerprint(), seed=seed,
+                    bindings=_pretraining_bindings(name))
+    path = cache / f"pretrained-{key}.safetensors"
+    result: dict[str, Any] = {"key": key, "path": str(path), "cached": True}
+    if path.exists() and _holds_state(path, model.checkpoint_state(), reporter):
+        reporter.on_message(f"{name}: reusing {path}")
+        return result
+    probe = next(iter(data.batches("train", 2, shuffle=False, seed=0)))
+    terms = model.pretraining_losses({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in probe.items()})
+    unknown = sorted(set(term_weights or {}) - set(terms))
+    if unknown:
+        raise ConfigError(f"{name}/pretraining.term_weights names {unknown}, but {type(model).__name__}'s "
+                          f"pretraining terms are {sorted(terms)}")
+    opt = optimizer([p for p in model.parameters() if p.requires_grad])
+    tuner = Finetuner(model, data, steps=steps, batch_size=batch_size, optimizer=opt,
+                      scheduler=linear_warmup_decay(opt, steps, warmup_steps), seed=seed, device=device,
+                      grad_clip=grad_clip, amp=amp, callbacks=[reporter], on_nonfinite=on_nonfinite, name=name,
+                      binding=f"{name}/pretraining.on_nonfinite", workers=workers, objective=model.pretraining_losses,
+                      term_weights=term_weights)
+    result["cached"] = False
+    after_step = None
+    if keeper is not None:
+        found = keeper.resume(name, tuner, keep=keep_checkpoints, key=key)
+        if found is not None:
+            result["resumed_from_step"] = found.step
+
+        def after_step(t: Finetuner) -> None:
+            fault_point(name, t.step)
+            saved = None
+            if t.step % checkpoint_every == 0 and t.step < steps:
+                saved = keeper.save(name, t, keep=keep_checkpoints, key=key)
+            if keeper.interrupted:
+                saved = saved or keeper.save(name, t, keep=keep_checkpoints, key=key)
+                raise keeper.stop(f"after {name} pretraining step {t.step}", saved)
+
+    reporter.on_stage(name, steps, "step", tuner.step)
+    tuner.run(after_step)
+    result["final_terms"] = dict(tuner.last_terms)
+    _save_state_atomic(model.checkpoint_state(), path)
+    reporter.on_message(f"{name}: pretrained, cached at {path}")
+    if tuner.skipped:
+        result["skipped_steps"] = tuner.skipped
+    return result
+
+
+def _pretraining_bindings(name: str) -> str:
+    """The bindings of pretraining stage `name`: `pretraining.*` and its own scope
+    (the corpus's bindings are in its fingerprint, the model's in its weights)."""
+    statements = [s for s in _statements(gin.config_str()) if not is_operational(s.split("=", 1)[0].strip())]
+    return "\n".join(s for s in statements if s.startswith(("pretraining.", f"{name}/")))
+
+
 @gin.configurable(denylist=["name", "teacher", "student", "task", "seed", "device", "reporter", "workers"])
 def distillation(name: str, teacher: Network, student: Network, task, seed: int, device: torch.device,
                  reporter: Reporter, workers: int = 0, *, rounds: int = gin.REQUIRED, steps_per_round: int = gin.REQUIRED,
@@ -263,11 +376,18 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
                validate_only: bool = False, *,
                task: Callable = gin.REQUIRED, teacher: Callable = gin.REQUIRED, head: Callable = gin.REQUIRED,
                student: Callable | None = None, students: Mapping[str, Callable] | None = None,
+               pretraining: Mapping[str, Callable] | None = None, teacher_pretrained: str | None = None,
+               students_init_from: str | None = None,
                seed: int = 0, device: str = "auto", eval_batch_size: int = 256,
                cache_dir: str | None = None, data_workers: int | None = None) -> dict[str, Any]:
-    """Teacher (cached), one or more distillation stages (cached), test evaluation.
+    """Pretraining (optional, cached), teacher (cached), one or more distillation
+    stages (cached), test evaluation.
 
-    `student` is shorthand for `students = {'student': ...}`. Writes TensorBoard
+    `student` is shorthand for `students = {'student': ...}`. `pretraining`:
+    name -> model factory, each pretrained by the `pretraining` stage in the
+    scope of its name; `teacher_pretrained` / `students_init_from`: the
+    pretraining stage whose checkpoint is passed as the teacher factory's
+    `pretrained` / every student factory's `init_from`. Writes TensorBoard
     events (one run per stage), `metrics.json` and `<student>.safetensors` to
     `run_dir`, and checkpoints to `run_dir/checkpoints/`; a stage with
     checkpoints there is resumed from its newest intact one. Every binding is
@@ -285,47 +405,68 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
     stages = dict(students) if students is not None else {"student": student}
     if TEACHER in stages:
         raise ConfigError(f"'{TEACHER}' is reserved; rename that student in experiment.students")
+    pretrain = dict(pretraining or {})
+    for name in pretrain:
+        if name == TEACHER or name in stages:
+            raise ConfigError(f"experiment.pretraining stage {name!r} has the name of another stage; rename it")
+    for binding, name in (("teacher_pretrained", teacher_pretrained), ("students_init_from", students_init_from)):
+        if name is not None and name not in pretrain:
+            raise ConfigError(f"experiment.{binding} = {name!r} is not a stage of experiment.pretraining "
+                              f"({', '.join(map(repr, pretrain)) or 'none bound'})")
     validate_experiment(task=task, teacher=teacher, stages=stages, seed=seed, device=device,
-                        eval_batch_size=eval_batch_size, data_workers=data_workers, device_present=not dry_run)
+                        eval_batch_size=eval_batch_size, data_workers=data_workers, device_present=not dry_run,
+                        pretraining=list(pretrain))
     if validate_only:
         return {}
     if dry_run:
         from optima.plan import dry_run_plan
 
-        return dry_run_plan(task, teacher, head, stages, seed)
+        return dry_run_plan(task, teacher, head, stages, seed, pretrain)
 
     with Interrupts() as interrupts:
         return _run(run_dir, reporters, interrupts, task=task, teacher=teacher, head=head, stages=stages, seed=seed,
                     device=device, eval_batch_size=eval_batch_size, cache_dir=cache_dir,
-                    workers=default_workers() if data_workers is None else data_workers)
+                    workers=default_workers() if data_workers is None else data_workers, pretrain=pretrain,
+                    teacher_pretrained=teacher_pretrained, students_init_from=students_init_from)
 
 
 def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *, task: Callable, teacher: Callable,
          head: Callable, stages: Mapping[str, Callable], seed: int, device: str, eval_batch_size: int,
-         cache_dir: str | None, workers: int) -> dict[str, Any]:
+         cache_dir: str | None, workers: int, pretrain: Mapping[str, Callable], teacher_pretrained: str | None,
+         students_init_from: str | None) -> dict[str, Any]:
     dev = resolve_device(device)
     cache = Path(cache_dir or default_cache_dir())
     seed_everything(seed)
     the_task = task()
     for split in ("train", "test"):  # before any training: no hang on no data, no metric of nothing at the end
         _require_examples(the_task, split)
-    with gin.config_scope(TEACHER):
-        teacher_net = _network(teacher, head, the_task, dev)
-
     tb = TensorBoardReporter(os.path.join(run_dir, "tensorboard"))
     reporter = Reporters([tb, *reporters])
     keeper = RunKeeper(run_dir, interrupts, reporter.on_message)
-    summary: dict[str, Any] = {"metrics": {}, "params_M": {TEACHER: _count(teacher_net)}, "stages": {}}
-    networks = {TEACHER: teacher_net}
+    summary: dict[str, Any] = {"metrics": {}, "params_M": {}, "stages": {}}
     try:
         tb.add_text("config/config.gin", gin.config_str())
+        checkpoints = {}
+        for name, factory in pretrain.items():
+            with gin.config_scope(name):
+                summary["stages"][name] = pretraining(name, factory, dev, reporter, cache, keeper, workers)
+            checkpoints[name] = summary["stages"][name]["path"]
+        teacher_weights = {"pretrained": checkpoints[teacher_pretrained]} if teacher_pretrained else {}
+        student_weights = {"init_from": checkpoints[students_init_from]} if students_init_from else {}
+
+        if pretrain:
+            seed_everything(seed)  # the pretraining stages drew from pretraining.seed
+        with gin.config_scope(TEACHER):
+            teacher_net = _network(teacher, head, the_task, dev, **teacher_weights)
+        summary["params_M"][TEACHER] = _count(teacher_net)
+        networks = {TEACHER: teacher_net}
         summary["stages"][TEACHER] = teacher_training(teacher_net, the_task, seed, dev, reporter, cache, keeper,
                                                      workers)
         upstream, current_teacher = summary["stages"][TEACHER]["key"], teacher_net
         for i, (name, factory) in enumerate(stages.items()):
             seed_everything(seed + 1 + i)
             with gin.config_scope(name):
-                student_net = _network(factory, head, the_task, dev)
+                student_net = _network(factory, head, the_task, dev, **student_weights)
                 summary["params_M"][name] = _count(student_net)
                 result = _distillation_stage(name, current_teacher, student_net, the_task, seed, dev, reporter,
                                              cache, upstream, list(stages), keeper, workers)
@@ -362,8 +503,16 @@ def _require_examples(task, split: str) -> None:
                       "check its data files and bindings")
 
 
-def _network(model_factory: Callable, head: Callable, task, device: torch.device) -> Network:
-    model = model_factory()
+def _network(model_factory: Callable, head: Callable, task, device: torch.device, **weights: str) -> Network:
+    """`weights`: a pretraining stage's checkpoint as the factory's `pretrained` or `init_from`."""
+    try:
+        model = model_factory(**weights)
+    except TypeError as e:
+        if weights and any(f"'{k}'" in str(e) for k in weights):
+            raise ConfigError(f"{getattr(model_factory, '__name__', model_factory)} takes no "
+                              f"{'/'.join(weights)} argument, so it cannot start from a pretraining stage "
+                              f"(experiment.teacher_pretrained / students_init_from)") from None
+        raise
     return Network(model, head(model, task)).to(device)
 
 

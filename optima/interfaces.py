@@ -81,6 +81,21 @@ class DistillableModel(nn.Module, abc.ABC):
     def module_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.distill_modules())
 
+    def pretraining_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The model's own pretraining objective on a batch of image-caption pairs
+        (the captioning batch format: `image`, `text`, `labels`), as named,
+        unweighted terms (CoCa: `contrastive`, `caption`); the `pretraining` stage
+        weighs and sums them. A model without one cannot be pretrained here."""
+        from optima.errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} has no pretraining objective "
+                          "(DistillableModel.pretraining_losses); it cannot be in experiment.pretraining")
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The weights as a checkpoint the model's factory loads (its `pretrained` or
+        `init_from` binding): what a pretraining stage writes. Default: `state_dict()`."""
+        return self.state_dict()
+
 
 class Head(nn.Module, abc.ABC):
     """Maps a model's features to task outputs (logits)."""

@@ -36,11 +36,18 @@ def _describe(model: torch.nn.Module, head: torch.nn.Module) -> dict[str, Any]:
 
 
 def dry_run_plan(task: Callable, teacher: Callable, head: Callable, stages: Mapping[str, Callable],
-                 seed: int) -> dict[str, Any]:
+                 seed: int, pretraining: Mapping[str, Callable] | None = None) -> dict[str, Any]:
     the_task = task()
     missing = list(getattr(the_task, "missing_paths", lambda: [])())
     plan: dict[str, Any] = {"task": type(the_task).__name__, "missing_data": [str(p) for p in missing],
                             "models": {}, "stages": {}}
+    for name, factory in (pretraining or {}).items():
+        with gin.config_scope(name), torch.device("meta"):
+            model = factory()
+        p = _stage_bindings("pretraining", name)
+        refs = _stage_bindings("pretraining", name, resolve=False)
+        plan["models"][name] = {**_describe(model, torch.nn.Identity()), "role": "pretrained"}
+        plan["stages"][name] = {"kind": "pretrain", "steps": p.get("steps"), "corpus": str(refs.get("corpus"))}
     built = {}
     for name, factory in ((TEACHER, teacher), *stages.items()):
         with gin.config_scope(name), torch.device("meta"):

@@ -69,6 +69,11 @@ STAGE_PARAMS: dict[str, dict[str, tuple[Check, str]]] = {
         "checkpoint_every": integer(1), "keep_checkpoints": integer(1), "on_nonfinite": one_of(*NONFINITE_ACTIONS),
         "amp": BOOLEAN,
     },
+    "pretraining": {
+        "steps": integer(1), "batch_size": integer(1), "warmup_steps": integer(0), "seed": integer(0),
+        "grad_clip": number(0, optional=True), "checkpoint_every": integer(1), "keep_checkpoints": integer(1),
+        "on_nonfinite": one_of(*NONFINITE_ACTIONS), "amp": BOOLEAN,
+    },
     "distillation": {
         "rounds": integer(1), "steps_per_round": integer(1), "batch_size": integer(1), "warmup_steps": integer(0),
         "grad_clip": number(0, optional=True), "head_lr": number(0, strict=True, optional=True),
@@ -161,7 +166,7 @@ def _check_device(device: Any, available: bool) -> None:
 
 def validate_experiment(*, task: Callable, teacher: Callable, stages: Mapping[str, Callable], seed: Any,
                         device: Any, eval_batch_size: Any, data_workers: Any = None,
-                        device_present: bool = True) -> None:
+                        device_present: bool = True, pretraining: Sequence[str] = ()) -> None:
     """Raise `ConfigError` for the first binding out of its range (see module doc).
     `device_present`: also require the device and the data to exist here (not for
     a dry run, which lists what is missing)."""
@@ -178,6 +183,18 @@ def validate_experiment(*, task: Callable, teacher: Callable, stages: Mapping[st
     the_task = task()  # the task checks its own bindings (sizes, paths, patterns) when built
     if device_present:
         the_task.check_data(("train", "test"))  # the splits every run reads
+
+    for name in pretraining:
+        if not isinstance(name, str) or not gin.config.config_parser.MODULE_RE.match(name):
+            raise ConfigError(f"experiment.pretraining key {name!r} must be a name usable as a gin scope "
+                              "(letters, digits, _ and .)")
+        values = bound("pretraining", [name])
+        _check_params(values, STAGE_PARAMS["pretraining"])
+        for binding, weights in [values["term_weights"]] if "term_weights" in values else []:
+            if weights is not None and (not isinstance(weights, Mapping)
+                                        or not all(_is_number(w) and w >= 0 for w in weights.values())):
+                raise ConfigError(f"{binding} = {weights!r} must be a dict of term name -> number >= 0")
+        _check_optimizer("pretraining", [name], values.get("optimizer", (None, None))[1])
 
     teacher_values = bound("teacher_training", [TEACHER])
     _check_params(teacher_values, STAGE_PARAMS["teacher_training"])

@@ -188,6 +188,24 @@ class CoCaModel(DistillableModel):
         """The decoder's `(width, vocab)` output projection (for captioning heads)."""
         return self.coca.text_decoder.text_projection
 
+    def pretraining_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """CoCa's objective through open_clip (`CoCa.forward`, `open_clip.loss.CoCaLoss`):
+        `contrastive` (image vs caption embeddings, InfoNCE over the batch) and
+        `caption` (next-token cross-entropy, padding ignored), unweighted (CoCa
+        weighs them 1 and 2: `pretraining.term_weights`). The caption is the
+        captioning batch's `text` (from start-of-text) and its last `labels` token."""
+        from open_clip.loss import CoCaLoss
+
+        tokens = torch.cat([batch["text"], batch["labels"][:, -1:]], dim=1)
+        out = self.coca(batch["image"], tokens)
+        contrastive, caption = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0, pad_id=0)(
+            out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+        return {"contrastive": contrastive, "caption": caption}
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """open_clip's CoCa state dict: what `coca_model.pretrained` / `init_from` load."""
+        return self.coca.state_dict()
+
 
 class CoCaExtension(DistillableModel):
     """Base of a model that is CoCa plus modules of its own (video, audio, depth...):
