@@ -81,9 +81,18 @@ STAGE_PARAMS: dict[str, dict[str, tuple[Check, str]]] = {
         "amp": BOOLEAN,
     },
 }
-#: Parameters any policy or loss may have, by name, and what they allow.
-POLICY_PARAMS = {"gamma": number(0, strict=True, high=1), "variance_scale": number(0, strict=True),
-                 "entropy_window": integer(1)}
+def number_or_auto() -> tuple[Check, str]:
+    ok, _ = number(0, strict=True)
+    return (lambda v: v == "auto" or ok(v)), "'auto' or a number > 0"
+
+
+#: Parameters any policy or loss may have, by name, and what they allow (a
+#: policy's constructor checks the rest, e.g. a range that depends on the policy).
+POLICY_PARAMS = {"gamma": number(0, strict=True, high=1), "variance_scale": number_or_auto(),
+                 "scale": number_or_auto(), "reward_scale": number_or_auto(), "prior_weight": number_or_auto(),
+                 "entropy_window": integer(1), "window": integer(1), "epsilon": number(0, high=1),
+                 "step_size": number(0, strict=True, high=1), "share": number(0, high=1),
+                 "warmup": one_of("random", "round_robin")}
 LOSS_PARAMS = {"temperature": number(0, strict=True)}
 WEIGHT = number(0)  # any loss parameter named `*_weight`
 
@@ -216,6 +225,25 @@ def _naming(component: str, e: ConfigError) -> ConfigError:
     return ConfigError(message if component in message else f"{component}: {message}")
 
 
+def check_policy(ref, scopes: Sequence[str], num_arms: int, build: Callable[[], Any]) -> None:
+    """The bindings of the policy `ref` (a gin reference, called in `scopes`) over
+    `num_arms` arms, then `build()` it: a `ConfigError` from its constructor
+    ("window = 3 must be ...") is named after the policy ("sw_ucb_policy.window = 3 must be ...")."""
+    policy_name, run_scopes = _ref_name(ref, scopes)
+    policy_values = bound(ref.selector, run_scopes)
+    _check_params(policy_values, POLICY_PARAMS)
+    if "arm" in policy_values:
+        _check(*policy_values["arm"], integer(-num_arms, num_arms - 1))
+    with gin.config_scope(list(scopes)):
+        try:
+            build()
+        except ConfigError as e:
+            message = str(e).splitlines()[0]
+            if any(message.startswith(f"{param} = ") for param in policy_values):  # "window = 3 must be ..."
+                raise ConfigError(f"{policy_name}.{message}") from None
+            raise _naming(policy_name, e) from None
+
+
 def _validate_stage(name: str, student, teacher, seed: int) -> None:
     scopes = [name]
     values = bound("distillation", scopes)
@@ -231,22 +259,7 @@ def _validate_stage(name: str, student, teacher, seed: int) -> None:
 
     ref = _reference("distillation", "policy", scopes)
     if ref is not None and "policy" in values:
-        policy_name, run_scopes = _ref_name(ref, scopes)
-        policy_values = bound(ref.selector, run_scopes)
-        _check_params(policy_values, POLICY_PARAMS)
-        n = len(arm_space)
-        if "warmup_rounds" in policy_values:
-            binding, value = policy_values["warmup_rounds"]
-            if value is not None and not (_is_int(value) and value >= n):
-                raise ConfigError(f"{binding} = {value!r} must be an integer >= the number of arms ({n}), "
-                                  "so that every arm is played once")
-        if "arm" in policy_values:
-            _check(*policy_values["arm"], integer(-n, n - 1))
-        with gin.config_scope(scopes):
-            try:
-                values["policy"][1](num_arms=n, seed=seed)
-            except ConfigError as e:
-                raise _naming(policy_name, e) from None
+        check_policy(ref, scopes, len(arm_space), lambda: values["policy"][1](num_arms=len(arm_space), seed=seed))
 
     ref = _reference("distillation", "loss", scopes)
     if ref is not None and "loss" in values:

@@ -41,12 +41,19 @@ def optima_register_heads(register):
 
 @hookimpl
 def optima_register_policies(register):
-    from optima.plugins.policies import paper as policies
+    from optima.plugins.policies import exp3, greedy, paper, thompson, ucb
 
-    register("optima", policies.ThompsonPolicy)
-    register("fixed", policies.FixedPolicy)
-    register("random", policies.RandomPolicy)
-    register("layerwise", policies.LayerwisePolicy)
+    register("optima", paper.ThompsonPolicy)  # the paper's, the default
+    register("fixed", paper.FixedPolicy)
+    register("random", paper.RandomPolicy)
+    register("layerwise", paper.LayerwisePolicy)
+    # beyond the paper (docs/policies.md)
+    register("discounted_ts", thompson.DiscountedThompsonPolicy)
+    register("sw_ts", thompson.SlidingWindowThompsonPolicy)
+    register("discounted_ucb", ucb.DiscountedUCBPolicy)
+    register("sw_ucb", ucb.SlidingWindowUCBPolicy)
+    register("exp3", exp3.Exp3Policy)
+    register("eps_greedy", greedy.EpsilonGreedyPolicy)
 
 
 @hookimpl

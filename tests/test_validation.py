@@ -13,7 +13,11 @@ QUICK = "gin/quickstart.gin"
 BAD = [
     (["optima_policy.gamma = 0"], ["optima_policy.gamma = 0", "must be a number in (0, 1]"]),
     (["optima_policy.gamma = 1.5"], ["optima_policy.gamma = 1.5", "must be a number in (0, 1]"]),
-    (["optima_policy.variance_scale = -1.0"], ["optima_policy.variance_scale = -1.0", "must be a number > 0"]),
+    (["optima_policy.variance_scale = -1.0"],
+     ["optima_policy.variance_scale = -1.0", "must be 'auto' or a number > 0"]),
+    (["optima_policy.variance_scale = 'a lot'"],
+     ["optima_policy.variance_scale = 'a lot'", "must be 'auto' or a number > 0"]),
+    (["optima_policy.warmup = 'shuffled'"], ["optima_policy.warmup = 'shuffled'", "one of 'random', 'round_robin'"]),
     (["optima_policy.warmup_rounds = 3"],
      ["optima_policy.warmup_rounds = 3", "must be an integer >= the number of arms (7)"]),
     (["distillation.arms = [['image'], ['text']]", "optima_policy.warmup_rounds = 1"],
