@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shlex
 import time
@@ -81,8 +82,26 @@ def prepare_run_dir(run_dir: str) -> bool:
         raise ConfigError(f"run directory {run_dir} already holds files; pass another --run-dir"
                           + (f", or --resume {run_dir} to continue that run" if resumable else ""))
     made = not os.path.isdir(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--run-dir {run_dir}: {_unusable(run_dir, e)}; pass a directory that can be "
+                          "written") from None
     return made
+
+
+def _unusable(run_dir: str, e: OSError) -> str:
+    """Why a run directory cannot be made or written, in a user's words."""
+    from optima.checkpoint import write_problem
+
+    if os.path.isfile(run_dir):
+        return "it is a file, not a directory"
+    parent = Path(run_dir).parent
+    while parent != parent.parent and not parent.exists():
+        parent = parent.parent
+    if e.errno == errno.ENOTDIR or parent.is_file():
+        return f"{parent} is a file, not a directory"
+    return write_problem(e) or str(e)
 
 
 def discard_refused_run(run_dir: str, made: bool) -> None:
@@ -108,7 +127,11 @@ def run_dir_lock(run_dir: str):
     except ImportError:  # not on POSIX: no lock
         yield
         return
-    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # e.g. a read-only file system
+        raise ConfigError(f"--run-dir {run_dir}: {_unusable(run_dir, e)}; pass a directory that can be "
+                          "written") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,6 +189,7 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
     from optima import config as cfg
     from optima.checkpoint import CheckpointManager, write_text_atomic
     from optima.experiment import experiment
+    from optima.validation import check_component_bindings
 
     if force and not resume:
         raise ConfigError("--force only applies with --resume RUN_DIR")
@@ -175,6 +199,8 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
     for line in registry.warning_lines():  # a broken package is skipped; runs that do not use it go on
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     cfg.parse([config], bindings)
+    # before gin calls anything: a component bound called where the engine calls it fails inside gin
+    check_component_bindings()
     if dry_run:
         try:
             plan = experiment(None, dry_run=True)

@@ -35,6 +35,9 @@ class ArmSpace:
             if arm in arms:
                 raise ConfigError(f"arm {list(arm)} is listed twice")
             arms.append(arm)
+        if not arms:
+            raise ConfigError("no arm is listed; list at least one (a list of module names), or leave it unbound "
+                              "for every non-empty subset of the modules")
         self.arms: tuple[tuple[str, ...], ...] = tuple(arms)
 
     def __len__(self) -> int:

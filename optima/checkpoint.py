@@ -232,7 +232,7 @@ def failed_writes(tmp: Path, message: Callable[[str], str]) -> Iterator[None]:
         else:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        why = _write_problem(e)
+        why = write_problem(e)
         if why is None:
             raise
         raise CheckpointWriteError(message(why)) from None
@@ -241,8 +241,9 @@ def failed_writes(tmp: Path, message: Callable[[str], str]) -> Iterator[None]:
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def _write_problem(e: BaseException) -> str | None:
-    """Why a write failed, when the file system refused it; None for anything else."""
+def write_problem(e: BaseException) -> str | None:
+    """Why a write failed, in a user's words, when the file system refused it (an
+    `OSError`, or safetensors' error wrapping one); None for anything else."""
     if isinstance(e, OSError):
         return _reason(e)
     m = _OS_ERROR.search(str(e))  # safetensors (Rust): "I/O error: No space left on device (os error 28)"

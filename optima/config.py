@@ -3,9 +3,11 @@ gin's errors into one-line `ConfigError`s that name the file, line or binding.""
 from __future__ import annotations
 
 import difflib
+import io
 import logging
 import os
 import re
+import tokenize
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -80,6 +82,7 @@ def parse(config_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     for f in config_files:
         if not os.path.isfile(f):
             raise ConfigError(f"{f}: no such gin file")
+        _require_text(f)
     for b in bindings:
         if "=" not in b:
             raise ConfigError(f"binding {b!r} is not of the form 'configurable.parameter = value' "
@@ -100,11 +103,41 @@ def parse(config_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
         where = f"{e.filename}:{e.lineno}" if e.filename and e.filename != "<string>" else "binding"
         raise ConfigError(f"{where}: gin syntax error: {e.msg}" + (f" in {e.text.strip()!r}" if e.text else "")) \
             from None
+    except tokenize.TokenError as e:  # an unclosed bracket or string: gin's tokenizer gives up
+        raise ConfigError(f"{_untokenizable(config_files, bindings)}: gin cannot parse it: {e.args[0]} "
+                          "(a bracket or a quote is not closed?)") from None
+    except UnicodeDecodeError as e:  # an included file that is not text (the given ones are checked above)
+        raise ConfigError(f"a gin file included by {', '.join(config_files)} is not UTF-8 text ({e.reason} at "
+                          f"byte {e.start}); include gin files only") from None
     except (ValueError, KeyError, IOError) as e:
         raise translate(e) from None
     finally:
         logging.getLogger().disabled = False
         gin.config._LOCATION_PREFIXES[:] = search_paths
+
+
+def _require_text(path: str) -> None:
+    """A gin file must be UTF-8 text: a binary file is named, with the line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not a gin file (not UTF-8 text: byte {data[e.start]:#04x}); "
+                          "pass the experiment's .gin file") from None
+
+
+def _untokenizable(config_files: Sequence[str], bindings: Sequence[str]) -> str:
+    """Which file or binding Python's tokenizer (gin's) cannot finish."""
+    for text, where in [*((Path(f).read_text(encoding="utf-8"), f) for f in config_files),
+                        *((b, f"binding {b!r}") for b in bindings)]:
+        try:
+            for _ in tokenize.generate_tokens(io.StringIO(text).readline):
+                pass
+        except tokenize.TokenError:
+            return where
+    return "a gin file it includes"
 
 
 def translate(e: BaseException) -> ConfigError:

@@ -1,7 +1,10 @@
 """Checks of a parsed configuration before any heavy work.
 
-`validate_experiment` runs first in `optima.experiment.experiment` (so `optima
-run` checks a config before it makes a run directory or trains anything). It
+`check_component_bindings` runs on the parsed config before gin calls anything
+(rewards bound called, the other components uncalled). `validate_experiment`
+runs first in `optima.experiment.experiment` (so `optima run` checks a config
+before it makes a run directory or trains anything). It builds the task (which
+checks its values) and checks that its data files are there and not empty; it
 reads the bindings of the experiment, of the teacher stage and of every
 distillation stage (in the stage's scope), builds the models on the meta device
 (shapes only: nothing allocated, loaded or fetched) to learn their modules, and
@@ -95,6 +98,7 @@ POLICY_PARAMS = {"gamma": number(0, strict=True, high=1), "variance_scale": numb
                  "warmup": one_of("random", "round_robin")}
 LOSS_PARAMS = {"temperature": number(0, strict=True)}
 WEIGHT = number(0)  # any loss parameter named `*_weight`
+LEARNING_RATE = number(0, strict=True)  # an optimizer's `lr`
 
 
 def _check(name: str, value: Any, spec: tuple[Check, str]) -> None:
@@ -153,12 +157,87 @@ def _check_optimizer(selector: str, scopes: Sequence[str], optimizer: Callable |
     ref = _reference(selector, "optimizer", scopes)
     if optimizer is None or ref is None:
         return
-    name, _ = _ref_name(ref, scopes)
+    name, run_scopes = _ref_name(ref, scopes)
+    if "lr" in (values := bound(ref.selector, run_scopes)):
+        _check(*values["lr"], LEARNING_RATE)  # torch accepts 0, which trains nothing
     with gin.config_scope(list(scopes)):
         try:
             optimizer([torch.nn.Parameter(torch.zeros(1))])
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{name}: {str(e).splitlines()[0]}") from None
+
+
+# -- components bound called or uncalled ---------------------------------------------
+
+#: Rewards are bound called (`@kd_reward()`: gin builds one from its bindings);
+#: the other kinds uncalled (`@optima_policy`): the engine calls them with what it
+#: supplies. A component's gin name ends with its kind (`<name>_<kind>`).
+CALLED = ("reward",)
+SUPPLIED = {"model": "builds each model in its stage's scope", "task": "builds the task once per run",
+            "head": "builds a head over each model and the task",
+            "policy": "builds a policy with the number of arms and a seed",
+            "loss": "builds a loss over the student's and teacher's modules",
+            "optimizer": "builds an optimizer over the parameters to train"}
+#: The core stages' component parameters and the kind each takes.
+COMPONENT_PARAMS = {
+    ("experiment", "task"): "task", ("experiment", "teacher"): "model", ("experiment", "head"): "head",
+    ("experiment", "student"): "model", ("experiment", "students"): "model",
+    ("teacher_training", "optimizer"): "optimizer",
+    ("distillation", "policy"): "policy", ("distillation", "reward"): "reward", ("distillation", "loss"): "loss",
+    ("distillation", "optimizer"): "optimizer",
+}
+
+
+def _kind(ref) -> str | None:
+    """The component kind a reference names (`kd_reward` -> reward; torch.optim.* -> optimizer)."""
+    if ref.selector.startswith("torch.optim."):
+        return "optimizer"
+    kind = ref.selector.rsplit(".", 1)[-1].rsplit("_", 1)[-1]
+    return kind if kind in (*CALLED, *SUPPLIED) else None
+
+
+def _references(value: Any) -> list:
+    """The `@references` in a bound value (also inside dicts, lists, tuples); macros are not references."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        return [] if value.selector == "gin.macro" else [value]
+    if isinstance(value, Mapping):
+        return [r for v in value.values() for r in _references(v)]
+    if isinstance(value, (list, tuple)):
+        return [r for v in value for r in _references(v)]
+    return []
+
+
+def _written(ref, called: bool) -> str:
+    return f"@{ref.scoped_selector}" + ("()" if called else "")
+
+
+def check_component_bindings() -> None:
+    """Every binding that names a component: the core stages' component
+    parameters name a component of their kind, rewards are bound called and
+    every other kind uncalled (README, "Running experiments"). Reads the parsed
+    config only (nothing is built), so it runs before gin calls anything: a
+    wrong call would otherwise fail late or as a TypeError."""
+    for (scope, selector), params in gin.config._CONFIG.items():
+        name = selector if selector.startswith("torch.optim.") else selector.rsplit(".", 1)[-1]
+        for param, value in params.items():
+            binding = f"{scope}/{name}.{param}" if scope else f"{name}.{param}"
+            wanted = COMPONENT_PARAMS.get((name, param))
+            refs = _references(value)
+            if wanted is not None and value is not None and not refs:
+                raise ConfigError(f"{binding} = {value!r} must name a {wanted}, e.g. "
+                                  f"@<name>_{wanted}{'()' if wanted in CALLED else ''}")
+            for ref in refs:
+                kind = _kind(ref)
+                if wanted is not None and kind != wanted and not (wanted == "optimizer" and kind is None):
+                    raise ConfigError(f"{binding} = {_written(ref, ref.evaluate)} must name a {wanted} "
+                                      f"(@<name>_{wanted}{'()' if wanted in CALLED else ''}); "
+                                      f"{ref.selector} is {'a ' + kind if kind else 'not one'}")
+                if kind in CALLED and not ref.evaluate:
+                    raise ConfigError(f"{binding} = {_written(ref, False)}: bind it called, {_written(ref, True)}: "
+                                      f"a {kind} is built once, from its bindings")
+                if kind in SUPPLIED and ref.evaluate:
+                    raise ConfigError(f"{binding} = {_written(ref, True)}: bind it uncalled, "
+                                      f"{_written(ref, False)}: the engine {SUPPLIED[kind]}")
 
 
 def _check_device(device: Any, available: bool) -> None:
@@ -179,6 +258,7 @@ def validate_experiment(*, task: Callable, teacher: Callable, stages: Mapping[st
     """Raise `ConfigError` for the first binding out of its range (see module doc).
     `device_present`: also require the device and the data to exist here (not for
     a dry run, which lists what is missing)."""
+    check_component_bindings()
     _check("experiment.seed", seed, integer(0, 2**63 - 1))
     _check("experiment.eval_batch_size", eval_batch_size, integer(1))
     if data_workers is not None:
@@ -189,7 +269,12 @@ def validate_experiment(*, task: Callable, teacher: Callable, stages: Mapping[st
             raise ConfigError(f"experiment.students key {name!r} must be a name usable as a gin scope "
                               "(letters, digits, _ and .)")
 
-    the_task = task()  # the task checks its own bindings (sizes, paths, patterns) when built
+    try:  # the task checks its own bindings (sizes, paths, patterns) when built
+        the_task = task()
+    except (ValueError, TypeError) as e:  # a plugin's own check, or a value of the wrong type
+        ref = _reference("experiment", "task", ())
+        raise ConfigError(f"{ref.selector.rsplit('.', 1)[-1] if ref else 'experiment.task'}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if device_present:
         the_task.check_data(("train", "test"))  # the splits every run reads
 

@@ -319,3 +319,115 @@ def test_a_write_the_os_refuses_inside_safetensors_is_understood(tmp_path):
     assert str(e.value) == (f"could not write checkpoint {tmp_path}/ckpt/step-000000002: File too large; "
                             f"the previous checkpoint {tmp_path}/ckpt/step-000000001 is intact")
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-000000001"]
+
+
+# -- bad bindings ------------------------------------------------------------------
+
+BAD_BINDINGS = [
+    # (binding, the line after "optima: error: ")
+    ("distillation.rounds = (5", "binding 'distillation.rounds = (5': gin cannot parse it: EOF in multi-line "
+                                 "statement (a bracket or a quote is not closed?)"),
+    ("distillation.reward = @kd_reward", "distillation.reward = @kd_reward: bind it called, @kd_reward(): a reward "
+                                         "is built once, from its bindings"),
+    ("student/distillation.reward = @kd_reward", "student/distillation.reward = @kd_reward: bind it called, "
+                                                 "@kd_reward(): a reward is built once, from its bindings"),
+    ("distillation.policy = @optima_policy()", "distillation.policy = @optima_policy(): bind it uncalled, "
+                                               "@optima_policy: the engine builds a policy with the number of arms "
+                                               "and a seed"),
+    ("distillation.loss = @optima_loss()", "distillation.loss = @optima_loss(): bind it uncalled, @optima_loss: the "
+                                           "engine builds a loss over the student's and teacher's modules"),
+    ("experiment.teacher = @teacher/coca_model()", "experiment.teacher = @teacher/coca_model(): bind it uncalled, "
+                                                   "@teacher/coca_model: the engine builds each model in its stage's "
+                                                   "scope"),
+    ("experiment.task = @synthetic_ve_task()", "experiment.task = @synthetic_ve_task(): bind it uncalled, "
+                                               "@synthetic_ve_task: the engine builds the task once per run"),
+    ("experiment.head = @attentional_pooler_head()", "experiment.head = @attentional_pooler_head(): bind it "
+                                                     "uncalled, @attentional_pooler_head: the engine builds a head "
+                                                     "over each model and the task"),
+    ("distillation.optimizer = @student/torch.optim.AdamW()", "distillation.optimizer = "
+     "@student/torch.optim.AdamW(): bind it uncalled, @student/torch.optim.AdamW: the engine builds an optimizer "
+     "over the parameters to train"),
+    ("distillation.policy = @kd_reward()", "distillation.policy = @kd_reward() must name a policy (@<name>_policy); "
+                                           "kd_reward is a reward"),
+    ("distillation.reward = 5", "distillation.reward = 5 must name a reward, e.g. @<name>_reward()"),
+    ("synthetic_ve_task.image_size = 4", "synthetic_ve_task.image_size = 4 must be an integer >= 8 (shapes are "
+                                         "drawn at least 8 px wide)"),
+    ("synthetic_ve_task.train_size = -5", "synthetic_ve_task.train_size = -5 must be an integer >= 0"),
+    ("student/torch.optim.AdamW.lr = 'fast'", "student/torch.optim.AdamW.lr = 'fast' must be a number > 0"),
+    ("student/torch.optim.AdamW.lr = 0.0", "student/torch.optim.AdamW.lr = 0.0 must be a number > 0"),
+    ("distillation.arms = []", "distillation.arms = []: no arm is listed; list at least one (a list of module "
+                               "names), or leave it unbound for every non-empty subset of the modules"),
+    ("student/coca_model.arch = 'coca_ViT-Q-99'", "coca_model.arch = 'coca_ViT-Q-99' is not a CoCa architecture "
+                                                  "open_clip knows: coca_base, coca_roberta-ViT-B-32, coca_ViT-B-32, "
+                                                  "coca_ViT-L-14, or an architecture dict"),
+]
+
+
+@pytest.mark.parametrize("binding, expected", BAD_BINDINGS, ids=[b for b, _ in BAD_BINDINGS])
+def test_a_bad_binding_is_one_line_before_any_work(binding, expected, tmp_path):
+    code, lines = run_cli("gin/quickstart.gin", "--run-dir", str(tmp_path / "run"), "-b", binding)
+    assert_refused(code, lines, expected, tmp_path / "run")
+
+
+def test_the_component_check_passes_every_shipped_config():
+    """No false alarm: every gin file in the repository binds its components right."""
+    from optima import config
+    from optima.validation import check_component_bindings
+
+    config.setup(external_plugins=False)
+    for path in sorted(Path("gin").rglob("*.gin")):
+        config.parse([str(path)])
+        check_component_bindings()
+
+
+# -- bad paths on the command line -------------------------------------------------
+
+
+def _binary(tmp_path: Path) -> list[str]:
+    (tmp_path / "model.gin").write_bytes(b"distillation.rounds = 1\n\x89PNG\r\n\x1a\n\x00\xff")
+    return [str(tmp_path / "model.gin")]
+
+
+def _run_dir_is_a_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "taken").write_text("notes")
+    return ["gin/quickstart.gin", "--run-dir", str(tmp_path / "taken")]
+
+
+def _run_dir_under_a_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "taken").write_text("notes")
+    return ["gin/quickstart.gin", "--run-dir", str(tmp_path / "taken" / "runs" / "r1")]
+
+
+def _run_dir_read_only(tmp_path: Path, monkeypatch) -> list[str]:
+    """A read-only file system (tests run as root, so permissions would not stop a
+    write and no read-only mount is at hand): mkdir there fails with EROFS."""
+    import errno
+
+    real = os.makedirs
+
+    def makedirs(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    return ["gin/quickstart.gin", "--run-dir", str(tmp_path / "ro" / "run")]
+
+
+BAD_PATHS = [
+    (_binary, "{tmp}/model.gin:2: not a gin file (not UTF-8 text: byte 0x89); pass the experiment's .gin file"),
+    (_run_dir_is_a_file, "--run-dir {tmp}/taken: it is a file, not a directory; pass a directory that can be "
+                         "written"),
+    (_run_dir_under_a_file, "--run-dir {tmp}/taken/runs/r1: {tmp}/taken is a file, not a directory; pass a "
+                            "directory that can be written"),
+    (_run_dir_read_only, "--run-dir {tmp}/ro/run: Read-only file system; pass a directory that can be written"),
+]
+
+
+@pytest.mark.parametrize("make, expected", BAD_PATHS, ids=[m.__name__.strip("_") for m, _ in BAD_PATHS])
+def test_a_bad_path_is_one_line(make, expected, tmp_path, monkeypatch):
+    args = make(tmp_path, monkeypatch) if make is _run_dir_read_only else make(tmp_path)
+    code, lines = run_cli(*args)
+    assert (code, lines) == (2, [f"optima: error: {expected.format(tmp=tmp_path)}"])
+    if make is _run_dir_is_a_file:
+        assert (tmp_path / "taken").read_text() == "notes"  # untouched

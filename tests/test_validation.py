@@ -43,7 +43,7 @@ BAD = [
     (["distillation.grad_clip = -1.0"], ["distillation.grad_clip = -1.0", "a number >= 0 (or None)"]),
     (["experiment.seed = -1"], ["experiment.seed = -1", "must be an integer in [0, "]),
     (["experiment.device = 'gpu'"], ["experiment.device = 'gpu'", "'auto', 'cpu', 'cuda'"]),
-    (["student/torch.optim.AdamW.lr = -0.1"], ["student/torch.optim.AdamW", "Invalid learning rate: -0.1"]),
+    (["student/torch.optim.AdamW.lr = -0.1"], ["student/torch.optim.AdamW.lr = -0.1 must be a number > 0"]),
 ]
 
 

@@ -67,7 +67,8 @@ def coca_config(arch: str | Mapping[str, Any], overrides: Mapping[str, Any] | No
         cfg = open_clip.get_model_config(arch)
         if cfg is None or "multimodal_cfg" not in cfg:
             known = [n for n in open_clip.list_models() if n.startswith("coca")]
-            raise ConfigError(f"unknown CoCa architecture {arch!r}; open_clip has: {', '.join(known)}")
+            raise ConfigError(f"coca_model.arch = {arch!r} is not a CoCa architecture open_clip knows: "
+                              f"{', '.join(known)}, or an architecture dict")
     else:
         cfg = dict(arch)
     cfg = _merge(cfg, overrides or {})
@@ -284,8 +285,8 @@ def coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", overrides: Mappi
     """
     from open_clip.coca_model import CoCa
 
+    cfg = coca_config(arch, overrides, layers)  # an unknown architecture first: nothing else can be right then
     _check_weights_choice(arch, pretrained, init_from, init_from_arch, random_init)
-    cfg = coca_config(arch, overrides, layers)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         meta = torch.empty(0).is_meta  # also true inside `with torch.device("meta")`
         if pretrained:
