@@ -1,9 +1,16 @@
 """gin glue: make every component configurable, parse files and bindings, and turn
-gin's errors into one-line `ConfigError`s that name the file, line or binding."""
+gin's errors into one-line `ConfigError`s that name the file, line or binding.
+
+A gin file is a path, or `package:path/in/package.gin`: a file shipped inside an
+installed Python package (a plugin's wheel), to run (`optima run
+optima_audio:gin/audio_av.gin`) or to include from any gin file (`include
+'optima_audio:gin/audio_av.gin'`).
+"""
 from __future__ import annotations
 
 import difflib
 import io
+import importlib.resources
 import logging
 import os
 import re
@@ -76,9 +83,47 @@ def known_names() -> list[str]:
     return sorted(names)
 
 
+#: `package:path` (not a Windows drive, `C:...`)
+_PACKAGE_FILE = re.compile(r"(?![A-Za-z]:)([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([^/\\].*)")
+
+
+def package_file(spec: str) -> Path | None:
+    """The file `spec` names if it reads `package:path/in/package` and is no
+    existing path, else None: `optima_audio:gin/audio_av.gin` is `gin/audio_av.gin`
+    inside the installed package `optima_audio` (its package data). Raises
+    `ConfigError` when the package is not installed or lacks the file."""
+    m = _PACKAGE_FILE.fullmatch(spec)
+    if m is None or os.path.exists(spec):
+        return None
+    package, relative = m.groups()
+    try:
+        root = Path(str(importlib.resources.files(package)))
+    except ModuleNotFoundError:
+        raise ConfigError(f"{spec}: no installed Python package {package!r} (pip install it, or give a path)") \
+            from None
+    except Exception as e:  # the package raised on import
+        raise ConfigError(f"{spec}: importing {package} failed: {type(e).__name__}: {e}") from None
+    path = root / relative
+    if not path.is_file():
+        shipped = sorted(str(p.relative_to(root)) for p in root.rglob("*.gin"))
+        raise ConfigError(f"{spec}: package {package} ({root}) has no file {relative}; "
+                          + (f"it ships {', '.join(shipped)}" if shipped else
+                             "it ships no .gin file (are they declared as package data?)"))
+    return path
+
+
+@gin.config.register_file_reader(lambda path: _PACKAGE_FILE.fullmatch(path) is not None and
+                                 not os.path.exists(path))
+def _open_package_file(spec: str):
+    """gin's reader for `include 'package:path'` (gin asks every registered reader)."""
+    return open(package_file(spec), encoding="utf-8")
+
+
 def parse(config_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
-    """Clear gin and parse `config_files` then `bindings`; raise `ConfigError`."""
+    """Clear gin and parse `config_files` (paths or `package:path`, see
+    `package_file`) then `bindings`; raise `ConfigError`."""
     gin.clear_config()
+    config_files = [str(package_file(f) or f) for f in config_files]
     for f in config_files:
         if not os.path.isfile(f):
             raise ConfigError(f"{f}: no such gin file")

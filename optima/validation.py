@@ -25,6 +25,7 @@ import torch
 
 from optima.align import pair_layouts
 from optima.arms import ArmSpace
+from optima.checkpoint import encode
 from optima.config import TEACHER
 from optima.engine import NONFINITE_ACTIONS
 from optima.errors import ConfigError
@@ -313,7 +314,8 @@ def _naming(component: str, e: ConfigError) -> ConfigError:
 def check_policy(ref, scopes: Sequence[str], num_arms: int, build: Callable[[], Any]) -> None:
     """The bindings of the policy `ref` (a gin reference, called in `scopes`) over
     `num_arms` arms, then `build()` it: a `ConfigError` from its constructor
-    ("window = 3 must be ...") is named after the policy ("sw_ucb_policy.window = 3 must be ...")."""
+    ("window = 3 must be ...") is named after the policy ("sw_ucb_policy.window = 3 must be ...");
+    its `state_dict()` must be something a checkpoint can hold."""
     policy_name, run_scopes = _ref_name(ref, scopes)
     policy_values = bound(ref.selector, run_scopes)
     _check_params(policy_values, POLICY_PARAMS)
@@ -321,12 +323,17 @@ def check_policy(ref, scopes: Sequence[str], num_arms: int, build: Callable[[], 
         _check(*policy_values["arm"], integer(-num_arms, num_arms - 1))
     with gin.config_scope(list(scopes)):
         try:
-            build()
+            policy = build()
         except ConfigError as e:
             message = str(e).splitlines()[0]
             if any(message.startswith(f"{param} = ") for param in policy_values):  # "window = 3 must be ..."
                 raise ConfigError(f"{policy_name}.{message}") from None
             raise _naming(policy_name, e) from None
+    try:  # checkpoints keep it: found now, not at the first checkpoint hours in
+        encode(policy.state_dict(), {})
+    except TypeError as e:
+        raise ConfigError(f"{policy_name}.state_dict(): {e}; a policy's state holds nested dicts, lists and "
+                          "tuples of tensors, numpy arrays, numbers, strings, bools and None") from None
 
 
 def _validate_stage(name: str, student, teacher, seed: int) -> None:

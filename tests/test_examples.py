@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gin
 import numpy as np
 import pytest
 import torch
@@ -201,7 +202,8 @@ def test_moving_shapes_move_change_colour_and_answers_match(from_source):
 
 # -- their gin files, without installing -------------------------------------------
 
-@pytest.mark.parametrize("gin_file", [AUDIO / "gin" / "audio_av.gin", VIDEO / "gin" / "moving_shapes.gin"],
+@pytest.mark.parametrize("gin_file", [AUDIO / "src" / "optima_audio" / "gin" / "audio_av.gin",
+                                      VIDEO / "src" / "optima_video" / "gin" / "moving_shapes.gin"],
                          ids=lambda p: p.stem)
 def test_example_gin_files_plan_fifteen_arms(from_source, gin_file):
     """The shipped settings, resolved and built on the meta device (`--dry-run`)."""
@@ -215,7 +217,7 @@ def test_example_gin_files_plan_fifteen_arms(from_source, gin_file):
         plan = experiment(None, dry_run=True)
     finally:
         config.setup(external_plugins=False)
-    module = "audio" if gin_file.parent.parent == AUDIO else "video"
+    module = "audio" if AUDIO in gin_file.parents else "video"
     assert list(plan["models"]["student"]["modules"]) == ["image", "text", "multimodal", module]
     assert len(plan["stages"]["student"]["arms"]) == 2 ** 4 - 1
 
@@ -227,11 +229,13 @@ def _tutorial_package(folder: Path) -> Path:
     text = (ROOT / "docs" / "plugins.md").read_text()
     section = text[text.index("## Your first plugin package"):text.index("## The hooks")]
     package = folder / "optima-greedy"
-    (package / "src" / "optima_greedy").mkdir(parents=True)
+    (package / "src" / "optima_greedy" / "gin").mkdir(parents=True)
     (package / "pyproject.toml").write_text(re.search(r"```toml\n(.*?)```", section, re.S).group(1))
     (package / "src" / "optima_greedy" / "__init__.py").write_text("")
     (package / "src" / "optima_greedy" / "plugin.py").write_text(
         re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    (package / "src" / "optima_greedy" / "gin" / "greedy.gin").write_text(
+        re.search(r"```gin\n(.*?)```", section, re.S).group(1))
     return package
 
 
@@ -270,6 +274,38 @@ def test_installed_packages_are_listed_by_optima_plugins(installed):
     greedy = plugins["greedy"]  # the tutorial's package, as docs/plugins.md writes it
     assert (greedy["distribution"], greedy["version"], greedy["status"]) == ("optima-greedy", "0.1.0", "ok")
     assert [c["gin"] for c in greedy["components"]] == ["greedy_policy"]
+
+
+def test_installed_packages_gin_files_run_and_include_by_package_name(installed, monkeypatch, tmp_path):
+    """Gin files that the wheels ship (package data): parsed by package name from
+    any folder, included by package name from a user's file; a wrong name is one
+    line naming what the package ships."""
+    from optima.experiment import experiment
+
+    monkeypatch.syspath_prepend(str(installed))
+    monkeypatch.delenv("OPTIMA_DISABLE_PLUGINS", raising=False)
+    monkeypatch.chdir(tmp_path)  # not the repository: nothing is found by a relative path
+    for name in [m for m in sys.modules if m.split(".")[0] in ("optima_audio", "optima_video", "optima_greedy")]:
+        monkeypatch.delitem(sys.modules, name)  # imported from source by earlier tests: use the installed ones
+    shipped = config.package_file("optima_audio:gin/audio_av.gin")
+    assert shipped == installed / "optima_audio" / "gin" / "audio_av.gin" and shipped.is_file()
+    mine = tmp_path / "mine.gin"
+    mine.write_text("include 'optima_greedy:gin/greedy.gin'\ndistillation.rounds = 80\n")
+    try:
+        config.setup()
+        config.parse(["optima_video:gin/moving_shapes.gin"])
+        assert len(experiment(None, dry_run=True)["stages"]["student"]["arms"]) == 15
+        config.parse([str(mine)])  # the docs' tutorial file, which includes OPTIMA's quickstart
+        assert gin.query_parameter("distillation.policy").selector == "greedy_policy"
+        assert gin.query_parameter("distillation.rounds") == 80
+        with pytest.raises(ConfigError, match=r"optima_audio:gin/nope\.gin: package optima_audio \(.*\) has no "
+                                              r"file gin/nope\.gin; it ships gin/audio_av\.gin$"):
+            config.parse(["optima_audio:gin/nope.gin"])
+        with pytest.raises(ConfigError, match=r"no installed Python package 'optima_nope'"):
+            config.parse(["optima_nope:gin/x.gin"])
+    finally:
+        gin.clear_config()
+        config.setup(external_plugins=False)
 
 
 def _distil(installed, monkeypatch, tmp_path, gin_file, *bindings):
@@ -314,7 +350,7 @@ def _check_arms(stage, module):
 @pytest.mark.slow
 def test_audio_example_distils_with_its_own_policy(installed, monkeypatch, tmp_path):
     stage, operative = _distil(
-        installed, monkeypatch, tmp_path, AUDIO / "gin" / "audio_av.gin", *TINY_RUN,
+        installed, monkeypatch, tmp_path, "optima_audio:gin/audio_av.gin", *TINY_RUN,
         "synthetic_av_task.train_size = 32", "synthetic_av_task.val_size = 0", "synthetic_av_task.test_size = 8",
         "teacher/audio_coca_model.layers = (1, 1, 1, 1)", "student/audio_coca_model.layers = (1, 1, 1, 1)")
     _check_arms(stage, "audio")
@@ -325,7 +361,7 @@ def test_audio_example_distils_with_its_own_policy(installed, monkeypatch, tmp_p
 @pytest.mark.slow
 def test_video_example_distils(installed, monkeypatch, tmp_path):
     stage, operative = _distil(
-        installed, monkeypatch, tmp_path, VIDEO / "gin" / "moving_shapes.gin", *TINY_RUN,
+        installed, monkeypatch, tmp_path, "optima_video:gin/moving_shapes.gin", *TINY_RUN,
         "moving_shapes_task.train_size = 32", "moving_shapes_task.val_size = 0", "moving_shapes_task.test_size = 8",
         "teacher/video_coca_model.layers = (1, 1, 1, 1)", "student/video_coca_model.layers = (1, 1, 1, 1)",
         "optima_policy.warmup_rounds = 15")

@@ -204,6 +204,28 @@ def test_a_plugin_components_config_error_names_it_once(site):
         assert code == 2 and (out + err).strip() == expected
 
 
+SETS = """
+from optima.plugins.policies.paper import RandomPolicy
+
+
+class SetPolicy(RandomPolicy):
+    def state_dict(self):
+        return {**super().state_dict(), "seen": {1, 2}}
+
+
+def optima_register_policies(register):
+    register("set", SetPolicy)
+"""
+
+
+def test_a_policy_state_a_checkpoint_cannot_hold_is_refused_before_any_work(site):
+    site("optima-set", {"set": "set_plugin"}, {"set_plugin": SETS})
+    code, out, err = _dry_run("-b", "distillation.policy = @set_policy")
+    assert code == 2 and (out + err).strip() == (
+        "optima: error: set_policy.state_dict(): cannot checkpoint a set at seen; a policy's state holds nested "
+        "dicts, lists and tuples of tensors, numpy arrays, numbers, strings, bools and None")
+
+
 # -- malformed plugins -------------------------------------------------------------
 
 def test_a_misspelled_hook_skips_that_plugin_for_runs_with_one_warning_and_fails_optima_plugins(site):
