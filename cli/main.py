@@ -29,7 +29,9 @@ def user_errors():
         if os.environ.get("OPTIMA_DEBUG"):
             raise
         # gin appends "In call to configurable ..." lines; the first line is the message
-        typer.echo(f"optima: error: {str(e).splitlines()[0]}", err=True)
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+        who = "optima" if rank == "0" else f"optima (rank {rank})"  # torchrun: every process reports
+        typer.echo(f"{who}: error: {str(e).splitlines()[0]}", err=True)
         raise typer.Exit(e.exit_code) from None
 
 

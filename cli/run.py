@@ -184,10 +184,25 @@ class _Stopped(OptimaError):
 
 def run_command(config: str, bindings: Sequence[str], run_dir: str | None, external_plugins: bool | None,
                 dry_run: bool = False, resume: str | None = None, force: bool = False) -> dict:
+    """Run (or resume) the experiment of `config`. Under torchrun every process
+    runs this: rank 0 prepares the run directory and reports, every rank trains
+    its shard (`optima.distributed`)."""
+    from optima import distributed
+
+    several = distributed.init()
+    try:
+        return _run_command(config, bindings, run_dir, external_plugins, dry_run, resume, force)
+    finally:
+        if several:
+            distributed.shutdown()
+
+
+def _run_command(config: str, bindings: Sequence[str], run_dir: str | None, external_plugins: bool | None,
+                 dry_run: bool, resume: str | None, force: bool) -> dict:
     import gin
 
     from optima import config as cfg
-    from optima.checkpoint import CheckpointManager, write_text_atomic
+    from optima import distributed
     from optima.experiment import experiment
     from optima.validation import check_component_bindings
 
@@ -196,7 +211,7 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
     if resume and run_dir and os.path.abspath(run_dir) != os.path.abspath(resume):
         raise ConfigError("pass either --run-dir (a new run) or --resume RUN_DIR (continue one), not both")
     registry = cfg.setup(external_plugins)
-    for line in registry.warning_lines():  # a broken package is skipped; runs that do not use it go on
+    for line in registry.warning_lines() if distributed.is_main() else ():  # a broken package is skipped
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     cfg.parse([config], bindings)
     # before gin calls anything: a component bound called where the engine calls it fails inside gin
@@ -206,7 +221,8 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
             plan = experiment(None, dry_run=True)
         except Exception as e:
             raise cfg.translate_call_error(e) from None
-        print_plan(plan, config)
+        if distributed.is_main():
+            print_plan(plan, config)
         return plan
     try:  # every binding is checked before anything is written or trained
         experiment(None, validate_only=True)
@@ -214,6 +230,33 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
         raise cfg.translate_call_error(e) from None
     config_text = gin.config_str()
     header = f"# optima run {config}" + "".join(f" -b {b!r}" for b in bindings) + "\n"
+    if not distributed.is_main():  # rank 0 prepares the run directory: wait for its word
+        word = distributed.broadcast_object(None)
+        if isinstance(word, dict):
+            raise ConfigError(word["refused"])
+        return _run(config, bindings, word)
+    told = False
+
+    def go(directory: str) -> str:
+        nonlocal told
+        distributed.broadcast_object(directory)
+        told = True
+        return directory
+
+    try:
+        return _prepare_and_run(config, bindings, run_dir, resume, force, config_text, header, go)
+    except BaseException as e:
+        if not told:  # the other ranks are waiting: they stop with this message
+            distributed.broadcast_object({"refused": str(e).splitlines()[0] if str(e) else type(e).__name__})
+        raise
+
+
+def _prepare_and_run(config: str, bindings: Sequence[str], run_dir: str | None, resume: str | None, force: bool,
+                     config_text: str, header: str, go) -> dict:
+    """Rank 0's part of `run_command`: refuse or prepare the run directory, then
+    `go(run_dir)` (the other ranks start) and run."""
+    from optima.checkpoint import CheckpointManager, write_text_atomic
+
     if resume:
         run_dir = resume
         check_resume(run_dir, config_text, force)
@@ -227,14 +270,14 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
                 raise ConfigError(f"run directory {run_dir} already holds files; pass another --run-dir")
             write_text_atomic(config_path, header + config_text)
             try:
-                return _run(config, bindings, run_dir)
+                return _run(config, bindings, go(run_dir))
             except ConfigError:
                 discard_refused_run(run_dir, made)
                 raise
         differences = check_resume(run_dir, config_text, force)
         if not differences:
             console.print(f"resuming {run_dir}")
-            return _run(config, bindings, run_dir)
+            return _run(config, bindings, go(run_dir))
         # forced: the run goes on with the new config, the old one is kept beside it
         console.print(f"resuming {run_dir} with changed bindings (--force): {'; '.join(differences)}")
         backup = os.path.join(run_dir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.gin")
@@ -242,7 +285,7 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
         write_text_atomic(config_path, header.rstrip("\n") + f" --resume {run_dir} --force\n" + config_text)
         saves = CheckpointManager.saves
         try:
-            return _run(config, bindings, run_dir)
+            return _run(config, bindings, go(run_dir))
         except ConfigError:
             if CheckpointManager.saves == saves:  # refused before it saved anything: leave the run as it was
                 os.replace(backup, config_path)
@@ -253,8 +296,15 @@ def _run(config: str, bindings: Sequence[str], run_dir: str) -> dict:
     import gin
 
     from optima import config as cfg
+    from optima import distributed
     from optima.checkpoint import write_text_atomic
     from optima.experiment import experiment
+
+    if not distributed.is_main():  # the other ranks train and stay quiet
+        try:
+            return experiment(run_dir, [])
+        except Exception as e:
+            raise cfg.translate_call_error(e) from None
 
     columns = (TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from optima import distributed
 from optima.errors import ConfigError, OptimaError, warning
 
 FORMAT = "optima-checkpoint/1"
@@ -438,7 +439,12 @@ class RunKeeper:
     """The checkpoints and interrupts of one run: stage `s` keeps its checkpoints
     in `run_dir/checkpoints/s/`. A loop (`Finetuner`, `Distiller`) is saved as
     `{"loop": loop.state_dict(), "rng": rng_state()}`, with the stage's cache key
-    in the manifest."""
+    in the manifest.
+
+    In a run of several processes (`optima.distributed`) rank 0 writes the
+    checkpoints and picks the one to resume from, which every rank then loads
+    (the run directory is on a file system they share); an interrupt on any
+    rank stops every rank after the same step."""
 
     def __init__(self, run_dir: str | os.PathLike, interrupts: Interrupts | None = None,
                  message: Callable[[str], None] = print):
@@ -454,9 +460,12 @@ class RunKeeper:
     def resume(self, stage: str, loop: Any, *, keep: int, key: str) -> Checkpoint | None:
         """Load the newest intact checkpoint of `stage` into `loop` and restore every
         RNG; None (and nothing changed) if the stage has none."""
-        found = self.manager(stage, keep).latest()
-        if found is None:
+        found = self.manager(stage, keep).latest() if distributed.is_main() else None
+        path = distributed.broadcast_object(None if found is None else str(found.path))
+        if path is None:
             return None
+        if found is None:  # another rank: the checkpoint rank 0 chose
+            found = CheckpointManager.load(path)
         if found.manifest.get("key") != key:
             self.message(warning(f"{found.path} was written for another {stage} stage (other bindings, data or "
                                  "initial weights); continuing from it"))
@@ -466,16 +475,30 @@ class RunKeeper:
         self.message(f"{stage}: resumed from {found.path} ({where}step {found.step})")
         return found
 
-    def save(self, stage: str, loop: Any, *, keep: int, key: str) -> Path:
+    def save(self, stage: str, loop: Any, *, keep: int, key: str) -> Path | None:
+        """Write a checkpoint of `loop` (rank 0; other ranks write nothing and get None)."""
+        if not distributed.is_main():
+            return None
         return self.manager(stage, keep).save(
             {"loop": loop.state_dict(), "rng": rng_state()}, step=loop.step, round=getattr(loop, "round", None),
             meta={"stage": stage, "key": key})
 
     @property
     def interrupted(self) -> bool:
-        return self.interrupts is not None and self.interrupts.requested is not None
+        """Whether SIGINT or SIGTERM arrived (at any rank: every rank must ask at the
+        same points, and then all stop there)."""
+        if self.interrupts is None:
+            return False
+        signum = max(distributed.all_gather_ints(self.interrupts.requested or 0))
+        if signum and self.interrupts.requested is None:  # another rank was signalled
+            self.interrupts.requested = signum
+        return bool(signum)
 
     def stop(self, where: str, saved: Path | None = None) -> Interrupted:
+        """The `Interrupted` to raise once the checkpoint is written: every rank
+        waits here for rank 0's checkpoint (so none exits before it is saved),
+        and names it."""
+        saved = distributed.broadcast_object(saved)
         return self.interrupts.stop(where, saved)
 
 
@@ -519,13 +542,18 @@ class Interrupts:
 
 
 def fault_point(where: str, n: int) -> None:
-    """Test hook for tests/test_resume.py: with `OPTIMA_TEST_KILL_AT=<where>:<n>`
-    (`step`: after distillation step n; `teacher`: after teacher step n; `save`:
-    halfway through the n-th checkpoint this process writes), SIGKILL this
-    process there, as a preemption would."""
+    """Test hook for tests/test_resume.py and tests/test_distributed.py: with
+    `OPTIMA_TEST_KILL_AT=<where>:<n>` (`step`: after distillation step n;
+    `teacher`: after teacher step n; `save`: halfway through the n-th checkpoint
+    this process writes), send this process SIGKILL there, as a preemption would
+    (`OPTIMA_TEST_KILL_SIGNAL=TERM`: SIGTERM; `OPTIMA_TEST_KILL_RANK=r`: only
+    in the process of rank r of a torchrun)."""
     spec = os.environ.get(KILL_ENV)
-    if spec and spec == f"{where}:{n}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not spec or spec != f"{where}:{n}":
+        return
+    if os.environ.get("OPTIMA_TEST_KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return
+    os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("OPTIMA_TEST_KILL_SIGNAL", "KILL")))
 
 
 # --- comparing configs for --resume ------------------------------------------------

@@ -18,6 +18,7 @@ interrupts (a signal on any rank stops every rank after the same step).
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from typing import Any, Iterable, Sequence
 
@@ -129,6 +130,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def union(items: Iterable[str]) -> list[str]:
+    """The distinct `items` of every rank, in rank order, then first seen."""
+    mine = list(items)
+    if not active():
+        return list(dict.fromkeys(mine))
+    every: list[list[str]] = [[] for _ in range(world_size())]
+    dist.all_gather_object(every, mine)
+    return list(dict.fromkeys(x for rank_items in every for x in rank_items))
+
+
 def barrier() -> None:
     if active():
         dist.barrier()
@@ -186,7 +197,9 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False, static_graph=True)
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=ids, static_graph=True, **no_sync)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

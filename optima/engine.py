@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
+from optima import distributed
 from optima.arms import ArmSpace
 from optima.checkpoint import CheckpointError, check_same_layout
 from optima.data import BatchStream, SkippedRecords, eval_batches, to_device  # noqa: F401 (the engine's data API)
@@ -145,20 +146,38 @@ class _Loop:
     def _where(self) -> str:
         return f"step {self.step + 1}"
 
-    def _optimizer_step(self, objective: torch.Tensor, terms: Mapping[str, float]) -> bool:
-        """Back-propagate and step, unless a term, the objective or (with
-        `grad_clip`) the gradient norm is non-finite: then skip the step (counted,
-        reported; its batch and its place in the lr schedule are used up) or raise
-        `NonFiniteLossError` naming the step and the term. Returns whether the
-        weights were updated; `self.step` counts the step either way."""
-        bad = first_nonfinite(terms) or first_nonfinite({"objective": objective.detach().float().item()})
+    def _optimizer_step(self, objective: torch.Tensor, values: Mapping[str, torch.Tensor | float],
+                        share: float = 1.0) -> dict[str, float] | None:
+        """Back-propagate `objective` and step, unless a value, the objective or
+        (with `grad_clip`) the gradient norm is non-finite: then skip the step
+        (counted, reported; its batch and its place in the lr schedule are used
+        up) or raise `NonFiniteLossError` naming the step and the term. Returns
+        `values` as floats if the weights were updated, else None; `self.step`
+        counts the step either way.
+
+        One host sync per step: the values (0-dim tensors or floats), the
+        objective and the gradient norm are read back together, after the
+        backward pass (a non-finite step's gradients are dropped unused). In a
+        run of several processes this process's objective is weighted by its
+        `share` of the batch, so that the averaged gradients are the whole
+        batch's, and the values are summed over processes weighted alike (one
+        all-reduce): every process sees the same numbers and decides alike."""
+        world = distributed.world_size()
         self.optimizer.zero_grad(set_to_none=True)
-        if bad is None:
-            objective.backward()
-            if self.grad_clip:
-                norm = nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                                self.grad_clip)
-                bad = first_nonfinite({"grad_norm": float(norm)})
+        (objective * (share * world) if world > 1 else objective).backward()
+        self._reduce_gradients()
+        names = [*values, "objective"]
+        checked = torch.stack([torch.as_tensor(v).detach().to(objective.device, torch.float32).reshape(())
+                               for v in [*values.values(), objective]])
+        if world > 1:
+            checked = distributed.all_reduce_sum(checked * share)
+        if self.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = nn.utils.clip_grad_norm_(params, self.grad_clip)  # gradients are averaged: equal on every rank
+            checked = torch.cat([checked, norm.detach().to(checked.device, torch.float32).reshape(1)])
+            names.append("grad_norm")
+        read = dict(zip(names, checked.tolist()))
+        bad = first_nonfinite(read)
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             term, value = bad
@@ -173,11 +192,14 @@ class _Loop:
             for cb in self.callbacks:
                 if hasattr(cb, "on_nonfinite"):
                     cb.on_nonfinite(self.name, self.step, term, value, self.skipped)
-            return False
+            return None
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return True
+        return {name: read[name] for name in values}
+
+    def _reduce_gradients(self) -> None:
+        """Average over processes the gradients that `DistributedDataParallel` does not."""
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -186,6 +208,17 @@ class _Loop:
         for cb in self.callbacks:
             if hasattr(cb, "on_message"):
                 cb.on_message(text)
+
+
+class _Objective(nn.Module):
+    """`objective(batch)` as the forward of a module holding `network`'s parameters."""
+
+    def __init__(self, network: nn.Module, objective: Callable[[Batch], Mapping[str, torch.Tensor]]):
+        super().__init__()
+        self.network, self.objective = network, objective
+
+    def forward(self, batch: Batch) -> Mapping[str, torch.Tensor]:
+        return self.objective(batch)
 
 
 class Finetuner(_Loop):
@@ -210,20 +243,25 @@ class Finetuner(_Loop):
         self.objective = objective or (lambda batch: {"task": self.task.loss(self.network(batch).float(), batch)})
         self.term_weights = dict(term_weights or {})
         self.stream = BatchStream(task, "train", batch_size, seed, device, warn=self._message, workers=workers)
+        # the objective as a module's forward, so that DistributedDataParallel (several
+        # processes) sees the step and averages the gradients
+        self.trained = distributed.wrap(_Objective(network, self.objective), device)
         self.step = 0
         self.skipped = 0
         self.last_terms: dict[str, float] = {}
 
     def train_step(self) -> float | None:
-        """One step; the (weighted) objective, or None if the step was skipped.
-        `last_terms` holds the step's terms, unweighted."""
+        """One step; the (weighted) objective over the whole batch, or None if the
+        step was skipped. `last_terms` holds the step's terms, unweighted."""
         batch = next(self.stream)
         with autocast(self.device, self.amp):
-            terms = self.objective(batch)
+            terms = self.trained(batch)
         loss = sum(self.term_weights.get(k, 1.0) * v.float() for k, v in terms.items())
-        self.last_terms = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
-        value = loss.item()
-        return value if self._optimizer_step(loss, self.last_terms) else None
+        read = self._optimizer_step(loss, terms, self.stream.share)
+        if read is None:
+            return None
+        self.last_terms = read
+        return sum(self.term_weights.get(k, 1.0) * v for k, v in read.items())
 
     def run(self, after_step: Callable[["Finetuner"], None] | None = None) -> None:
         self.network.train()
@@ -497,6 +535,10 @@ class Distiller(_Loop):
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.callbacks = list(callbacks)
         self.teacher.eval().requires_grad_(False)
+        distributed.broadcast_module(self.teacher)  # every process distils from rank 0's teacher
+        # DistributedDataParallel in a run of several processes; the loss's parameters
+        # (projections) are averaged by `_reduce_gradients`
+        self.trained = distributed.wrap(student, device)
         self.teacher_rec = Recorder(teacher.model.distill_modules())
         self.student_rec = Recorder(student.model.distill_modules())
         self.need = frozenset(reward.terms)
@@ -515,26 +557,33 @@ class Distiller(_Loop):
         arm = f", arm {self.arms.label(self._open.arm)}" if self._open is not None else ""
         return f"step {self.step + 1} (round {self.round}{arm})"
 
-    def train_step(self, batch: Batch, arm_layers: frozenset[tuple[str, int]]) -> StepLosses | None:
-        """One step on `arm_layers`; its losses (whole model and per module), or
-        None if the step was skipped for a non-finite value."""
+    def train_step(self, batch: Batch, arm_layers: frozenset[tuple[str, int]], share: float = 1.0) -> StepLosses | None:
+        """One step on `arm_layers`; its losses (whole model and per module, as
+        floats over the whole batch), or None if the step was skipped for a
+        non-finite value. `share`: this process's part of the batch (see `_optimizer_step`)."""
         self.student.train()
         try:
             with autocast(self.device, self.amp):
                 with torch.no_grad():
                     t_logits = self.teacher(batch)
-                s_logits = self.student(batch)
+                s_logits = self.trained(batch)
                 task_loss = self.task.loss(s_logits.float(), batch)
                 mask = self.task.logit_mask(batch)
                 losses = self.loss(Capture(s_logits, self.student_rec, mask),
                                    Capture(t_logits, self.teacher_rec, mask), task_loss, arm_layers, self.need)
             checked = {**losses.full, **{f"{t}[{m}]": v for m, terms in losses.per_module.items()
                                          for t, v in terms.items()}}
-            updated = self._optimizer_step(losses.objective, checked)
+            read = self._optimizer_step(losses.objective, checked, share)
         finally:
             self.student_rec.clear()
             self.teacher_rec.clear()
-        return losses if updated else None
+        if read is None:
+            return None
+        return StepLosses(losses.objective, {t: read[t] for t in losses.full},
+                          {m: {t: read[f"{t}[{m}]"] for t in terms} for m, terms in losses.per_module.items()})
+
+    def _reduce_gradients(self) -> None:
+        distributed.average_gradients(self.loss.parameters())
 
     @property
     def in_round(self) -> bool:
@@ -546,12 +595,15 @@ class Distiller(_Loop):
         reward, policy update. `after_step(self)` runs after every step."""
         if self._open is None:
             self.round += 1
-            self._open = _OpenRound(self.policy.select())
+            arm = self.policy.select()
+            distributed.check_same(arm, f"the arm of {self.name}'s round {self.round}")
+            self._open = _OpenRound(arm)
         current = self._open
         layers = self.arm_layers(current.arm)
         modules = self.arms[current.arm]
         while current.steps < self.steps_per_round:
-            step = self.train_step(next(self.stream), layers)
+            batch = next(self.stream)
+            step = self.train_step(batch, layers, self.stream.share)
             current.steps += 1
             if step is None:
                 current.skipped += 1

@@ -36,6 +36,10 @@ newest intact checkpoint there, bit for bit on the CPU. SIGINT and SIGTERM stop
 a run after its current step with a checkpoint (`Interrupted`, exit code 130 or
 143 in the CLI). Every binding is checked before any heavy work
 (`optima.validation`).
+
+Under torchrun every process runs the pipeline (`optima.distributed`): the loops
+train their shards with DistributedDataParallel, rank 0 alone reports, writes
+caches, checkpoints and outputs, and evaluates (the others get its metrics).
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ import gin
 import numpy as np
 import torch
 
+from optima import distributed
 from optima.align import pair_layouts
 from optima.arms import ArmSpace
 from optima.checkpoint import Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_json_atomic
@@ -71,9 +76,8 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """'auto': a GPU if there is one (this process's, under torchrun), else the CPU."""
+    return distributed.device(device)
 
 
 def default_cache_dir() -> str:
@@ -153,10 +157,11 @@ def stage_key(**parts: Any) -> str:
 
 def _save_atomic(network: torch.nn.Module, path: Path) -> None:
     """Written to a temporary file, fsynced, renamed: a half-written stage is never
-    reused, and a failed write (a full disk) leaves what was there."""
+    reused, and a failed write (a full disk) leaves what was there. Rank 0 writes."""
     from safetensors.torch import save_model
 
-    write_atomic(path, lambda tmp: save_model(network, str(tmp)))
+    if distributed.is_main():
+        write_atomic(path, lambda tmp: save_model(network, str(tmp)))
 
 
 def _save_state_atomic(state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -202,6 +207,20 @@ def _load_cached(network: torch.nn.Module, path: Path, device: torch.device, rep
         return False
 
 
+def _reuse(network: torch.nn.Module, path: Path, device: torch.device, reporter: Reporter, *also: Path) -> bool:
+    """Load the cached stage `path` if it (and `also`) exists. Rank 0 decides and
+    checks the file (see `_load_cached`); the other ranks then load the same file."""
+    from safetensors.torch import load_model
+
+    usable = None
+    if distributed.is_main():
+        usable = path.exists() and all(p.exists() for p in also) and _load_cached(network, path, device, reporter)
+    usable = distributed.broadcast_object(usable)
+    if usable and not distributed.is_main():
+        load_model(network, str(path), device=str(device))
+    return bool(usable)
+
+
 # --- stages ----------------------------------------------------------------------
 
 @gin.configurable(denylist=["network", "task", "seed", "device", "reporter", "cache", "keeper", "workers"])
@@ -222,7 +241,7 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     if steps == 0:
         return {"key": key, "cached": False, "trained": False}
     path = cache / f"teacher-{key}.safetensors"
-    if path.exists() and _load_cached(network, path, device, reporter):
+    if _reuse(network, path, device, reporter):
         reporter.on_message(f"teacher: reusing {path}")
         return {"key": key, "cached": True, "path": str(path)}
     opt = optimizer(param_groups([network.model], [network.head], head_lr))
@@ -255,8 +274,9 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     reporter.on_message(f"teacher: cached at {path}")
     if tuner.skipped:
         result["skipped_steps"] = tuner.skipped
-    if len(tuner.stream.skipped_records):
-        result["skipped_records"] = list(tuner.stream.skipped_records)
+    skipped_records = distributed.union(tuner.stream.skipped_records)  # each rank met its shards' files
+    if skipped_records:
+        result["skipped_records"] = skipped_records
     return result
 
 
@@ -288,7 +308,8 @@ def pretraining(name: str, factory: Callable, device: torch.device, reporter: Re
                     bindings=_pretraining_bindings(name))
     path = cache / f"pretrained-{key}.safetensors"
     result: dict[str, Any] = {"key": key, "path": str(path), "cached": True}
-    if path.exists() and _holds_state(path, model.checkpoint_state(), reporter):
+    usable = path.exists() and _holds_state(path, model.checkpoint_state(), reporter) if distributed.is_main() else None
+    if distributed.broadcast_object(usable):  # rank 0 checks the file
         reporter.on_message(f"{name}: reusing {path}")
         return result
     probe = next(iter(data.batches("train", 2, shuffle=False, seed=0)))
@@ -320,9 +341,14 @@ def pretraining(name: str, factory: Callable, device: torch.device, reporter: Re
                 raise keeper.stop(f"after {name} pretraining step {t.step}", saved)
 
     reporter.on_stage(name, steps, "step", tuner.step)
-    tuner.run(after_step)
+    try:
+        tuner.run(after_step)
+    finally:
+        tuner.stream.close()
     result["final_terms"] = dict(tuner.last_terms)
-    _save_state_atomic(model.checkpoint_state(), path)
+    if distributed.is_main():
+        _save_state_atomic(model.checkpoint_state(), path)
+    distributed.barrier()  # the teacher and students load it from there
     reporter.on_message(f"{name}: pretrained, cached at {path}")
     if tuner.skipped:
         result["skipped_steps"] = tuner.skipped
@@ -440,12 +466,14 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
     the_task = task()
     for split in ("train", "test"):  # before any training: no hang on no data, no metric of nothing at the end
         _require_examples(the_task, split)
-    tb = TensorBoardReporter(os.path.join(run_dir, "tensorboard"))
-    reporter = Reporters([tb, *reporters])
+    # rank 0 reports (TensorBoard, the CLI's progress); the other ranks only compute
+    tb = TensorBoardReporter(os.path.join(run_dir, "tensorboard")) if distributed.is_main() else None
+    reporter = Reporters([tb, *reporters]) if tb is not None else Reporter()
     keeper = RunKeeper(run_dir, interrupts, reporter.on_message)
     summary: dict[str, Any] = {"metrics": {}, "params_M": {}, "stages": {}}
     try:
-        tb.add_text("config/config.gin", gin.config_str())
+        if tb is not None:
+            tb.add_text("config/config.gin", gin.config_str())
         checkpoints = {}
         for name, factory in pretrain.items():
             with gin.config_scope(name):
@@ -477,18 +505,22 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
         for name, net in networks.items():
             if keeper.interrupted:  # every stage is finished and cached: a resume only evaluates
                 raise keeper.stop("before the evaluation")
-            summary["metrics"][name] = evaluate(net, the_task, "test", eval_batch_size, dev, skipped=unreadable,
-                                                workers=workers)
+            # rank 0 evaluates the whole split (a task's metric is over all of it) and tells the others
+            metrics = evaluate(net, the_task, "test", eval_batch_size, dev, skipped=unreadable,
+                               workers=workers) if distributed.is_main() else None
+            summary["metrics"][name] = distributed.broadcast_object(metrics)
             reporter.on_eval(name, summary["metrics"][name])
         # damaged files left out of training (stages trained in this run) and evaluation
         reasons = [r for stage in summary["stages"].values() for r in stage.get("skipped_records", ())]
         summary["skipped_records"] = list(dict.fromkeys([*reasons, *unreadable]))  # one line per damaged file
-        tb.add_text("config/operative_config.gin", gin.operative_config_str())
+        if tb is not None:
+            tb.add_text("config/operative_config.gin", gin.operative_config_str())
     finally:
         reporter.close()
     for name in stages:
         _save_atomic(networks[name], Path(run_dir) / f"{name}.safetensors")
-    write_json_atomic(os.path.join(run_dir, "metrics.json"), summary, indent=1)  # NaN and inf as null
+    if distributed.is_main():
+        write_json_atomic(os.path.join(run_dir, "metrics.json"), summary, indent=1)  # NaN and inf as null
     return summary
 
 
@@ -522,7 +554,7 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
                     bindings=_bindings(name, stages))
     path = cache / f"student-{key}.safetensors"
     record = path.with_suffix(".json")
-    if path.exists() and record.exists() and _load_cached(student, path, device, reporter):
+    if _reuse(student, path, device, reporter, record):
         reporter.on_message(f"{name}: reusing {path}")
         return {**json.loads(record.read_text()), "cached": True}
     distiller = distillation(name, teacher, student, task, seed, device, reporter, workers)
@@ -554,10 +586,12 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
               "plays": [r.arm for r in distiller.history], "rewards": [r.reward for r in distiller.history]}
     if distiller.skipped:
         result["skipped_steps"] = distiller.skipped
-    if len(distiller.stream.skipped_records):
-        result["skipped_records"] = list(distiller.stream.skipped_records)
+    skipped_records = distributed.union(distiller.stream.skipped_records)
+    if skipped_records:
+        result["skipped_records"] = skipped_records
     _save_atomic(student, path)
-    write_json_atomic(record, result)
+    if distributed.is_main():
+        write_json_atomic(record, result)
     return {**result, "cached": False, **({"resumed_from_step": resumed.step} if resumed else {})}
 
 

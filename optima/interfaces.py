@@ -302,17 +302,19 @@ class Policy(abc.ABC):
 
 @dataclass
 class StepLosses:
-    """What `Loss` returns for one step."""
+    """What `Loss` returns for one step. Values are floats or 0-dim tensors
+    (better: the engine reads every tensor of a step back in one device sync,
+    and returns them to callers as floats)."""
 
     #: The objective to back-propagate: task + KD + the played arm's layer losses.
     objective: torch.Tensor
     #: Whole-model values (no grad): "task", "kd", and "hidden"/"attn" summed over
     #: every layer when computed for every layer (the reward reads them); a layer
     #: term computed only for some layers is left out, never reported partial.
-    full: dict[str, float] = field(default_factory=dict)
+    full: dict[str, float | torch.Tensor] = field(default_factory=dict)
     #: Per module, each layer term computed for all of that module's layers
     #: (the reward's terms for every module; the played arm's training terms).
-    per_module: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_module: dict[str, dict[str, float | torch.Tensor]] = field(default_factory=dict)
 
 
 class Loss(nn.Module, abc.ABC):

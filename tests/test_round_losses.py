@@ -105,26 +105,43 @@ def test_a_reward_that_reads_no_layer_term_gets_the_arms_modules_only_and_no_par
     assert current.of_arm("hidden") > 0
 
 
-def test_the_losses_are_computed_with_one_device_sync_per_step(monkeypatch):
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the wrapper below
+def test_a_step_makes_one_device_sync(monkeypatch):
     """`tolist`, `item` and `float()` are where a tensor's value reaches the host;
-    the loss makes exactly one such transfer per step, per-module sums included."""
+    a distillation step (forward, losses with per-module sums, backward, gradient
+    clipping, the non-finite checks) makes exactly one such transfer; the loss
+    itself none. (The optimizer's own step counters live on the CPU and are
+    not counted.)"""
     d = distiller(combined_reward())
-    syncs = []
+    syncs, counting = [], [True]
     for name in ("tolist", "item", "__float__"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: syncs.append(_n) or _o(self, *a))
-    forward = d.loss.forward
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: (
+            counting[0] and syncs.append(_n)) or _o(self, *a))
+    optimizer_step = d.optimizer.step
+
+    def uncounted(*args, **kwargs):
+        counting[0] = False
+        try:
+            return optimizer_step(*args, **kwargs)
+        finally:
+            counting[0] = True
+
+    monkeypatch.setattr(d.optimizer, "step", uncounted)
     per_call = []
+    for wrapped in ("train_step", "loss"):
+        target = d if wrapped == "train_step" else d.loss
+        inner = getattr(target, "forward" if wrapped == "loss" else wrapped)
 
-    def counted(*args):
-        before = len(syncs)
-        out = forward(*args)
-        per_call.append(syncs[before:])
-        return out
+        def counted(*args, _inner=inner, _what=wrapped, **kwargs):
+            before = len(syncs)
+            out = _inner(*args, **kwargs)
+            per_call.append((_what, syncs[before:]))
+            return out
 
-    monkeypatch.setattr(d.loss, "forward", counted)
+        monkeypatch.setattr(target, "forward" if wrapped == "loss" else wrapped, counted)
     d.run(1)
-    assert per_call == [["tolist"], ["tolist"]]
+    assert d.grad_clip and per_call == [("loss", []), ("train_step", ["tolist"])] * 2
 
 
 def test_round_losses_survive_a_checkpoint_exactly(tmp_path):

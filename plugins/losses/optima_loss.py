@@ -100,11 +100,11 @@ class OptimaLoss(Loss):
             if term in need:  # a sum over some layers only is no whole-model value
                 totals[term] = total
         modules = {k: v for k, v in modules.items() if k not in skipped}
-        values = torch.stack([*totals.values(), *modules.values()]).tolist()  # one device sync per step
-        per_module: dict[str, dict[str, float]] = {}
-        for (module, term), value in zip(modules, values[len(totals):]):
+        per_module: dict[str, dict[str, torch.Tensor]] = {}
+        for (module, term), value in modules.items():
             per_module.setdefault(module, {})[term] = value
-        return StepLosses(objective=objective, full=dict(zip(totals, values)), per_module=per_module)
+        # 0-dim tensors: the engine reads them back with the objective in one device sync
+        return StepLosses(objective=objective, full=totals, per_module=per_module)
 
     def _hidden(self, s_rec, t_rec, s_key, t_key) -> torch.Tensor:
         h_s = self.proj[f"{s_key[0]}_{s_key[1]}"](s_rec.hidden(s_key))
