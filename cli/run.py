@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Sequence
@@ -194,6 +195,9 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
         return _run_command(config, bindings, run_dir, external_plugins, dry_run, resume, force)
     finally:
         if several:
+            # The run is over (checkpoints written). torchrun sends SIGTERM to the ranks
+            # still running when one has exited: it must not cut their report short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             distributed.shutdown()
 
 
