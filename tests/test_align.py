@@ -168,7 +168,7 @@ def test_loss_across_patch_size_width_and_depth(mismatched, tiny_batch):
     assert s_cap.recorder.hidden(("image", 0)).shape == (3, 1 + 16, 32)
     arm = frozenset({("image", 0)})
     out = loss(s_cap, t_cap, torch.zeros(()), arm, frozenset({"kd", "hidden", "attn"}))
-    assert all(torch.isfinite(torch.tensor(v)) for v in out.full.values())
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in out.full.values())
     assert out.full["hidden"] > 0 and out.full["attn"] > 0
     student.zero_grad(set_to_none=True)
     out.objective.backward()
