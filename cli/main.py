@@ -57,6 +57,46 @@ def run(
 
 
 @app.command()
+def export(
+    run_dir: str = typer.Argument(..., help="A finished run directory (it has metrics.json)."),
+    out: str = typer.Option(..., "--out", help="New (or empty) folder to write the export to."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Stage to export (default: the run's last student)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in its library (default: <run>-<stage>)."),
+    no_card: bool = typer.Option(False, "--no-card", help="Skip MODEL_CARD.md (and its latency measurement)."),
+    no_plugins: bool = typer.Option(False, "--no-plugins", help="Load built-in plugins only."),
+) -> None:
+    """Export a run's student for use without OPTIMA (CoCa: an open_clip model), its head and a model card."""
+    with user_errors():
+        from optima.cli.export import export_command
+
+        export_command(run_dir, out, stage, name, card=not no_card, external_plugins=False if no_plugins else None)
+
+
+@app.command(name="eval")
+def eval_(
+    config: str = typer.Argument(..., help="Experiment gin file that builds the network, e.g. gin/quickstart.gin."),
+    checkpoint: str = typer.Option(
+        ..., "--checkpoint", help="A run directory, a stage's .safetensors (a run's or a cached teacher) or an "
+                                  "`optima export` folder."),
+    stage: Optional[str] = typer.Option(
+        None, "--stage", help="Which network the checkpoint is (teacher or a student stage; default: from its name)."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate: val or test."),
+    binding: Optional[List[str]] = typer.Option(None, "--binding", "-b", help="Extra gin binding, repeatable."),
+    out: Optional[str] = typer.Option(
+        None, "--out", help="New folder for metrics.json and the predictions (default runs/eval-<stage>-<split>-<time>)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: experiment.device)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: experiment.eval_batch_size."),
+    no_plugins: bool = typer.Option(False, "--no-plugins", help="Load built-in plugins only."),
+) -> None:
+    """Evaluate a saved teacher or student on a task's split; write metrics.json and the predictions."""
+    with user_errors():
+        from optima.cli.eval import eval_command
+
+        eval_command(config, checkpoint, stage=stage, split=split, bindings=binding or [], out=out, device=device,
+                     batch_size=batch_size, external_plugins=False if no_plugins else None)
+
+
+@app.command()
 def plugins(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     no_plugins: bool = typer.Option(False, "--no-plugins", help="Load built-in plugins only."),

@@ -57,10 +57,15 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(network: Network, task: Task, split: str, batch_size: int, device: torch.device,
-             amp: bool = False, skipped: SkippedRecords | None = None, workers: int = 0) -> dict[str, float]:
+             amp: bool = False, skipped: SkippedRecords | None = None, workers: int = 0,
+             predictions: list[dict[str, Any]] | None = None,
+             on_batch: Callable[[], None] | None = None) -> dict[str, float]:
     """`task.evaluate` over `split`, in order (`workers` DataLoader processes make
     the batches of a task with a `batch_source`). Examples the task left out go to
-    `skipped`; a split without any example is a `ConfigError` (no metric of nothing)."""
+    `skipped`; a split without any example is a `ConfigError` (no metric of
+    nothing). With a `predictions` list (and a task with a `predictions_file`),
+    the task's per-example records in its official format are appended to it in
+    the same pass; `on_batch()` runs after each batch (a progress bar)."""
     skipped = SkippedRecords() if skipped is None else skipped
     rows = 0
 
@@ -72,11 +77,16 @@ def evaluate(network: Network, task: Task, split: str, batch_size: int, device: 
             rows += n
             if n:
                 yield batch
+            if on_batch is not None:
+                on_batch()
 
     was_training = network.training
     network.eval()
     with autocast(device, amp):
-        metrics = task.evaluate(network, batches())
+        if predictions is not None and task.predictions_file:
+            metrics = task.evaluate(network, batches(), predictions=predictions)
+        else:
+            metrics = task.evaluate(network, batches())
     network.train(was_training)
     if rows == 0:
         raise ConfigError(f"the {split} split of {type(task).__name__} has no usable examples to evaluate on"

@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -64,6 +65,7 @@ from optima.data import SkippedRecords, default_workers
 from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError, warning
 from optima.interfaces import batch_rows
+from optima.predictions import write as write_predictions
 from optima.reporting import Reporter, Reporters, TensorBoardReporter
 from optima.validation import validate_experiment
 
@@ -397,9 +399,60 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
 
 
-@gin.configurable(denylist=["run_dir", "reporters", "dry_run", "validate_only"])
+@dataclass(frozen=True)
+class Declared:
+    """What a parsed config declares, its factories uncalled (`declared()`): what
+    `optima eval` and `optima export` rebuild a stage's network from."""
+
+    task: Callable
+    teacher: Callable
+    head: Callable
+    #: student stages by name, in order
+    stages: Mapping[str, Callable]
+    seed: int
+    device: str
+    eval_batch_size: int
+    #: the pretraining stages whose checkpoints the teacher / the students start from, if any
+    teacher_pretrained: str | None = None
+    students_init_from: str | None = None
+
+    def stage_names(self) -> list[str]:
+        return [TEACHER, *self.stages]
+
+    def network(self, stage: str, task, device: torch.device,
+                pretrained: Mapping[str, str] | None = None) -> Network:
+        """The stage's network (model + head) as the run builds it, in the stage's
+        gin scope. `pretrained`: the run's pretraining checkpoints by stage name
+        (its `metrics.json`), for a config whose models start from one."""
+        if stage not in self.stage_names():
+            raise ConfigError(f"no stage {stage!r}; the config's stages are {', '.join(self.stage_names())}")
+        binding, source = ("pretrained", self.teacher_pretrained) if stage == TEACHER \
+            else ("init_from", self.students_init_from)
+        weights = {}
+        if source is not None:
+            path = (pretrained or {}).get(source)
+            if not path:
+                raise ConfigError(f"the config's {stage} starts from the pretraining stage {source!r}, whose "
+                                  f"checkpoint only a run records: pass the run directory as --checkpoint")
+            weights = {binding: path}
+        factory = self.teacher if stage == TEACHER else self.stages[stage]
+        with gin.config_scope(stage):
+            return _network(factory, self.head, task, device, **weights)
+
+
+def declared() -> Declared:
+    """The parsed config's experiment, every binding validated, nothing built or run."""
+    from optima.config import translate_call_error
+
+    try:
+        return experiment(None, declared_only=True)
+    except Exception as e:
+        raise translate_call_error(e) from None
+
+
+@gin.configurable(denylist=["run_dir", "reporters", "dry_run", "validate_only", "declared_only"])
 def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run: bool = False,
-               validate_only: bool = False, *,
+               validate_only: bool = False, declared_only: bool = False, *,
                task: Callable = gin.REQUIRED, teacher: Callable = gin.REQUIRED, head: Callable = gin.REQUIRED,
                student: Callable | None = None, students: Mapping[str, Callable] | None = None,
                pretraining: Mapping[str, Callable] | None = None, teacher_pretrained: str | None = None,
@@ -414,10 +467,14 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
     scope of its name; `teacher_pretrained` / `students_init_from`: the
     pretraining stage whose checkpoint is passed as the teacher factory's
     `pretrained` / every student factory's `init_from`. Writes TensorBoard
-    events (one run per stage), `metrics.json` and `<student>.safetensors` to
-    `run_dir`, and checkpoints to `run_dir/checkpoints/`; a stage with
+    events (one run per stage), `<student>.safetensors`, the test predictions
+    of every network in the task's official format
+    (`predictions/<stage>/<Task.predictions_file>`) and, last, `metrics.json`
+    (so its presence marks a finished run) to `run_dir`, and checkpoints to
+    `run_dir/checkpoints/`; a stage with
     checkpoints there is resumed from its newest intact one. Every binding is
-    validated first (`optima.validation`); `validate_only` stops there. With
+    validated first (`optima.validation`); `validate_only` stops there, and
+    `declared_only` returns what is declared (`Declared`). With
     `dry_run`, builds every model on the meta device and returns the plan
     instead (nothing is loaded, trained or written).
 
@@ -444,6 +501,9 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
                         pretraining=list(pretrain))
     if validate_only:
         return {}
+    if declared_only:
+        return Declared(task, teacher, head, stages, seed, device, eval_batch_size, teacher_pretrained,
+                        students_init_from)
     if dry_run:
         from optima.plan import dry_run_plan
 
@@ -502,13 +562,17 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
             networks[name] = student_net
             upstream, current_teacher = result["key"], student_net
         unreadable = SkippedRecords(reporter.on_message)
+        predictions: dict[str, list[dict]] = {}
         for name, net in networks.items():
             if keeper.interrupted:  # every stage is finished and cached: a resume only evaluates
                 raise keeper.stop("before the evaluation")
             # rank 0 evaluates the whole split (a task's metric is over all of it) and tells the others
+            records = [] if the_task.predictions_file and distributed.is_main() else None
             metrics = evaluate(net, the_task, "test", eval_batch_size, dev, skipped=unreadable,
-                               workers=workers) if distributed.is_main() else None
+                               workers=workers, predictions=records) if distributed.is_main() else None
             summary["metrics"][name] = distributed.broadcast_object(metrics)
+            if records is not None:
+                predictions[name] = records
             reporter.on_eval(name, summary["metrics"][name])
         # damaged files left out of training (stages trained in this run) and evaluation
         reasons = [r for stage in summary["stages"].values() for r in stage.get("skipped_records", ())]
@@ -520,6 +584,11 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
     for name in stages:
         _save_atomic(networks[name], Path(run_dir) / f"{name}.safetensors")
     if distributed.is_main():
+        if predictions:  # the test split's predictions in the task's official format
+            summary["predictions"] = {
+                name: os.path.relpath(write_predictions(records, os.path.join(run_dir, "predictions", name,
+                                                                               the_task.predictions_file)), run_dir)
+                for name, records in predictions.items()}
         write_json_atomic(os.path.join(run_dir, "metrics.json"), summary, indent=1)  # NaN and inf as null
     return summary
 

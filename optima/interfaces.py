@@ -21,6 +21,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from optima.errors import ConfigError
+
 Batch = Mapping[str, Any]
 #: A batch may list under this key one line per example its task left out (a
 #: damaged file, named): the engine drops the key, warns once per line and
@@ -43,6 +45,18 @@ class Layer:
 
     block: nn.Module
     attentions: tuple[nn.MultiheadAttention, ...]
+    #: Other sub-modules of the layer, outside `block` (e.g. a decoder layer's
+    #: self-attention block when `block` is its cross-attention block): only
+    #: for counting the layer's parameters.
+    extra: tuple[nn.Module, ...] = ()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The layer's parameters (block, attentions, extra), each once."""
+        seen: dict[int, nn.Parameter] = {}
+        for part in (self.block, *self.attentions, *self.extra):
+            for p in part.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,11 @@ class Module:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def num_parameters(self) -> int:
+        """Parameters of the module's layers (embeddings, poolers and norms
+        outside the layers are not counted)."""
+        return sum(p.numel() for layer in self.layers for p in layer.parameters())
 
 
 class DistillableModel(nn.Module, abc.ABC):
@@ -95,6 +114,21 @@ class DistillableModel(nn.Module, abc.ABC):
         """The weights as a checkpoint the model's factory loads (its `pretrained` or
         `init_from` binding): what a pretraining stage writes. Default: `state_dict()`."""
         return self.state_dict()
+
+    def export(self, directory: str, name: str) -> dict[str, Any]:
+        """Optional: write the model to `directory` in its own library's format,
+        loadable there without OPTIMA (`optima export`; CoCa: an open_clip model
+        config and state dict). `name` is the model's name in that library.
+        Returns `{"format": ..., "files": [...], "load": <Python code that loads
+        it, with no OPTIMA import, into `model`>, "wrap": <code that wraps that
+        `model` into this DistillableModel class, for `optima.export.load_head`>}`. The default refuses: the model cannot be exported."""
+        raise ConfigError(f"{type(self).__name__} cannot be exported: it does not implement "
+                          f"DistillableModel.export (docs/plugins.md)")
+
+    def load_export(self, directory: str) -> None:
+        """Load into this model (same architecture) what `export` wrote to `directory`."""
+        raise ConfigError(f"{type(self).__name__} cannot load an export: it does not implement "
+                          f"DistillableModel.load_export (docs/plugins.md)")
 
 
 class Head(nn.Module, abc.ABC):
@@ -210,13 +244,31 @@ class Task(abc.ABC):
     def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
         """Metric sums over a split -> reported metrics, e.g. `{"accuracy": 0.9}`."""
 
-    def evaluate(self, network: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+    #: File name of the predictions in the task's official results format
+    #: (e.g. "vqa_results.json"; ".json": a JSON list of the records, ".csv":
+    #: one line of values per record); None: the task writes no predictions.
+    predictions_file: str | None = None
+
+    def predictions(self, logits: torch.Tensor, batch: Batch) -> list[dict[str, Any]]:
+        """One record per example of `batch`, in the official results format
+        (e.g. VQA: `{"question_id": 1, "answer": "yes"}`). Only called when
+        `predictions_file` is set."""
+        raise NotImplementedError(f"{type(self).__name__} sets predictions_file but does not implement predictions")
+
+    def evaluate(self, network: nn.Module, batches: Iterable[Batch],
+                 predictions: list[dict[str, Any]] | None = None) -> dict[str, float]:
         """Metrics of `network` (`batch -> logits`) over `batches` (already on its device),
-        called under `no_grad` in eval mode. Override for generation (e.g. captioning)."""
+        called under `no_grad` in eval mode; with a `predictions` list, the
+        records of `predictions(logits, batch)` are appended to it in the same
+        pass. Override for generation (e.g. captioning); an override of a task
+        with a `predictions_file` fills `predictions` itself."""
         totals: dict[str, float] = {}
         for batch in batches:
-            for k, v in self.metric(network(batch).float(), batch).items():
+            logits = network(batch).float()
+            for k, v in self.metric(logits, batch).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+            if predictions is not None:
+                predictions.extend(self.predictions(logits, batch))
         return self.summarize(totals)
 
 

@@ -25,7 +25,7 @@ def _stage_bindings(configurable: str, scope: str, resolve: bool = True) -> dict
 
 def _describe(model: torch.nn.Module, head: torch.nn.Module) -> dict[str, Any]:
     modules = {m.name: {"layers": len(m), "width": m.width,
-                        "params_M": sum(p.numel() for l in m.layers for p in l.block.parameters()) / 1e6}
+                        "params_M": m.num_parameters() / 1e6}
                for m in model.distill_modules()}
     # one count per parameter: a head may share the model's (the caption head's vocabulary projection)
     together = torch.nn.ModuleList([model, head])

@@ -202,8 +202,8 @@ def test_batches_cover_the_split_exactly_once(task, shuffle):
     assert len(batches) == math.ceil(n / bs)
     assert [len(b["label"]) for b in batches] == [bs] * (n // bs) + ([n % bs] if n % bs else [])
     for b in batches:
-        assert set(b) == {"image", "text", "label"}
-        assert len(b["image"]) == len(b["text"]) == len(b["label"])
+        assert set(b) == {"image", "text", "label", "index"}
+        assert len(b["image"]) == len(b["text"]) == len(b["label"]) == len(b["index"])
     got = {k: torch.cat([b[k] for b in batches]) for k in data}
     # A per-example key from the image; all examples have distinct keys.
     w = torch.randn(3 * 32 * 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -215,6 +215,10 @@ def test_batches_cover_the_split_exactly_once(task, shuffle):
     # The text and label travel with their image.
     assert torch.equal(data["text"][order], got["text"][got_order])
     assert torch.equal(data["label"][order], got["label"][got_order])
+    # `index` is each example's place in the split (what its predictions are keyed by)
+    index = torch.cat([b["index"] for b in batches])
+    assert sorted(index.tolist()) == list(range(n))
+    assert torch.equal(data["image"][index], got["image"])
     if shuffle:
         assert not torch.equal(got["image"], data["image"])
     else:

@@ -47,6 +47,8 @@ LAYER_LISTS = {
 }
 _LAYER_KEY = re.compile(r"^(" + "|".join(re.escape(p) for ps in LAYER_LISTS.values() for p in ps) + r")\.(\d+)\.(.+)$")
 _MODULE_OF = {p: m for m, ps in LAYER_LISTS.items() for p in ps}
+#: the weights file of an export (a name open_clip's `local-dir:` loader looks for first)
+EXPORT_WEIGHTS = "open_clip_model.safetensors"
 
 
 def _merge(base: dict, overrides: Mapping) -> dict:
@@ -103,9 +105,11 @@ class CoCaModel(DistillableModel):
     to stop before the vocabulary projection, which classification does not use.
     """
 
-    def __init__(self, coca: nn.Module):
+    def __init__(self, coca: nn.Module, config: Mapping[str, Any] | None = None):
         super().__init__()
         self.coca = coca
+        #: the open_clip config `coca` was built from (`coca_config`); `export` writes it
+        self.config = None if config is None else copy.deepcopy(dict(config))
         #: how the weights were initialised (log-friendly; see `coca_model`)
         self.init_report: dict[str, Any] = {"init": "random"}
         #: checkpoint bindings, by name (a dry run reports whether they exist)
@@ -115,7 +119,8 @@ class CoCaModel(DistillableModel):
         self._modules_spec = (
             Module("image", tuple(Layer(b, (b.attn,)) for b in coca.visual.transformer.resblocks)),
             Module("text", tuple(Layer(b, (b.attn,)) for b in coca.text.transformer.resblocks)),
-            Module("multimodal", tuple(Layer(x, (s.attn, x.attn)) for s, x in zip(dec.resblocks, dec.cross_attn))),
+            Module("multimodal", tuple(Layer(x, (s.attn, x.attn), extra=(s,))
+                                      for s, x in zip(dec.resblocks, dec.cross_attn))),
         )
 
     def distill_modules(self) -> Sequence[Module]:
@@ -206,6 +211,51 @@ class CoCaModel(DistillableModel):
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """open_clip's CoCa state dict: what `coca_model.pretrained` / `init_from` load."""
         return self.coca.state_dict()
+
+    def export(self, directory: str, name: str) -> dict[str, Any]:
+        """open_clip's own formats, loadable with no OPTIMA code: `<name>.json` (the
+        model config; `open_clip.add_model_config(directory)` registers it as
+        `name`), `open_clip_model.safetensors` (the CoCa's state dict, open_clip's
+        key layout) and `open_clip_config.json` (`create_model('local-dir:...')`).
+        Layer counts per module may differ from every built-in config: the
+        config written is the one this model was built from."""
+        import json
+
+        from safetensors.torch import save_file
+
+        if self.config is None:
+            raise ConfigError("this CoCa was built without its open_clip config (CoCaModel(coca, config=...)); "
+                              "build it with coca_model to export it")
+        if not re.fullmatch(r"[\w.-]+", name):
+            raise ConfigError(f"open_clip model name {name!r} may only hold letters, digits, '_', '.' and '-'")
+        # open_clip builds a CoCa only from configs with custom_text (as its coca_*.json have)
+        config = {**copy.deepcopy(self.config), "custom_text": True}
+        weights = os.path.join(directory, EXPORT_WEIGHTS)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.coca.state_dict().items()}, weights,
+                  metadata={"format": "pt"})
+        with open(os.path.join(directory, f"{name}.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        with open(os.path.join(directory, "open_clip_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"model_cfg": config, "preprocess_cfg": {}}, f, indent=2)
+        return {"format": "open_clip", "model_name": name,
+                "files": [f"{name}.json", EXPORT_WEIGHTS, "open_clip_config.json"],
+                "load": (f"import open_clip; open_clip.add_model_config({directory!r}); "
+                         f"model = open_clip.create_model({name!r}, pretrained={weights!r})"),
+                "wrap": "from optima.plugins.models.coca import CoCaModel; model = CoCaModel(model)"}
+
+    def load_export(self, directory: str) -> None:
+        """Load `export`'s `open_clip_model.safetensors` (with open_clip's loader)."""
+        import open_clip
+
+        path = os.path.join(directory, EXPORT_WEIGHTS)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{directory} holds no {EXPORT_WEIGHTS}; is it an `optima export` of a CoCa?")
+        try:
+            open_clip.load_checkpoint(self.coca, path, strict=True)
+        except RuntimeError as e:
+            first = " ".join(str(e).strip().splitlines()[:3])[:300]
+            raise ConfigError(f"{path} does not fit this CoCa (another architecture than the config's?): "
+                              f"{first}") from None
 
 
 class CoCaExtension(DistillableModel):
@@ -300,7 +350,7 @@ def coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", overrides: Mappi
     dec = coca.text_decoder
     if not meta:
         torch.nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
-    model = CoCaModel(coca)
+    model = CoCaModel(coca, cfg)
     model.checkpoints = {k: v for k, v in (("pretrained", pretrained), ("init_from", init_from)) if v}
     if pretrained:
         if not meta:

@@ -29,7 +29,9 @@ CIDEr-D from pycocoevalcap (coco-caption's implementation; 1.0 = 100 in
 papers' tables) with the document frequencies of the evaluated split, so it is
 only meaningful over a whole split, not one batch. Captions are tokenised by
 lowercasing and stripping punctuation (`simple_tokenize`) instead of
-coco-caption's PTBTokenizer, which needs Java.
+coco-caption's PTBTokenizer, which needs Java. Predictions
+(`captions_results.json`): COCO's results format, `[{"image_id", "caption"}]`,
+the greedy captions as decoded.
 """
 from __future__ import annotations
 
@@ -85,15 +87,24 @@ class CaptioningTask:
             out["token_accuracy"] = float(totals["token_correct"]) / c if c > 0 else float("nan")
         return out
 
+    #: COCO's captioning results format: `[{"image_id": 1, "caption": "a dog."}, ...]`
+    predictions_file = "captions_results.json"
+
     @torch.no_grad()
-    def evaluate(self, network: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
-        """Greedy decoding of every image, then CIDEr-D against all its references."""
+    def evaluate(self, network: nn.Module, batches: Iterable[Batch],
+                 predictions: list[dict] | None = None) -> dict[str, float]:
+        """Greedy decoding of every image, then CIDEr-D against all its references;
+        the decoded captions go to `predictions` when given."""
         candidates, references = {}, {}
         for batch in batches:
-            for seq, refs in zip(self.generate(network, batch["image"]), batch["references"]):
+            for seq, refs, image_id in zip(self.generate(network, batch["image"]), batch["references"],
+                                           batch["image_id"].tolist()):
                 key = len(candidates)
-                candidates[key] = [simple_tokenize(self.tokenizer.decode(seq))]
+                caption = self.tokenizer.decode(seq)
+                candidates[key] = [simple_tokenize(caption)]
                 references[key] = list(refs)
+                if predictions is not None:
+                    predictions.append({"image_id": int(image_id), "caption": caption})
         return {"cider": cider(references, candidates)}
 
     @torch.no_grad()

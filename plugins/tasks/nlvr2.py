@@ -18,8 +18,11 @@ Files (the official release):
 Splits: train -> train.json, val -> dev.json, test -> test1.json.
 Batch: `image` (B, 2, 3, H, W): both images of each example (the engine runs
 them as 2B (image, text) pairs), `text` (B, context_length), `label` (B,) int64
-(1 = True). Use `pair_head`, which concatenates the two pooled outputs.
+(1 = True), `identifier` a list of B identifiers. Use `pair_head`, which
+concatenates the two pooled outputs.
 Loss: cross-entropy. Metric: accuracy over examples (image pairs).
+Predictions (`nlvr2_predictions.csv`): the official evaluation script's input,
+one line `identifier,True|False` per example.
 """
 from __future__ import annotations
 
@@ -103,7 +106,8 @@ class Nlvr2(VLTask):
                  generator: torch.Generator) -> dict[str, Any]:
         return {"image": images.view(len(records), IMAGES_PER_EXAMPLE, *images.shape[1:]),
                 "text": self.tokenizer([r.text for r in records]),
-                "label": torch.tensor([r.target for r in records], dtype=torch.long)}
+                "label": torch.tensor([r.target for r in records], dtype=torch.long),
+                "identifier": [r.meta["identifier"] for r in records]}
 
     def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
         return pair_loss(logits, batch)
@@ -113,6 +117,14 @@ class Nlvr2(VLTask):
 
     def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
         return summarize_accuracy(totals)
+
+    #: the official evaluation script's input (nlvr2/eval/metrics.py): CSV lines `identifier,True|False`
+    predictions_file = "nlvr2_predictions.csv"
+
+    def predictions(self, logits: torch.Tensor, batch) -> list[dict]:
+        _check_pairs(logits, batch)
+        return [{"identifier": i, "prediction": "True" if k == 1 else "False"}
+                for i, k in zip(batch["identifier"], logits.argmax(-1).tolist())]
 
 
 def pair_loss(logits: torch.Tensor, batch) -> torch.Tensor:

@@ -13,7 +13,9 @@ Files (the official release):
 
 Splits: train -> train file, val -> dev file, test -> test file.
 Batch: `image` (B, 3, H, W) float32, `text` (B, context_length) int64,
-`label` (B,) int64 in LABELS order. Loss: cross-entropy. Metric: accuracy.
+`label` (B,) int64 in LABELS order, `pair_id` a list of B `pairID`s (the line
+number when a row has none). Loss: cross-entropy. Metric: accuracy.
+Predictions (`snli_ve_predictions.json`): `[{"pairID", "label"}]`.
 """
 from __future__ import annotations
 
@@ -72,14 +74,16 @@ class SnliVe(VLTask):
             if not os.path.splitext(image)[1]:
                 image += ".jpg"
             records.append(Record((os.path.join(self.image_dir, image),),
-                                  str(field_of(row, "sentence2", path, where)), LABELS.index(gold)))
+                                  str(field_of(row, "sentence2", path, where)), LABELS.index(gold),
+                                  {"pair_id": str(row.get("pairID", f"{split}-{i}"))}))
         return records
 
     def _collate(self, records: Sequence[Record], images: torch.Tensor, split: str,
                  generator: torch.Generator) -> dict[str, Any]:
         return {"image": images,
                 "text": self.tokenizer([r.text for r in records]),
-                "label": torch.tensor([r.target for r in records], dtype=torch.long)}
+                "label": torch.tensor([r.target for r in records], dtype=torch.long),
+                "pair_id": [r.meta["pair_id"] for r in records]}
 
     def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
         return F.cross_entropy(logits, batch["label"])
@@ -89,6 +93,13 @@ class SnliVe(VLTask):
 
     def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
         return summarize_accuracy(totals)
+
+    #: `[{"pairID": "...", "label": "entailment"}, ...]`: SNLI-VE has no results
+    #: server; the official files' `pairID` identifies each example
+    predictions_file = "snli_ve_predictions.json"
+
+    def predictions(self, logits: torch.Tensor, batch) -> list[dict]:
+        return [{"pairID": pid, "label": LABELS[k]} for pid, k in zip(batch["pair_id"], logits.argmax(-1).tolist())]
 
 
 def accuracy_sums(logits: torch.Tensor, label: torch.Tensor) -> dict[str, float]:

@@ -141,10 +141,11 @@ class SyntheticVisualEntailment(Task):
         for start in range(0, n, batch_size):
             if order is None:
                 sl = slice(start, start + batch_size)
-                yield {"image": data.image[sl], "text": data.text[sl], "label": data.label[sl]}
+                yield {"image": data.image[sl], "text": data.text[sl], "label": data.label[sl],
+                       "index": torch.arange(n)[sl]}
             else:
                 idx = order[start:start + batch_size]
-                yield {"image": data.image[idx], "text": data.text[idx], "label": data.label[idx]}
+                yield {"image": data.image[idx], "text": data.text[idx], "label": data.label[idx], "index": idx}
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(logits, batch["label"])
@@ -165,6 +166,13 @@ class SyntheticVisualEntailment(Task):
             if self.size(split) < 1:
                 raise ConfigError(f"synthetic_ve_task.{split}_size = {self.sizes[split]} must be >= 1: "
                                   f"every run reads the {split} split")
+
+    #: `[{"index": i, "label": "entailment"}, ...]`: the example's index in its split
+    predictions_file = "synthetic_ve_predictions.json"
+
+    def predictions(self, logits: torch.Tensor, batch: Batch) -> list[dict]:
+        return [{"index": int(i), "label": LABELS[int(k)]}
+                for i, k in zip(batch["index"].tolist(), logits.argmax(dim=-1).tolist())]
 
     # -- helpers ----------------------------------------------------------
 

@@ -34,6 +34,8 @@ averaged over the batch; the convention of BUTD / ViLT / VLMo VQA code).
 Metric: VQA accuracy of the argmax answer, i.e. its soft score. Answers outside
 the vocabulary cannot be predicted, so they only lower the attainable score,
 as in the official evaluation.
+Predictions (`vqa_results.json`): the evaluation server's results format,
+`[{"question_id", "answer"}]`.
 """
 from __future__ import annotations
 
@@ -235,6 +237,16 @@ class Vqa(VLTask):
 
     def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
         return summarize_soft_scores(totals)
+
+    #: the evaluation server's results format: `[{"question_id": 1, "answer": "yes"}, ...]`
+    predictions_file = "vqa_results.json"
+
+    def predictions(self, logits: torch.Tensor, batch) -> list[dict]:
+        """The argmax answer (the metric's); a class beyond the vocabulary (a train
+        set with fewer distinct answers than `num_answers`) is the empty answer."""
+        answers = self.answers
+        return [{"question_id": int(q), "answer": answers[k] if k < len(answers) else ""}
+                for q, k in zip(batch["question_id"].tolist(), logits.argmax(-1).tolist())]
 
 
 def soft_score_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
