@@ -560,7 +560,7 @@ def fault_point(where: str, n: int) -> None:
 
 #: Bindings that decide how a run is kept alive, not its result: they may change
 #: when a run is resumed, and they are left out of the stage cache keys.
-OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "on_nonfinite")
+OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "on_nonfinite", "compile")
 OPERATIONAL_BINDINGS = tuple(f"{c}.{p}" for c in ("distillation", "teacher_training", "pretraining")
                               for p in OPERATIONAL) \
     + ("experiment.cache_dir", "experiment.data_workers")

@@ -48,6 +48,15 @@ class Network(nn.Module):
         return self.head(self.model(batch))
 
 
+def compiled(module: nn.Module, how: bool | str) -> nn.Module:
+    """`module` under `torch.compile` when `how` is True (inductor) or names a
+    backend (e.g. 'aot_eager'); `module` itself when False. The recorders' hooks
+    are traced with it; the first steps pay the compilation."""
+    if how is False:
+        return module
+    return torch.compile(module, **({} if how is True else {"backend": how}))
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on GPUs when asked; full precision otherwise."""
     if enabled and device.type == "cuda":
@@ -241,11 +250,11 @@ class Finetuner(_Loop):
                  grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Any] = (),
                  on_nonfinite: str = "stop", name: str = "teacher", binding: str = "teacher_training.on_nonfinite",
                  workers: int = 0, objective: Callable[[Batch], Mapping[str, torch.Tensor]] | None = None,
-                 term_weights: Mapping[str, float] | None = None):
+                 term_weights: Mapping[str, float] | None = None, compile: bool | str = False):
         """`objective(batch)`: the named loss terms of a step (default: the task loss of
         `network(batch)`, `{"task": ...}`); the step minimises their sum weighted by
         `term_weights` (1 where not given). The pretraining stage passes the model's
-        `pretraining_losses`."""
+        `pretraining_losses`. `compile`: see `compiled`."""
         self.network, self.task, self.steps, self.device, self.amp = network, task, steps, device, amp
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.callbacks, self.name, self.binding = list(callbacks), name, binding
@@ -255,7 +264,7 @@ class Finetuner(_Loop):
         self.stream = BatchStream(task, "train", batch_size, seed, device, warn=self._message, workers=workers)
         # the objective as a module's forward, so that DistributedDataParallel (several
         # processes) sees the step and averages the gradients
-        self.trained = distributed.wrap(_Objective(network, self.objective), device)
+        self.trained = compiled(distributed.wrap(_Objective(network, self.objective), device), compile)
         self.step = 0
         self.skipped = 0
         self.last_terms: dict[str, float] = {}
@@ -535,7 +544,7 @@ class Distiller(_Loop):
                  stream: BatchStream, steps_per_round: int, device: torch.device, rounds: int | None = None,
                  grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Callback] = (),
                  name: str = "student", on_nonfinite: str = "stop", checkpoint_every: int = 5,
-                 keep_checkpoints: int = 2, binding: str = "distillation.on_nonfinite"):
+                 keep_checkpoints: int = 2, binding: str = "distillation.on_nonfinite", compile: bool | str = False):
         self.name, self.rounds, self.binding = name, rounds, binding
         self.teacher, self.student, self.task, self.loss = teacher, student, task, loss
         self.arms, self.policy, self.reward = arms, policy, reward
@@ -548,7 +557,8 @@ class Distiller(_Loop):
         distributed.broadcast_module(self.teacher)  # every process distils from rank 0's teacher
         # DistributedDataParallel in a run of several processes; the loss's parameters
         # (projections) are averaged by `_reduce_gradients`
-        self.trained = distributed.wrap(student, device)
+        self.trained = compiled(distributed.wrap(student, device), compile)
+        self.teacher_forward = compiled(teacher, compile)  # `compile`: see `compiled`
         self.teacher_rec = Recorder(teacher.model.distill_modules())
         self.student_rec = Recorder(student.model.distill_modules())
         self.need = frozenset(reward.terms)
@@ -575,7 +585,7 @@ class Distiller(_Loop):
         try:
             with autocast(self.device, self.amp):
                 with torch.no_grad():
-                    t_logits = self.teacher(batch)
+                    t_logits = self.teacher_forward(batch)
                 s_logits = self.trained(batch)
                 task_loss = self.task.loss(s_logits.float(), batch)
                 mask = self.task.logit_mask(batch)

@@ -230,7 +230,7 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
                      keeper: RunKeeper | None = None, workers: int = 0, *,
                      steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
                      optimizer: Callable = gin.REQUIRED, head_lr: float | None = None, warmup_steps: int = 0,
-                     grad_clip: float = 1.0, amp: bool = False, checkpoint_every: int = 500,
+                     grad_clip: float = 1.0, amp: bool = False, compile: bool | str = False, checkpoint_every: int = 500,
                      keep_checkpoints: int = 2, on_nonfinite: str = "stop") -> dict[str, Any]:
     """Fine-tune the teacher on the task (`steps = 0`: use it as loaded), or load
     the cached result. With a `keeper`, a checkpoint every `checkpoint_every`
@@ -250,7 +250,7 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     tuner = Finetuner(network, task, steps=steps, batch_size=batch_size, optimizer=opt,
                       scheduler=linear_warmup_decay(opt, steps, warmup_steps), seed=seed, device=device,
                       grad_clip=grad_clip, amp=amp, callbacks=[reporter], on_nonfinite=on_nonfinite, name=TEACHER,
-                      workers=workers)
+                      workers=workers, compile=compile)
     result: dict[str, Any] = {"key": key, "cached": False, "path": str(path)}
     after_step = None
     if keeper is not None:
@@ -287,7 +287,7 @@ def pretraining(name: str, factory: Callable, device: torch.device, reporter: Re
                 keeper: RunKeeper | None = None, workers: int = 0, *, corpus: Callable = gin.REQUIRED, steps: int = gin.REQUIRED,
                 batch_size: int = gin.REQUIRED, optimizer: Callable = gin.REQUIRED, warmup_steps: int = 0,
                 term_weights: Mapping[str, float] | None = None, seed: int = 0, grad_clip: float = 1.0,
-                amp: bool = False, checkpoint_every: int = 500, keep_checkpoints: int = 2,
+                amp: bool = False, compile: bool | str = False, checkpoint_every: int = 500, keep_checkpoints: int = 2,
                 on_nonfinite: str = "stop") -> dict[str, Any]:
     """Pretrain the model `factory()` with its own objective
     (`DistillableModel.pretraining_losses`, e.g. CoCa's contrastive + captioning
@@ -325,7 +325,7 @@ def pretraining(name: str, factory: Callable, device: torch.device, reporter: Re
                       scheduler=linear_warmup_decay(opt, steps, warmup_steps), seed=seed, device=device,
                       grad_clip=grad_clip, amp=amp, callbacks=[reporter], on_nonfinite=on_nonfinite, name=name,
                       binding=f"{name}/pretraining.on_nonfinite", workers=workers, objective=model.pretraining_losses,
-                      term_weights=term_weights)
+                      term_weights=term_weights, compile=compile)
     result["cached"] = False
     after_step = None
     if keeper is not None:
@@ -370,15 +370,18 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
                  batch_size: int = gin.REQUIRED, policy: Callable = gin.REQUIRED, reward=gin.REQUIRED,
                  loss: Callable = gin.REQUIRED, optimizer: Callable = gin.REQUIRED,
                  arms: Sequence[Sequence[str]] | None = None, head_lr: float | None = None,
-                 warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False, checkpoint_every: int = 5,
-                 keep_checkpoints: int = 2, on_nonfinite: str = "stop") -> Distiller:
+                 warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False, compile: bool | str = False,
+                 checkpoint_every: int = 5, keep_checkpoints: int = 2, on_nonfinite: str = "stop") -> Distiller:
     """Build the `Distiller` of one stage: `rounds` rounds of `steps_per_round` (T) steps.
 
     `checkpoint_every` (rounds) and `keep_checkpoints`: how often the stage is
     saved in a run and how many checkpoints are kept (the last round is always
     saved; a checkpoint holds the student and its optimizer's moments, so every
     round would cost a big student seconds per round); `on_nonfinite`: 'stop' at
-    a NaN or inf loss, or 'skip' that step."""
+    a NaN or inf loss, or 'skip' that step. `compile`: True runs student and
+    teacher under `torch.compile` (inductor; a string names another backend),
+    faster on a GPU after the first steps compile (also `teacher_training.compile`,
+    `pretraining.compile`)."""
     for binding, value in (("rounds", rounds), ("steps_per_round", steps_per_round), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"distillation.{binding} must be an integer >= 1, got {value!r}")
@@ -396,7 +399,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         stream=BatchStream(task, "train", batch_size, seed + 1, device, warn=reporter.on_message, workers=workers),
         steps_per_round=steps_per_round,
         rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter],
-        on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
+        on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        compile=compile)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,8 @@ def one_of(*choices: Any) -> tuple[Check, str]:
 
 
 BOOLEAN = ((lambda v: isinstance(v, bool)), "True or False")
+#: torch.compile: off, on (inductor), or a backend's name
+COMPILE = ((lambda v: isinstance(v, (bool, str)) and v != ""), "True, False or a torch.compile backend name")
 
 #: Parameters of the core stages and what they allow.
 STAGE_PARAMS: dict[str, dict[str, tuple[Check, str]]] = {
@@ -71,18 +73,18 @@ STAGE_PARAMS: dict[str, dict[str, tuple[Check, str]]] = {
         "steps": integer(0), "batch_size": integer(1), "warmup_steps": integer(0),
         "grad_clip": number(0, optional=True), "head_lr": number(0, strict=True, optional=True),
         "checkpoint_every": integer(1), "keep_checkpoints": integer(1), "on_nonfinite": one_of(*NONFINITE_ACTIONS),
-        "amp": BOOLEAN,
+        "amp": BOOLEAN, "compile": COMPILE,
     },
     "pretraining": {
         "steps": integer(1), "batch_size": integer(1), "warmup_steps": integer(0), "seed": integer(0),
         "grad_clip": number(0, optional=True), "checkpoint_every": integer(1), "keep_checkpoints": integer(1),
-        "on_nonfinite": one_of(*NONFINITE_ACTIONS), "amp": BOOLEAN,
+        "on_nonfinite": one_of(*NONFINITE_ACTIONS), "amp": BOOLEAN, "compile": COMPILE,
     },
     "distillation": {
         "rounds": integer(1), "steps_per_round": integer(1), "batch_size": integer(1), "warmup_steps": integer(0),
         "grad_clip": number(0, optional=True), "head_lr": number(0, strict=True, optional=True),
         "checkpoint_every": integer(1), "keep_checkpoints": integer(1), "on_nonfinite": one_of(*NONFINITE_ACTIONS),
-        "amp": BOOLEAN,
+        "amp": BOOLEAN, "compile": COMPILE,
     },
 }
 def number_or_auto() -> tuple[Check, str]:

@@ -207,3 +207,21 @@ def test_play_stats_counts_all_plays_and_takes_the_entropy_of_the_recent_ones():
     assert play_stats([], 3) == {"count": [0, 0, 0], "entropy": 0.0}
     stats = play_stats([2] * 30 + [0, 1], 3, window=2)
     assert stats["count"] == [1, 1, 30] and stats["entropy"] == pytest.approx(math.log(2))
+
+
+def test_a_compiled_step_computes_what_an_eager_one_does():
+    """`distillation.compile`: student and teacher under torch.compile (here the
+    'aot_eager' backend, which needs no C++ compiler and compiles in seconds);
+    the recorders' hooks are traced along, so the losses are the eager ones."""
+    from optima.engine import compiled
+
+    eager, fast = distiller(combined_reward()), distiller(combined_reward())
+    fast.trained, fast.teacher_forward = compiled(fast.trained, "aot_eager"), compiled(fast.teacher, "aot_eager")
+    assert compiled(fast.student, False) is fast.student
+    batch = next(eager.stream)
+    layers = eager.arm_layers(0)
+    for _ in range(2):
+        want, got = eager.train_step(batch, layers), fast.train_step(batch, layers)
+        assert got.full == pytest.approx(want.full, rel=1e-4)  # decomposed ops round differently
+        assert got.per_module.keys() == want.per_module.keys()
+    assert type(fast.trained).__name__ == "OptimizedModule"

@@ -38,6 +38,8 @@ BAD = [
     (["distillation.policy = @fixed_policy", "fixed_policy.arm = 7"],
      ["fixed_policy.arm = 7", "must be an integer in [-7, 6]"]),
     (["distillation.on_nonfinite = 'ignore'"], ["distillation.on_nonfinite = 'ignore'", "one of 'skip', 'stop'"]),
+    (["distillation.compile = 1"], ["distillation.compile = 1", "True, False or a torch.compile backend name"]),
+    (["experiment.data_workers = -1"], ["experiment.data_workers = -1", "must be an integer >= 0"]),
     (["distillation.checkpoint_every = 0"], ["distillation.checkpoint_every = 0", "must be an integer >= 1"]),
     (["teacher_training.keep_checkpoints = 0"], ["teacher_training.keep_checkpoints = 0", "must be an integer >= 1"]),
     (["distillation.grad_clip = -1.0"], ["distillation.grad_clip = -1.0", "a number >= 0 (or None)"]),
