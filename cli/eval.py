@@ -83,7 +83,8 @@ def eval_command(config: str, checkpoint: str, *, stage: str | None, split: str,
         result["predictions"] = task.predictions_file
         preds.write(records, os.path.join(out, task.predictions_file))
     write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(result, indent=1))
-    table = Table(title=f"{stage} on {split} ({checkpoint})")
+    console.print(f"{checkpoint}: {stage} on the {split} split")
+    table = Table()
     for k in metrics:
         table.add_column(k, justify="right")
     table.add_row(*(f"{v:.4f}" for v in metrics.values()))

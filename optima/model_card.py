@@ -17,7 +17,7 @@ from optima.config import TEACHER
 from optima.errors import ConfigError
 
 #: latency: at least this many timed forwards per network, more until this many seconds passed
-LATENCY_MIN_RUNS, LATENCY_MIN_SECONDS, LATENCY_MAX_RUNS = 10, 1.0, 200
+LATENCY_MIN_RUNS, LATENCY_MIN_SECONDS, LATENCY_MAX_RUNS = 20, 2.0, 200
 
 
 def cpu_name() -> str:
@@ -70,9 +70,10 @@ def flops(network: torch.nn.Module, batch: Mapping[str, Any]) -> int:
 
 
 @torch.no_grad()
-def latencies(networks: Mapping[str, torch.nn.Module], batch: Mapping[str, Any]) -> dict[str, float]:
-    """Median seconds per forward at batch 1 on the CPU, the networks timed in
-    turn (so that load from other processes touches each alike)."""
+def latencies(networks: Mapping[str, torch.nn.Module], batch: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Seconds per forward at batch 1 on the CPU, `{"median", "min", "runs"}` per
+    network, the networks timed in turn (so that load from other processes
+    touches each alike). The minimum is the least disturbed by other processes."""
     for net in networks.values():
         net.eval()
         for _ in range(2):  # warm-up: allocations, kernel selection
@@ -86,7 +87,7 @@ def latencies(networks: Mapping[str, torch.nn.Module], batch: Mapping[str, Any])
             net(batch)
             times[name].append(time.perf_counter() - t0)
         runs += 1
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: {"median": statistics.median(t), "min": min(t), "runs": len(t)} for name, t in times.items()}
 
 
 def _m(n: float) -> str:
@@ -103,7 +104,8 @@ def _flops(n: float) -> str:
 def measure(networks: Mapping[str, torch.nn.Module], task) -> dict[str, Any]:
     """Parameters, FLOPs and CPU latency of each network on one test example."""
     out: dict[str, Any] = {"networks": {name: describe(net) for name, net in networks.items()},
-                           "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+                           "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                           "torch": torch.__version__}
     try:
         batch = example_batch(task)
     except (ConfigError, StopIteration, OSError) as e:
@@ -112,8 +114,10 @@ def measure(networks: Mapping[str, torch.nn.Module], task) -> dict[str, Any]:
     out["input"] = input_size(batch)
     for name, net in networks.items():
         out["networks"][name]["flops"] = flops(net, batch)
-    for name, seconds in latencies(networks, batch).items():
-        out["networks"][name]["latency_s"] = seconds
+    for name, timing in latencies(networks, batch).items():
+        out["networks"][name]["latency_s"] = timing
+    if hasattr(os, "getloadavg"):  # how busy the machine was: other processes' load slows the timings
+        out["load_average"] = os.getloadavg()[0]
     return out
 
 
@@ -124,7 +128,7 @@ def render(*, name: str, stage: str, run, spec, task, measured: Mapping[str, Any
     metrics = run.summary.get("metrics", {})
     chain = " -> ".join(run.stages[:run.stages.index(stage) + 1])
     lines = [f"# {name}", "",
-             f"The `{stage}` student of the OPTIMA run `{run.directory}` (distillation {chain}), distilled on "
+             f"Stage `{stage}` of the OPTIMA run `{run.directory}` (distillation {chain}), distilled on "
              f"`{type(task).__name__}`, exported with `optima export`.", ""]
     model = export["model"]
     lines += ["## Loading", "",
@@ -153,21 +157,27 @@ def render(*, name: str, stage: str, run, spec, task, measured: Mapping[str, Any
     row("head parameters", lambda n: _m(n["head_params"]))
     if "input" in measured:
         row("FLOPs per example (one forward)", lambda n: _flops(n["flops"]))
-        row("CPU latency per example (batch 1, median)", lambda n: f"{n['latency_s'] * 1e3:.2f} ms")
+        row("CPU latency per example (batch 1): median (min)",
+            lambda n: f"{n['latency_s']['median'] * 1e3:.2f} ms ({n['latency_s']['min'] * 1e3:.2f} ms)")
     for metric in sorted({k for c in columns for k in metrics.get(c, {})}):
         rows.append(f"| test {metric} (the run's `metrics.json`) | " + " | ".join(
             f"{metrics[c][metric]:.4f}" if metric in metrics.get(c, {}) else "-" for c in columns) + " |")
     lines += ["## Size, speed and quality", ""] + rows + [""]
     if "input" in measured:
         lat = {c: nets[c]["latency_s"] for c in columns}
-        lines += [f"Measured on the exporting machine: {measured['cpu']}, {measured['threads']} torch thread(s), "
+        ratio = ""
+        if TEACHER in lat and stage in lat:
+            ratio = (f" Teacher / student: {lat[TEACHER]['median'] / lat[stage]['median']:.2f}x (medians), "
+                     f"{lat[TEACHER]['min'] / lat[stage]['min']:.2f}x (minima); FLOPs "
+                     f"{nets[TEACHER]['flops'] / nets[stage]['flops']:.2f}x.")
+        load = f", 1-minute load average {measured['load_average']:.1f}" if "load_average" in measured else ""
+        lines += [f"Measured on the exporting machine: {measured['cpu']} ({measured['cores']} cores{load}), "
+                  f"{measured['threads']} torch thread(s), "
                   f"torch {measured['torch']}, at the task's input size ({measured['input']}; one test example). "
                   "FLOPs from `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add; one forward pass, "
-                  "teacher-forced for captioning, whose greedy decoding repeats it per token). Latency: the "
-                  "median of at least "
-                  f"{LATENCY_MIN_RUNS} forwards per network, the networks timed in turn; other processes on the "
-                  "machine slow both alike, so their ratio is the steadier figure"
-                  + (f" (teacher / student: {lat[TEACHER] / lat[stage]:.2f}x)." if TEACHER in lat else ".")]
+                  "teacher-forced for captioning, whose greedy decoding repeats it per token). Latency: "
+                  f"{lat[columns[0]]['runs']} forwards per network after 2 warm-up ones, the networks timed in "
+                  "turn; other processes on the machine slow the median most, the minimum least." + ratio]
     else:
         lines += [f"FLOPs and latency not measured: no test example ({measured['no_example']})."]
     if teacher_note:

@@ -173,7 +173,7 @@ def test_model_card(finished_run):
     assert cpu_name() in card and "torch thread(s)" in card
     for module in ("image", "text", "multimodal"):
         assert f"| `{module}` layers (count x width: params) | 4 x 64: " in card
-    assert "FLOPs per example (one forward) |" in card and "CPU latency per example (batch 1, median) |" in card
+    assert "FLOPs per example (one forward) |" in card and "CPU latency per example (batch 1): median (min) |" in card
     for net in ("teacher", "student"):
         assert f"{summary['metrics'][net]['accuracy']:.4f}" in card
     plays = summary["stages"]["student"]["plays"]
