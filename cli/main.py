@@ -109,6 +109,37 @@ def plugins(
     raise typer.Exit(code)
 
 
+@app.command()
+def sweep(
+    config: str = typer.Argument(..., help="Experiment gin file, e.g. gin/quickstart.gin."),
+    variant: Optional[List[str]] = typer.Option(
+        None, "--variant", metavar="NAME='BINDING; BINDING'",
+        help="A variant: its name and gin bindings, repeatable: --variant layerwise='distillation.policy = "
+             "@layerwise_policy' (no bindings: the config as it is)."),
+    variants: Optional[str] = typer.Option(
+        None, "--variants", metavar="FILE.toml", help="A TOML file of variants (docs/sweeps.md)."),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", help="Seeds of the variants that do not set their own, e.g. 0,1,2 (default: the "
+                              "variants file's, else 0)."),
+    binding: Optional[List[str]] = typer.Option(
+        None, "--binding", "-b", help="A gin binding for every run, repeatable (before the variant's)."),
+    sweep_dir: Optional[str] = typer.Option(
+        None, "--sweep-dir", help="Where the runs go (default sweeps/<config>-<time>); pass it again to resume."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at a time (each an `optima run` process)."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads per run (OMP_NUM_THREADS)."),
+    no_plugins: bool = typer.Option(False, "--no-plugins", help="Runs load built-in plugins only."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, their status and commands; run nothing."),
+) -> None:
+    """Run variants x seeds of a config, each run in SWEEP_DIR/<variant>/seed-<k>/ (finished runs are
+    skipped, interrupted ones resumed); write results.csv and results.md."""
+    with user_errors():
+        from optima.cli.sweep import sweep_command
+
+        code = sweep_command(config, variant or [], variants, seeds, binding or [], sweep_dir, jobs, threads,
+                             no_plugins, dry_run)
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -23,7 +23,9 @@ stage's gin bindings (`teacher_training.*` and the `teacher/` scope for the
 teacher; `pretraining.*` and the stage's scope for a pretraining stage, whose
 data is its corpus and whose seed is `pretraining.seed`, not the experiment's;
 for a student stage every binding outside the teacher's and the other
-stages' scopes). A rerun, or a second experiment that shares a stage, reuses it.
+stages' scopes). A rerun, or a second experiment that shares a stage, reuses it;
+a stage is locked while it is made (`.locks/` in the cache), so a parallel run
+that needs the same stage (a sweep's) waits and then reuses it.
 Bindings that only decide how a run is kept alive (`checkpoint_every`,
 `keep_checkpoints`, `on_nonfinite`, `experiment.cache_dir`,
 `experiment.data_workers`) are left out of the keys.
@@ -48,6 +50,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -223,6 +226,45 @@ def _reuse(network: torch.nn.Module, path: Path, device: torch.device, reporter:
     return bool(usable)
 
 
+_held_locks: dict[Path, int] = {}  # the stage locks this process holds: lock file -> descriptor
+
+
+def _lock_stage(path: Path, stage: str, reporter: Reporter, keeper: RunKeeper | None) -> None:
+    """Lock the cached stage `path` until `_release_stage_locks` (which `_run`
+    calls when the stage is done, or failed): while another process holds it
+    (it is making that stage), wait, then find the stage cached. An advisory
+    lock on `.locks/<file name>.lock` in the cache, released by the system when
+    its process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        return
+    lock = path.parent / ".locks" / f"{path.name}.lock"
+    if lock in _held_locks or not distributed.is_main():  # one rank of a torchrun run makes the stages
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if not waiting:
+                reporter.on_message(f"{stage}: another run is making {path.name}; waiting to reuse it")
+                waiting = True
+            if keeper is not None and keeper.interrupted:
+                os.close(fd)
+                raise keeper.stop(f"while waiting for {path.name}") from None
+            time.sleep(0.5)
+    _held_locks[lock] = fd
+
+
+def _release_stage_locks() -> None:
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])
+
+
 # --- stages ----------------------------------------------------------------------
 
 @gin.configurable(denylist=["network", "task", "seed", "device", "reporter", "cache", "keeper", "workers"])
@@ -243,6 +285,7 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     if steps == 0:
         return {"key": key, "cached": False, "trained": False}
     path = cache / f"teacher-{key}.safetensors"
+    _lock_stage(path, TEACHER, reporter, keeper)  # parallel runs train a teacher once
     if _reuse(network, path, device, reporter):
         reporter.on_message(f"teacher: reusing {path}")
         return {"key": key, "cached": True, "path": str(path)}
@@ -309,6 +352,7 @@ def pretraining(name: str, factory: Callable, device: torch.device, reporter: Re
     key = stage_key(weights=_weights_digest(model), corpus=data.fingerprint(), seed=seed,
                     bindings=_pretraining_bindings(name))
     path = cache / f"pretrained-{key}.safetensors"
+    _lock_stage(path, name, reporter, keeper)  # runs of a sweep pretrain once
     result: dict[str, Any] = {"key": key, "path": str(path), "cached": True}
     usable = path.exists() and _holds_state(path, model.checkpoint_state(), reporter) if distributed.is_main() else None
     if distributed.broadcast_object(usable):  # rank 0 checks the file
@@ -542,6 +586,7 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
         for name, factory in pretrain.items():
             with gin.config_scope(name):
                 summary["stages"][name] = pretraining(name, factory, dev, reporter, cache, keeper, workers)
+            _release_stage_locks()
             checkpoints[name] = summary["stages"][name]["path"]
         teacher_weights = {"pretrained": checkpoints[teacher_pretrained]} if teacher_pretrained else {}
         student_weights = {"init_from": checkpoints[students_init_from]} if students_init_from else {}
@@ -554,6 +599,7 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
         networks = {TEACHER: teacher_net}
         summary["stages"][TEACHER] = teacher_training(teacher_net, the_task, seed, dev, reporter, cache, keeper,
                                                      workers)
+        _release_stage_locks()
         upstream, current_teacher = summary["stages"][TEACHER]["key"], teacher_net
         for i, (name, factory) in enumerate(stages.items()):
             seed_everything(seed + 1 + i)
@@ -562,6 +608,7 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
                 summary["params_M"][name] = _count(student_net)
                 result = _distillation_stage(name, current_teacher, student_net, the_task, seed, dev, reporter,
                                              cache, upstream, list(stages), keeper, workers)
+                _release_stage_locks()
             summary["stages"][name] = result
             networks[name] = student_net
             upstream, current_teacher = result["key"], student_net
@@ -585,6 +632,7 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
             tb.add_text("config/operative_config.gin", gin.operative_config_str())
     finally:
         reporter.close()
+        _release_stage_locks()
     for name in stages:
         _save_atomic(networks[name], Path(run_dir) / f"{name}.safetensors")
     if distributed.is_main():
@@ -626,6 +674,7 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
     key = stage_key(weights=_weights_digest(student), task=task.fingerprint(), seed=seed, upstream=upstream,
                     bindings=_bindings(name, stages))
     path = cache / f"student-{key}.safetensors"
+    _lock_stage(path, name, reporter, keeper)
     record = path.with_suffix(".json")
     if _reuse(student, path, device, reporter, record):
         reporter.on_message(f"{name}: reusing {path}")

@@ -1,0 +1,265 @@
+"""`optima sweep`: variants x seeds as real `optima run` subprocesses at the
+quickstart's tiniest sizes: rows, skipping on a rerun, a failing variant, the
+teacher shared by a seed's variants, Ctrl-C and resuming; and its parts
+(variant parsing, the variants file, statistics, the stage lock) in process."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from optima.cli.main import app
+from optima.errors import ConfigError
+from optima.sweep import Job, Stats, Sweep, Variant, compare, load_variants_file, parse_seeds, parse_variant, \
+    results_csv, split_bindings, summarize
+
+from test_quickstart import TINY
+
+COMMON = [x for b in TINY for x in ("-b", b)]
+LAYERWISE = "layerwise=distillation.policy = @layerwise_policy"
+
+
+def _sweep(tmp_path, *args):
+    """`optima sweep` in this process (its runs are subprocesses): exit code and output."""
+    result = CliRunner().invoke(app, ["sweep", "gin/quickstart.gin", *COMMON, "--sweep-dir", str(tmp_path / "sweep"),
+                                      *args], env={"COLUMNS": "200"})
+    return result.exit_code, result.output
+
+
+def _rows(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _attempts(log: Path) -> int:
+    return sum(line.startswith("# ") for line in log.read_text().splitlines())
+
+
+def test_sweep_rows_teacher_per_seed_failure_and_rerun(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    variants = tmp_path / "variants.toml"
+    variants.write_text('[optima]\n\n[layerwise]\nbindings = ["distillation.policy = @layerwise_policy"]\n\n'
+                        '[broken]\nbindings = ["distillation.rounds = 0"]\nseeds = [1]\n')
+    # 3 jobs: without the seed's first run going alone (or the stage lock), a layerwise run would
+    # train the teacher its seed's optima run is training
+    code, out = _sweep(tmp_path, "--variants", str(variants), "--seeds", "0,1", "--jobs", "3")
+    assert code == 1, out  # a run failed; the others finished
+    sweep = tmp_path / "sweep"
+    rows = _rows(sweep)
+    assert [(r["variant"], r["seed"]) for r in rows] == [
+        ("optima", "0"), ("optima", "1"), ("layerwise", "0"), ("layerwise", "1"), ("broken", "1")]
+    for r in rows[:4]:
+        assert r["status"] == "done" and r["error"] == ""
+        summary = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        assert float(r["student/accuracy"]) == summary["metrics"]["student"]["accuracy"]
+        assert float(r["teacher/accuracy"]) == summary["metrics"]["teacher"]["accuracy"]
+        assert float(r["wall_s"]) > 0
+    assert [r["distillation.policy"] for r in rows] == ["", "", "@layerwise_policy", "@layerwise_policy", ""]
+    assert [r["distillation.rounds"] for r in rows] == ["", "", "", "", "0"]
+    # the failing variant: reported with optima's one-line error, its log kept
+    broken = rows[4]
+    assert broken["status"] == "failed" and broken["student/accuracy"] == ""
+    assert broken["error"].startswith("optima: error:") and "distillation.rounds" in broken["error"]
+    assert "distillation.rounds" in (sweep / "broken" / "seed-1.log").read_text()
+    assert "failed broken/seed-1" in out
+    # each run directory holds its bindings; the grid is in sweep.json
+    job = json.loads((sweep / "layerwise" / "seed-1" / "job.json").read_text())
+    assert job["bindings"][-2:] == ["distillation.policy = @layerwise_policy", "experiment.seed = 1"]
+    assert job["attempts"][0]["status"] == "done"
+    assert [v["name"] for v in json.loads((sweep / "sweep.json").read_text())["variants"]] == \
+        ["optima", "layerwise", "broken"]
+    # one teacher per seed: the layerwise runs reuse the seeds' teachers
+    assert len(list((tmp_path / "cache").glob("teacher-*.safetensors"))) == 2
+    for seed in (0, 1):
+        assert "teacher: reusing" in (sweep / "layerwise" / f"seed-{seed}.log").read_text()
+    # results.md: per variant and metric median, mean, std, n; ties named
+    md = (sweep / "results.md").read_text()
+    assert "## student/accuracy" in md and "| variant | median | mean | std | n | vs optima |" in md
+    assert "| layerwise |" in md and "tie" in md and "## Runs that did not finish" in md
+
+    # a rerun of the finished variants starts no process and leaves the rows as they were
+    before = {p: _attempts(p) for p in sweep.glob("*/seed-*.log")}
+    code, out = _sweep(tmp_path, "--variant", "optima=", "--variant", LAYERWISE, "--seeds", "0,1")
+    assert code == 0, out
+    assert "(4 finished, 0 to run)" in out
+    assert {p: _attempts(p) for p in sweep.glob("*/seed-*.log")} == before
+    assert [r["student/accuracy"] for r in _rows(sweep)[:4]] == [r["student/accuracy"] for r in rows[:4]]
+    # a variant name keeps its bindings within a sweep directory
+    code, out = _sweep(tmp_path, "--variant", "optima=distillation.rounds = 3", "--seeds", "0")
+    assert code == 2 and "variant optima" in out and "another name" in out
+
+
+def test_ctrl_c_stops_runs_with_a_checkpoint_and_rerun_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweep"
+    long_run = ["-b", "distillation.rounds = 30", "-b", "distillation.checkpoint_every = 1000"]
+    cmd = [sys.executable, "-m", "optima.cli.main", "sweep", "gin/quickstart.gin", *COMMON, *long_run,
+           "--sweep-dir", str(sweep), "--variant", "optima="]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = sweep / "optima" / "seed-0.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "student: round 2 " in log.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, out
+    assert "interrupted" in out
+    text = log.read_text()
+    assert "interrupted by SIGINT" in text and "checkpoint saved" in text
+    row, = _rows(sweep)
+    assert row["status"] == "interrupted"
+    assert not (sweep / "optima" / "seed-0" / "metrics.json").exists()
+    # the rerun continues from the checkpoint the interrupted run saved
+    code, out = _sweep(tmp_path, *long_run, "--variant", "optima=")
+    assert code == 0, out
+    text = log.read_text()
+    assert "--resume" in text.split("\n# ")[-1].splitlines()[0] and "student: resumed from" in text
+    row, = _rows(sweep)
+    assert row["status"] == "done"
+    record = json.loads((sweep / "optima" / "seed-0" / "job.json").read_text())
+    assert [a["status"] for a in record["attempts"]] == ["interrupted", "done"]
+    assert float(row["wall_s"]) == pytest.approx(sum(a["wall_s"] for a in record["attempts"]), abs=0.11)
+
+
+# --- in process -------------------------------------------------------------------------
+
+def test_variant_and_seed_parsing():
+    assert parse_variant("optima=") == Variant("optima", ())
+    assert parse_variant("kd=distillation.reward = @kd_reward(); optima_policy.gamma = 0.5") == \
+        Variant("kd", ("distillation.reward = @kd_reward()", "optima_policy.gamma = 0.5"))
+    assert split_bindings("a.b = 'x;y'; c.d = [1; 2]; ") == ["a.b = 'x;y'", "c.d = [1; 2]"]
+    assert parse_seeds("0,1,2") == (0, 1, 2)
+    for bad in ("distillation.policy = @x", "my variant=a.b = 1", "=a.b = 1"):
+        with pytest.raises(ConfigError, match="variant"):
+            parse_variant(bad)
+    for bad in ("", "0,0", "-1", "a"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_variants_file(tmp_path):
+    path = tmp_path / "arms.toml"
+    path.write_text('seeds = 5\nbindings = ["distillation.rounds = 4"]\n\n[optima]\n\n'
+                    '[layerwise]\nbindings = ["distillation.policy = @layerwise_policy"]\n\n'
+                    '[fixed-image]\nbindings = ["distillation.policy = @fixed_policy", "fixed_policy.arm = 0"]\n'
+                    'seeds = 3\n')
+    variants, common, seeds = load_variants_file(str(path))
+    assert [v.name for v in variants] == ["optima", "layerwise", "fixed-image"]
+    assert variants[2] == Variant("fixed-image", ("distillation.policy = @fixed_policy", "fixed_policy.arm = 0"),
+                                  (0, 1, 2))
+    assert common == ("distillation.rounds = 4",) and seeds == (0, 1, 2, 3, 4)
+    sweep = Sweep("gin/quickstart.gin", variants, tmp_path / "s", common, seeds)
+    assert [(j.label) for j in sweep.jobs()][-4:] == ["layerwise/seed-4", "fixed-image/seed-0",
+                                                       "fixed-image/seed-1", "fixed-image/seed-2"]
+    assert len(sweep.jobs()) == 13
+    for text, match in (('["a b"]\n', "variant name"), ("[x]\nbinding = []\n", "unknown key"),
+                        ("seeds = 0\n[x]\n", "seeds must be"), ("rounds = 3\n[x]\n", "unknown top-level"),
+                        ("[x]\nbindings = 'a.b = 1'\n", "list of strings"), ("seeds = [1\n", "not a TOML"),
+                        ("seeds = 2\n", "no variants")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match) as e:
+            load_variants_file(str(path))
+        assert str(path) in str(e.value)
+
+
+def test_statistics_and_ties(tmp_path):
+    def job(variant, seed, acc, status="done"):
+        j = Job(variant, seed, ("distillation.policy = @x",) if variant == "b" else (), (), tmp_path, tmp_path)
+        j.status, j.metrics = status, ({"student/accuracy": acc} if status == "done" else {})
+        return j
+
+    jobs = [job("a", 0, 0.90), job("a", 1, 0.92), job("a", 2, 0.94), job("b", 0, 0.80), job("b", 1, 0.81),
+            job("b", 2, 0.0, "failed"), job("b", 3, float("nan"))]  # metrics.json holds NaN as null
+    stats = summarize(jobs)["student/accuracy"]
+    assert stats["a"].median == pytest.approx(0.92) and stats["a"].std == pytest.approx(0.02)
+    assert stats["b"].n == 2 and stats["b"].mean == pytest.approx(0.805)
+    assert compare(stats["b"], stats["a"]) == "-0.115"
+    assert compare(Stats(0.93, 0.93, 0.01, 3, []), stats["a"]).startswith("tie")  # within the larger std
+    assert "no spread" in compare(Stats(0.93, 0.93, float("nan"), 1, []), stats["a"])
+    lines = results_csv(jobs).splitlines()
+    assert lines[0] == "variant,seed,status,distillation.policy,student/accuracy,wall_s,run_dir,error"
+    assert lines[4].startswith("b,0,done,@x,0.8,")
+
+
+def test_sweep_refuses_another_config_in_its_directory(tmp_path):
+    sweep = Sweep("gin/quickstart.gin", [Variant("a")], tmp_path / "s")
+    sweep.save_grid("optima sweep ...")
+    with pytest.raises(ConfigError, match="holds a sweep of gin/quickstart.gin"):
+        Sweep("gin/snlive_tiny6.gin", [Variant("a")], tmp_path / "s")
+    with pytest.raises(ConfigError, match="common bindings"):
+        Sweep("gin/quickstart.gin", [Variant("a")], tmp_path / "s", ["distillation.rounds = 2"])
+    # seeds accumulate
+    assert Sweep("gin/quickstart.gin", [Variant("a", (), (1,))], tmp_path / "s").grid == [Variant("a", (), (0, 1))]
+
+
+def test_dry_run_lists_runs_and_commands(tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "gin/quickstart.gin", "--variant", LAYERWISE, "--seeds", "0,3",
+                                      "--sweep-dir", str(tmp_path / "s"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "layerwise/seed-3" in result.output and "pending" in result.output
+    assert not (tmp_path / "s").exists()
+    result = CliRunner().invoke(app, ["sweep", "gin/quickstart.gin", "--variants", str(tmp_path / "none.toml")])
+    assert result.exit_code == 2 and "no such variants file" in result.output
+
+
+def test_stage_lock_makes_a_second_process_wait(tmp_path):
+    """The lock that keeps two parallel runs from training the same teacher: while
+    another process holds a stage's lock, a run waits (and says so), then goes on."""
+    from optima.experiment import _lock_stage, _release_stage_locks
+    from optima.reporting import Reporter
+
+    messages = []
+
+    class Messages(Reporter):
+        def on_message(self, text):
+            messages.append(text)
+
+    path = tmp_path / "teacher-abc.safetensors"
+    (tmp_path / ".locks").mkdir()
+    hold = "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); " \
+           "sys.stdin.read()"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / ".locks" / f"{path.name}.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"  # another run is training this stage
+    entered = threading.Event()
+
+    def second_run():
+        _lock_stage(path, "teacher", Messages(), None)
+        entered.set()
+        _release_stage_locks()
+
+    thread = threading.Thread(target=second_run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not messages and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert not entered.is_set()
+    assert messages == ["teacher: another run is making teacher-abc.safetensors; waiting to reuse it"]
+    holder.stdin.close()  # the first run is done
+    holder.wait(timeout=30)
+    thread.join(timeout=30)
+    assert entered.is_set()
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "gin" / "sweeps").glob("*.toml")))
+def test_shipped_variants_files_are_valid_quickstart_variants(path):
+    from optima import config as cfg
+    from optima.experiment import experiment
+
+    variants, common, _ = load_variants_file(path)
+    cfg.setup()
+    for v in variants:
+        cfg.parse(["gin/quickstart.gin"], [*common, *v.bindings])
+        experiment(None, validate_only=True)
