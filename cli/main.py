@@ -140,6 +140,31 @@ def sweep(
     raise typer.Exit(code)
 
 
+@app.command()
+def bandit(
+    config: Optional[str] = typer.Argument(
+        None, help="gin file of policies and environments (default gin/bandit/default.gin)."),
+    binding: Optional[List[str]] = typer.Option(
+        None, "--binding", "-b", help="Extra gin binding, repeatable: -b 'discounted_ts_policy.gamma = 0.99'."),
+    policy: Optional[List[str]] = typer.Option(
+        None, "--policy", "-p",
+        help="Policy gin name, repeatable (replaces bandit.policies): -p optima -p auto/optima."),
+    env: Optional[List[str]] = typer.Option(
+        None, "--env", "-e", help="Environment, repeatable: abrupt, drift, idle_recovers, optima_scale."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Runs per policy and environment (default 40)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of every environment (default: its own)."),
+    jobs: int = typer.Option(min(2, os.cpu_count() or 1), "--jobs", "-j", help="Worker processes."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output folder (default runs/bandit-<time>)."),
+    no_plugins: bool = typer.Option(False, "--no-plugins", help="Load built-in plugins only."),
+) -> None:
+    """Compare bandit policies on simulated environments: regret table and curves (PNG)."""
+    with user_errors():
+        from optima.cli.bandit import bandit_command
+
+        bandit_command(config, binding or [], policy or [], env or [], seeds, rounds, jobs, out,
+                       external_plugins=False if no_plugins else None)
+
+
 def main() -> None:
     app()
 

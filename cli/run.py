@@ -386,7 +386,10 @@ def print_plan(plan: dict, config: str) -> None:
     console.print(stages)
     for name, s in plan["stages"].items():
         if s["kind"] == "distill":
-            console.print(f"{name}: {len(s['arms'])} arms: {', '.join(s['arms'])}")
+            shown = s["arms"] if len(s["arms"]) <= 20 else s["arms"][:20] + ["..."]
+            console.print(f"{name}: {len(s['arms'])} arms: {', '.join(shown)}")
+            for unit, layers in (s.get("units") or {}).items():
+                console.print(f"{name}: unit {unit}: {layers}")
             for module, teacher_layers in s["layer_map"].items():
                 console.print(f"{name}: layer map {module}: student layer i -> {s['teacher']} layer "
                               f"{teacher_layers} (0-based)")

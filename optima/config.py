@@ -63,6 +63,7 @@ def setup(external_plugins: bool | None = None, plugins=(), strict: bool = False
     """
     import torch
 
+    import optima.bandit  # noqa: F401  (defines bandit, for `optima bandit`)
     import optima.experiment  # noqa: F401  (defines experiment, teacher_training, distillation)
 
     reg = registry_mod.load(external=external_plugins, plugins=plugins, strict=strict)

@@ -570,8 +570,7 @@ class Distiller(_Loop):
         self._open: _OpenRound | None = None
 
     def arm_layers(self, arm: int) -> frozenset[tuple[str, int]]:
-        modules = set(self.arms[arm])
-        return frozenset(k for k in self.student_rec.keys() if k[0] in modules)
+        return self.arms.layers(arm, self.student_rec.keys())
 
     def _where(self) -> str:
         arm = f", arm {self.arms.label(self._open.arm)}" if self._open is not None else ""
@@ -620,7 +619,7 @@ class Distiller(_Loop):
             self._open = _OpenRound(arm)
         current = self._open
         layers = self.arm_layers(current.arm)
-        modules = self.arms[current.arm]
+        modules = self.arms.modules_of(current.arm)
         while current.steps < self.steps_per_round:
             batch = next(self.stream)
             step = self.train_step(batch, layers, self.stream.share)
@@ -639,7 +638,7 @@ class Distiller(_Loop):
     def _finish_round(self) -> RoundResult:
         current = self._open
         outcome = round_outcome(self.reward, self.previous, current.losses, self.steps_per_round,
-                                self.arms[current.arm])
+                                self.arms.modules_of(current.arm))
         if outcome.reward is not None:
             self.policy.update(current.arm, outcome.reward)
         self.previous = outcome.previous

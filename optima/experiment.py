@@ -61,7 +61,7 @@ import torch
 
 from optima import distributed
 from optima.align import pair_layouts
-from optima.arms import ArmSpace
+from optima.arms import ArmSpace, build_policy
 from optima.checkpoint import Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_json_atomic
 from optima.config import TEACHER
 from optima.data import SkippedRecords, default_workers
@@ -413,7 +413,7 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
                  reporter: Reporter, workers: int = 0, *, rounds: int = gin.REQUIRED, steps_per_round: int = gin.REQUIRED,
                  batch_size: int = gin.REQUIRED, policy: Callable = gin.REQUIRED, reward=gin.REQUIRED,
                  loss: Callable = gin.REQUIRED, optimizer: Callable = gin.REQUIRED,
-                 arms: Sequence[Sequence[str]] | None = None, head_lr: float | None = None,
+                 arms: Sequence[Sequence[str]] | None = None, arm_groups: Any = 1, head_lr: float | None = None,
                  warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False, compile: bool | str = False,
                  checkpoint_every: int = 5, keep_checkpoints: int = 2, on_nonfinite: str = "stop") -> Distiller:
     """Build the `Distiller` of one stage: `rounds` rounds of `steps_per_round` (T) steps.
@@ -425,11 +425,14 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
     a NaN or inf loss, or 'skip' that step. `compile`: True runs student and
     teacher under `torch.compile` (inductor; a string names another backend),
     faster on a GPU after the first steps compile (also `teacher_training.compile`,
-    `pretraining.compile`)."""
+    `pretraining.compile`). `arm_groups` (default 1: whole modules, the paper)
+    splits modules into layer groups, and the arms are sets of groups
+    (`optima.arms.layer_groups`; `arms` then lists groups, e.g.
+    `[['image.1', 'text.2']]`)."""
     for binding, value in (("rounds", rounds), ("steps_per_round", steps_per_round), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"distillation.{binding} must be an integer >= 1, got {value!r}")
-    arm_space = ArmSpace(student.model.module_names(), arms)
+    arm_space = ArmSpace.of_model(student.model, arms, arm_groups)
     if arm_space.names != teacher.model.module_names():
         raise ConfigError(f"teacher modules {teacher.model.module_names()} differ from the student's {arm_space.names}")
     objective = loss(student.model.distill_modules(), teacher.model.distill_modules(),
@@ -438,7 +441,7 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
     total = rounds * steps_per_round
     return Distiller(
         name=name, teacher=teacher, student=student, task=task, loss=objective, arms=arm_space,
-        policy=policy(num_arms=len(arm_space), seed=seed), reward=reward, optimizer=opt,
+        policy=build_policy(policy, len(arm_space), seed, arm_space.features()), reward=reward, optimizer=opt,
         scheduler=linear_warmup_decay(opt, total, warmup_steps),
         stream=BatchStream(task, "train", batch_size, seed + 1, device, warn=reporter.on_message, workers=workers),
         steps_per_round=steps_per_round,
@@ -698,6 +701,7 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
 
         hooks = {"after_step": after_step, "after_round": after_round}
     reporter.on_arms(name, distiller.arms.labels())
+    reporter.on_units(name, list(distiller.arms.units))
     reporter.on_stage(name, distiller.rounds * distiller.steps_per_round, "step", distiller.step)
     try:
         distiller.run(**hooks)

@@ -348,7 +348,9 @@ class Policy(abc.ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
-        """Per-arm tensors worth logging each round (e.g. posterior mean, sd, count)."""
+        """Tensors worth logging each round: per arm `(num_arms,)` (e.g. posterior
+        mean, sd), scalars `()`, and per unit `(units,)` under a name starting
+        with `unit_` (units: the modules or layer groups arms are made of)."""
         return {}
 
 

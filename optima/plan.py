@@ -61,13 +61,14 @@ def dry_run_plan(task: Callable, teacher: Callable, head: Callable, stages: Mapp
         d = _stage_bindings("distillation", name)
         refs = _stage_bindings("distillation", name, resolve=False)
         s_model, t_model = built[name], built[upstream]
-        arms = ArmSpace(s_model.module_names(), d.get("arms"))
+        arms = ArmSpace.of_model(s_model, d.get("arms"), d.get("arm_groups", 1))
         t_modules = {m.name: m for m in t_model.distill_modules()}
         rounds, steps = d.get("rounds"), d.get("steps_per_round")
         plan["stages"][name] = {
             "kind": "distill", "teacher": upstream, "rounds": rounds, "steps_per_round": steps,
             "steps": rounds * steps if isinstance(rounds, int) and isinstance(steps, int) else None,
             "arms": arms.labels(),
+            "units": arms.describe_units() if arms.grouped else None,
             "policy": str(refs.get("policy")), "reward": str(refs.get("reward")),
             "layer_map": {m.name: layer_map(len(m), len(t_modules[m.name])) for m in s_model.distill_modules()},
         }

@@ -16,7 +16,9 @@ tags"):
   index), `plays/count/<arm label>` (plays so far) and `plays/entropy` (nats,
   of the last `optima.engine.PLAY_ENTROPY_WINDOW` plays);
 - per round, what the policy reports (`Policy.diagnostics`): `policy/<stat>/<arm
-  label>` for a per-arm tensor, `policy/<stat>` for a scalar;
+  label>` for a per-arm tensor, `policy/<stat>` for a scalar, and
+  `policy/unit_<stat>/<unit>` for a per-unit tensor named `unit_<stat>` (units:
+  the modules, or the layer groups of `distillation.arm_groups`, e.g. `image.1`);
 - `nonfinite/skipped`: the count of steps skipped so far for a NaN or inf loss,
   at each skipped step,
 and a `summary` run with `eval/<network>/<metric>` and the config texts.
@@ -41,6 +43,8 @@ class Reporter:
     def on_stage(self, stage: str, total: int, unit: str, start: int = 0) -> None:
         """`stage` trains for `total` steps, from step `start` (> 0 when resumed)."""
     def on_arms(self, stage: str, labels: Sequence[str]) -> None: ...
+    def on_units(self, stage: str, units: Sequence[str]) -> None:
+        """The units the stage's arms are made of (modules, or layer groups such as `image.1`)."""
     def on_step(self, stage: str, step: int, losses: dict[str, float], lr: float) -> None: ...
     def on_round(self, stage: str, result: RoundResult) -> None: ...
     def on_eval(self, network: str, metrics: dict[str, float]) -> None: ...
@@ -63,6 +67,7 @@ class Reporters(Reporter):
 
     def on_stage(self, *args): self._all("on_stage", *args)
     def on_arms(self, *args): self._all("on_arms", *args)
+    def on_units(self, *args): self._all("on_units", *args)
     def on_step(self, *args): self._all("on_step", *args)
     def on_round(self, *args): self._all("on_round", *args)
     def on_eval(self, *args): self._all("on_eval", *args)
@@ -83,6 +88,7 @@ class TensorBoardReporter(Reporter):
         self.log_dir = log_dir
         self.writers = {}
         self.arm_labels: dict[str, list[str]] = {}
+        self.unit_labels: dict[str, list[str]] = {}
 
     def writer(self, stage: str, purge_from: int | None = None):
         """The stage's writer, opened on first use; `purge_from`: TensorBoard then
@@ -104,6 +110,9 @@ class TensorBoardReporter(Reporter):
 
     def on_arms(self, stage, labels):
         self.arm_labels[stage] = list(labels)
+
+    def on_units(self, stage, units):
+        self.unit_labels[stage] = list(units)
 
     def on_step(self, stage, step, losses, lr):
         w = self.writer(stage)
@@ -128,8 +137,9 @@ class TensorBoardReporter(Reporter):
         for stat, values in result.diagnostics.items():
             if values.dim() == 0:
                 w.add_scalar(f"policy/{stat}", float(values), r)
-            else:
-                for label, v in zip(labels, values.tolist()):
+            else:  # per arm, or per unit for `unit_*` statistics
+                names = self.unit_labels.get(stage, []) if stat.startswith("unit_") else labels
+                for label, v in zip(names, values.tolist()):
                     w.add_scalar(f"policy/{stat}/{label}", v, r)
 
     def on_nonfinite(self, stage, step, term, value, skipped):

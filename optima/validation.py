@@ -24,7 +24,7 @@ import gin
 import torch
 
 from optima.align import pair_layouts
-from optima.arms import ArmSpace
+from optima.arms import ArmSpace, build_policy, layer_groups
 from optima.checkpoint import encode
 from optima.config import TEACHER
 from optima.engine import NONFINITE_ACTIONS
@@ -323,7 +323,8 @@ def check_policy(ref, scopes: Sequence[str], num_arms: int, build: Callable[[], 
     _check_params(policy_values, POLICY_PARAMS)
     if "arm" in policy_values:
         _check(*policy_values["arm"], integer(-num_arms, num_arms - 1))
-    with gin.config_scope(list(scopes)):
+    # a policy lives on the CPU, also while the models are checked on the meta device
+    with gin.config_scope(list(scopes)), torch.device("cpu"):
         try:
             policy = build()
         except ConfigError as e:
@@ -343,8 +344,13 @@ def _validate_stage(name: str, student, teacher, seed: int) -> None:
     values = bound("distillation", scopes)
     _check_params(values, STAGE_PARAMS["distillation"])
     arms_binding, arms = values.get("arms", ("distillation.arms", None))
+    groups_binding, groups = values.get("arm_groups", ("distillation.arm_groups", 1))
     try:
-        arm_space = ArmSpace(student.module_names(), arms)
+        units = layer_groups({m.name: len(m) for m in student.distill_modules()}, groups)
+    except ConfigError as e:
+        raise ConfigError(f"{groups_binding} = {groups!r}: {e}") from None
+    try:
+        arm_space = ArmSpace(student.module_names(), arms, None if groups == 1 else units)
     except ConfigError as e:
         raise ConfigError(f"{arms_binding} = {arms!r}: {e}") from None
     if tuple(teacher.module_names()) != arm_space.names:
@@ -353,7 +359,8 @@ def _validate_stage(name: str, student, teacher, seed: int) -> None:
 
     ref = _reference("distillation", "policy", scopes)
     if ref is not None and "policy" in values:
-        check_policy(ref, scopes, len(arm_space), lambda: values["policy"][1](num_arms=len(arm_space), seed=seed))
+        check_policy(ref, scopes, len(arm_space),
+                     lambda: build_policy(values["policy"][1], len(arm_space), seed, arm_space.features()))
 
     ref = _reference("distillation", "loss", scopes)
     if ref is not None and "loss" in values:

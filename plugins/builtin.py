@@ -41,7 +41,7 @@ def optima_register_heads(register):
 
 @hookimpl
 def optima_register_policies(register):
-    from optima.plugins.policies import exp3, greedy, paper, thompson, ucb
+    from optima.plugins.policies import exp3, greedy, grouped, paper, thompson, ucb
 
     register("optima", paper.ThompsonPolicy)  # the paper's, the default
     register("fixed", paper.FixedPolicy)
@@ -54,6 +54,7 @@ def optima_register_policies(register):
     register("sw_ucb", ucb.SlidingWindowUCBPolicy)
     register("exp3", exp3.Exp3Policy)
     register("eps_greedy", greedy.EpsilonGreedyPolicy)
+    register("grouped_ts", grouped.GroupedThompsonPolicy)  # finer arms: layer groups
 
 
 @hookimpl

@@ -24,7 +24,7 @@ REGISTRY = registry.load(external=False)
 #: gin name -> keyword arguments for these tests (the policy's defaults otherwise)
 ZOO = {
     "discounted_ts_policy": {}, "sw_ts_policy": {}, "discounted_ucb_policy": {}, "sw_ucb_policy": {},
-    "exp3_policy": {}, "eps_greedy_policy": {},
+    "exp3_policy": {}, "eps_greedy_policy": {}, "grouped_ts_policy": {},  # without arm features: one unit per arm
 }
 #: every learning policy, the paper's included (its 'auto' scale and round-robin warm-up too)
 LEARNERS = {**ZOO, "optima_policy": {"variance_scale": 1e-3},
@@ -136,7 +136,8 @@ def test_update_rejects_non_finite_reward_and_bad_arm(name):
 #: 0.01), worst of 6 seeds, that each policy must reach. EXP3 is built for an
 #: adversary and learns slowly at this scale; uniform play would give 0.2.
 BEST_ARM_SHARE = {"discounted_ts_policy": 0.8, "sw_ts_policy": 0.8, "discounted_ucb_policy": 0.75,
-                  "sw_ucb_policy": 0.8, "exp3_policy": 0.1, "eps_greedy_policy": 0.8, "optima_policy": 0.9,
+                  "sw_ucb_policy": 0.8, "exp3_policy": 0.1, "eps_greedy_policy": 0.8, "grouped_ts_policy": 0.8,
+                  "optima_policy": 0.9,
                   "optima_policy(auto)": 0.9}
 
 
@@ -162,7 +163,7 @@ def _becomes_best(t: int) -> list[float]:
 #: round) to move a constant-step mean; EXP3 needs its weights to recover.
 BECOMES_BEST = {"discounted_ts_policy": (200, 0.85), "sw_ts_policy": (200, 0.85),
                 "discounted_ucb_policy": (200, 0.85), "sw_ucb_policy": (200, 0.85), "exp3_policy": (200, 0.25),
-                "eps_greedy_policy": (600, 0.7)}
+                "eps_greedy_policy": (600, 0.7), "grouped_ts_policy": (200, 0.85)}
 
 
 @pytest.mark.parametrize("name", list(BECOMES_BEST))
@@ -189,7 +190,7 @@ def test_the_paper_policy_misses_an_arm_that_recovers_while_idle():
 # ------------------------------------------------------------------ no scale to tune
 
 AUTO_SCALED = ["discounted_ts_policy", "sw_ts_policy", "discounted_ucb_policy", "sw_ucb_policy", "exp3_policy",
-               "eps_greedy_policy", "optima_policy(auto)"]
+               "eps_greedy_policy", "grouped_ts_policy", "optima_policy(auto)"]
 
 
 @pytest.mark.parametrize("name", AUTO_SCALED)
@@ -302,6 +303,8 @@ BAD = [
     (["distillation.policy = @eps_greedy_policy", "eps_greedy_policy.warmup_rounds = 2"],
      "eps_greedy_policy.warmup_rounds = 2 must be an integer >= the number of arms (7), so that every arm is "
      "played once"),
+    (["distillation.policy = @grouped_ts_policy", "grouped_ts_policy.prior_weight = 0"],
+     "grouped_ts_policy.prior_weight = 0 must be 'auto' or a number > 0"),
     (["distillation.policy = @sw_ts_policy", "sw_ts_policy.warmup = 'sorted'"],
      "sw_ts_policy.warmup = 'sorted' must be one of 'random', 'round_robin'"),
 ]

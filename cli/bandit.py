@@ -1,0 +1,112 @@
+"""`optima bandit`: every policy on every simulated environment (`optima/bandit.py`),
+many seeds in seconds on the CPU; prints regret mean and std per policy and
+environment, writes `results.json`, `table.md` and `regret.png`."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from optima.errors import ConfigError
+
+console = Console()
+DEFAULT_CONFIG = "bandit/default.gin"  # in OPTIMA's gin/ folder
+
+
+def _reference(name: str) -> str:
+    name = name.strip().lstrip("@")
+    return "@" + (name if name.endswith("_policy") else f"{name}_policy")
+
+
+def bandit_command(config: str | None, bindings: Sequence[str], policies: Sequence[str], envs: Sequence[str],
+                   seeds: int | None, rounds: int | None, jobs: int, out: str | None,
+                   external_plugins: bool | None) -> dict:
+    import gin
+    import torch
+
+    from optima import bandit
+    from optima import config as cfg
+    from optima.arms import build_policy
+    from optima.validation import check_policy
+
+    registry = cfg.setup(external_plugins)
+    for name, error in registry.failures.items():
+        console.print(f"[yellow]warning:[/] plugin {name!r} failed to load and is skipped: {error}")
+    config = config or str(cfg.GIN_DIR / DEFAULT_CONFIG)
+    extra = list(bindings)
+    if policies:
+        extra.append("bandit.policies = [" + ", ".join(_reference(p) for p in policies) + "]")
+    if envs:
+        extra.append("bandit.environments = [" + ", ".join(repr(e) for e in envs) + "]")
+    if seeds is not None:
+        extra.append(f"bandit.seeds = {seeds}")
+    if rounds is not None:
+        extra.append(f"bandit.rounds = {rounds}")
+    cfg.parse([config], extra)
+    try:
+        settings = bandit.settings()
+    except Exception as e:
+        raise cfg.translate_call_error(e) from None
+    n_seeds, n_rounds = settings["seeds"], settings["rounds"]
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise ConfigError(f"bandit.seeds = {n_seeds!r} must be an integer >= 1")
+    if n_rounds is not None and (isinstance(n_rounds, bool) or not isinstance(n_rounds, int) or n_rounds < 1):
+        raise ConfigError(f"bandit.rounds = {n_rounds!r} must be an integer >= 1 (or None)")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs} must be >= 1")
+    labels = bandit.policy_labels()
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"bandit.policies lists a policy twice: {labels}")
+    factories = dict(zip(labels, settings["policies"]))
+    torch.set_num_threads(1)
+    start = time.time()
+    environments = {name: bandit.make_environment(name, n_seeds, n_rounds, settings["seed"])
+                    for name in settings["environments"]}
+    # every policy's bindings are checked on every environment before the long part, in one line
+    refs = gin.get_bindings("bandit", resolve_references=False)["policies"]
+    for ref, factory in zip(refs, factories.values()):
+        for env in environments.values():
+            try:
+                check_policy(ref, [], env.num_arms, lambda: build_policy(factory, env.num_arms, 0, env.features))
+            except Exception as e:
+                raise cfg.translate_call_error(e) from None
+    with console.status(f"{len(factories)} policies x {len(environments)} environments x {n_seeds} seeds "
+                        f"on {jobs} process(es)"):
+        results = bandit.benchmark(factories, environments, jobs=jobs)
+    seconds = time.time() - start
+    cpu = sum(r.cpu_seconds for r in results)
+    command = "optima bandit" + (f" {config}" if config != str(cfg.GIN_DIR / DEFAULT_CONFIG) else "") + "".join(
+        f" -b {b!r}" for b in extra)
+    meta = {"command": command, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "jobs": jobs,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                       f"torch {torch.__version__}",
+            "config": gin.config_str()}
+    out_dir = Path(out or bandit.default_out_dir())
+    paths = bandit.write_results(out_dir, results, environments, meta)
+    print_table(results, list(environments), n_seeds)
+    console.print(f"{len(results)} runs of {n_seeds} seeds in {seconds:.1f} s ({jobs} process(es); the "
+                  f"simulations took {cpu:.1f} CPU-seconds); wrote {paths['table']}, {paths['json']}, "
+                  f"{paths['figure']}")
+    return {"results": results, "paths": paths, "seconds": seconds}
+
+
+def print_table(results, environments: list[str], seeds: int) -> None:
+    table = Table(title=f"total regret, mean ± std over {seeds} seeds (lower is better; best in bold)")
+    table.add_column("policy")
+    for env in environments:
+        table.add_column(env, justify="right")
+    cell = {(r.policy, r.environment): r for r in results}
+    best = {e: min(r.mean for r in results if r.environment == e) for e in environments}
+    for policy in dict.fromkeys(r.policy for r in results):
+        row = []
+        for e in environments:
+            r = cell[policy, e]
+            text = f"{r.mean:.3g} ± {r.std:.2g}"
+            row.append(f"[bold]{text}[/]" if r.mean == best[e] else text)
+        table.add_row(policy, *row)
+    console.print(table)
