@@ -7,12 +7,15 @@ already in memory.
     python bench/input_pipeline.py                            # ~3 minutes on 2 cores
     python bench/input_pipeline.py --workers 0 1 2 4 --out bench/results/input_pipeline.json
 
-Figures are ratios of things measured in the same run: `speedup` is a worker
-count's images/s over the synchronous loader's (0 workers: the training process
-decodes, with the task's `load_threads` pool, and transforms); `step_ratio` is
-the step time with the loader over the step time on batches in memory (1.0: the
-step never waits for data). On a machine whose cores also run the step (a CPU
-run), workers and step share the cores; on a GPU node the step runs on the GPU.
+Figures are ratios of things measured in the same run: `speedup_over_*` is a
+variant's images/s over a synchronous loader's (0 workers: the training
+process decodes, with the task's `load_threads` pool or serially, and
+transforms); `cpu_ms_per_image` is the CPU time all its processes and threads
+spent per image (on a busy machine wall-clock rates also depend on how many
+threads compete for the cores; CPU time does not); `*_ratio` is the step time
+with the loader over the step time on batches in memory (1.0: the step never
+waits for data). On a machine whose cores also run the step (a CPU run),
+workers and step share the cores; on a GPU node the step runs on the GPU.
 """
 from __future__ import annotations
 
@@ -61,17 +64,35 @@ def make_flickr_like(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
-def loader_rate(task, batch: int, workers: int, batches: int, warmup: int) -> float:
-    """Images/s of a stream with `workers` workers, after `warmup` batches."""
+def loader_rate(task, batch: int, workers: int, batches: int, warmup: int) -> tuple[float, float]:
+    """Images/s of a stream with `workers` workers after `warmup` batches, and the
+    CPU time per image of the processes making them (this one, all its threads,
+    and its workers) over the same batches: on a busy machine the rate also
+    depends on how many threads compete for the cores, the CPU time does not."""
     stream = BatchStream(task, "train", batch, 0, torch.device("cpu"), workers=workers)
     for _ in range(warmup):
         next(stream)
-    start = time.perf_counter()
+    cpu, start = _cpu_seconds(), time.perf_counter()
     for _ in range(batches):
         next(stream)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     stream.close()
-    return batches * batch / elapsed
+    return batches * batch / elapsed, cpu / (batches * batch) * 1e3
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    me = str(os.getpid())
+    total = 0.0
+    for pid in [me, *(p for p in os.listdir("/proc") if p.isdigit())]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if pid == me or fields[1] == me:  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
 
 
 def coca(width: int, layers: int) -> dict:
@@ -124,7 +145,7 @@ def step_times(task, batch: int, width: int, workers: list[int], steps: int) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts besides 0")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--images", type=int, default=256, help="generated JPEGs (an epoch)")
     p.add_argument("--batches", type=int, default=12, help="batches timed per worker count")
@@ -147,19 +168,29 @@ def main() -> None:
         task = SnliVe(data_dir=str(root), image_size=224, context_length=76, augment=True,
                       load_threads=args.load_threads)
         task.records("train")
-        rates = {w: [] for w in args.workers}
-        for _ in range(args.repeats):  # interleaved, so that a burst of load elsewhere hits every count alike
-            for w in args.workers:
-                rates[w].append(loader_rate(task, args.batch, w, args.batches, warmup=1 + w))
+        # the synchronous loader twice: with the task's decode threads (its default) and without
+        variants = [(f"0_workers_{args.load_threads}_threads", 0, args.load_threads), ("0_workers_serial", 0, 0),
+                    *((f"{w}_workers", w, args.load_threads) for w in args.workers if w > 0)]
+        rates = {name: [] for name, _, _ in variants}
+        cpu_ms = {name: [] for name, _, _ in variants}
+        for _ in range(args.repeats):  # interleaved, so that a burst of load elsewhere hits every variant alike
+            for name, w, threads in variants:
+                task.load_threads = threads
+                rate, ms = loader_rate(task, args.batch, w, args.batches, warmup=1 + w)
+                rates[name].append(rate)
+                cpu_ms[name].append(ms)
+        task.load_threads = args.load_threads
         loader = {}
-        sync = statistics.median(rates[args.workers[0]])
-        for w in args.workers:
-            rate = statistics.median(rates[w])
-            loader[str(w)] = {"images_per_s": round(rate, 1), "speedup": round(rate / sync, 3),
-                              "all_images_per_s": [round(r, 1) for r in rates[w]]}
-            print(f"loader, {w} workers: {rate:.1f} images/s ({rate / sync:.2f}x {args.workers[0]} workers)",
-                  flush=True)
-        step = step_times(task, args.batch, args.width, args.workers, args.steps)
+        baselines = {name: statistics.median(rates[name]) for name, w, _ in variants if w == 0}
+        for name, w, threads in variants:
+            rate = statistics.median(rates[name])
+            loader[name] = {"workers": w, "decode_threads": threads if w == 0 else 1,
+                            "images_per_s": round(rate, 1), "cpu_ms_per_image": round(statistics.median(cpu_ms[name]), 2),
+                            **{f"speedup_over_{b}": round(rate / r, 3) for b, r in baselines.items()},
+                            "all_images_per_s": [round(r, 1) for r in rates[name]]}
+            print(f"loader, {name}: {rate:.1f} images/s, {statistics.median(cpu_ms[name]):.1f} CPU ms/image "
+                  + " ".join(f"({rate / r:.2f}x {b})" for b, r in baselines.items()), flush=True)
+        step = step_times(task, args.batch, args.width, [0, *args.workers], args.steps)
         for k, v in step.items():
             print(f"step {k}: {v:.3f}", flush=True)
 

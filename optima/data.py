@@ -117,8 +117,7 @@ def eval_batches(task: Task, split: str, batch_size: int, device: torch.device, 
     """One unshuffled pass over `split`, on `device` (made by workers when the task can)."""
     if task.batch_source(split, batch_size, shuffle=False, seed=0) is None:
         return (to_device(b, device) for b in task.batches(split, batch_size, shuffle=False, seed=0))
-    with preserved_rng():
-        items = loader(task, split, batch_size, shuffle=False, seed=0, device=device, workers=workers)
+    items = loader(task, split, batch_size, shuffle=False, seed=0, device=device, workers=workers)
     return (to_device(batch, device) for _, _, batch in items)
 
 
