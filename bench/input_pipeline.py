@@ -159,7 +159,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the training process's step: one thread, as in the tests
 
     started = time.time()
-    load_before = os.getloadavg()
+    load_before, groups_before = os.getloadavg(), _busy_groups()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data_dir or tmp)
         if not (root / "snli_ve_train.jsonl").exists():
@@ -200,6 +200,7 @@ def main() -> None:
                     "torch": torch.__version__, "python": platform.python_version()},
         "conditions": {"load_average_before": [round(x, 2) for x in load_before],
                        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                       "other_busy_scheduler_groups_before_after": [groups_before, _busy_groups()],
                        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
                        "seconds": round(time.time() - started, 1)},
         "data": {"images": len(sizes), "image_px": [500, 375], "mean_kB": round(sum(sizes) / len(sizes) / 1e3, 1),
@@ -214,6 +215,28 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+
+
+def _busy_groups() -> int:
+    """Scheduler groups (Linux autogroups: sessions) other than this one with a
+    running process: with autogroup scheduling each gets an equal share of the
+    cores, so on a shared machine this decides how much CPU the loader gets."""
+    groups, mine = set(), _autogroup("self")
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "R":
+            groups.add(_autogroup(pid))
+    return len(groups - {mine, None})
+
+
+def _autogroup(pid: str) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
+    except OSError:
+        return None
 
 
 def _cpu_name() -> str:
