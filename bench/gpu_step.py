@@ -140,7 +140,7 @@ def project_rows(shapes: Shapes, teacher_cfg: dict, layers: tuple[int, int, int]
     """The project's steps for one student (see the module doc)."""
     from optima.align import pair_layouts
     from optima.arms import ArmSpace
-    from optima.engine import BatchStream, Distiller, Network, compiled
+    from optima.engine import BatchStream, Distiller, Network
     from optima.plugins.heads.vl_heads import AttentionalPoolerHead
     from optima.plugins.losses.optima_loss import optima_loss
     from optima.plugins.models.coca import coca_model

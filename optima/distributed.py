@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -105,11 +105,6 @@ def all_gather_ints(value: int) -> list[int]:
     out = [torch.zeros((), dtype=torch.long) for _ in range(world_size())]
     dist.all_gather(out, torch.tensor(int(value), dtype=torch.long))
     return [int(t) for t in out]
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether `flag` is true on any rank (e.g. a signal arrived at one of them)."""
-    return any(all_gather_ints(int(bool(flag)))) if active() else bool(flag)
 
 
 def check_same(value: int, what: str) -> None:
@@ -200,8 +195,4 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
     return DistributedDataParallel(module, device_ids=ids, static_graph=True, **no_sync)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
 

@@ -21,7 +21,7 @@ from torch import nn
 from optima import distributed
 from optima.arms import ArmSpace
 from optima.checkpoint import CheckpointError, check_same_layout
-from optima.data import BatchStream, SkippedRecords, eval_batches, to_device  # noqa: F401 (the engine's data API)
+from optima.data import BatchStream, SkippedRecords, eval_batches  # BatchStream: the loops take one
 from optima.errors import ConfigError, OptimaError
 from optima.interfaces import (Batch, Capture, DistillableModel, Head, Loss, Policy, Reward, RoundLosses, StepLosses,
                                Task, batch_rows)
