@@ -484,6 +484,12 @@ class RunKeeper:
             meta={"stage": stage, "key": key})
 
     @property
+    def signalled(self) -> bool:
+        """Whether SIGINT or SIGTERM arrived at this process (no agreement across ranks:
+        for code that only rank 0 runs)."""
+        return self.interrupts is not None and self.interrupts.requested is not None
+
+    @property
     def interrupted(self) -> bool:
         """Whether SIGINT or SIGTERM arrived (at any rank: every rank must ask at the
         same points, and then all stop there)."""

@@ -253,9 +253,9 @@ def _lock_stage(path: Path, stage: str, reporter: Reporter, keeper: RunKeeper | 
             if not waiting:
                 reporter.on_message(f"{stage}: another run is making {path.name}; waiting to reuse it")
                 waiting = True
-            if keeper is not None and keeper.interrupted:
+            if keeper is not None and keeper.signalled:  # rank 0 alone waits here: no agreement to ask for
                 os.close(fd)
-                raise keeper.stop(f"while waiting for {path.name}") from None
+                raise keeper.interrupts.stop(f"while waiting for {path.name}") from None
             time.sleep(0.5)
     _held_locks[lock] = fd
 
