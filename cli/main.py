@@ -141,6 +141,19 @@ def sweep(
 
 
 @app.command()
+def report(
+    path: str = typer.Argument(..., metavar="RUN_DIR|SWEEP_DIR", help="A run directory or a sweep directory."),
+) -> None:
+    """Write the figures of a run (each arm's posterior mean and share of plays over rounds) or of a sweep
+    (each variant's metric over seeds, and the arms of each variant) as PNGs in <dir>/figures/ and as
+    TensorBoard images."""
+    with user_errors():
+        from optima.cli.report import report_command
+
+        report_command(path)
+
+
+@app.command()
 def bandit(
     config: Optional[str] = typer.Argument(
         None, help="gin file of policies and environments (default gin/bandit/default.gin)."),

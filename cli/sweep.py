@@ -101,12 +101,12 @@ def sweep_command(config: str, variant_args: Sequence[str], variants_file: str |
     if dry_run:
         print_plan(sweep, todo)
         return 0
-    sweep.save_grid("optima sweep " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["sweep"] else sys.argv[1:]))
     rerun = f"optima sweep ... --sweep-dir {shlex.quote(sweep_dir)}"
     columns = (TextColumn("[bold]{task.description:<24}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
+        with sweep.lock(), Progress(*columns, console=console, transient=False) as progress:
+            sweep.save_grid("optima sweep " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["sweep"] else sys.argv[1:]))
             jobs_after = run_sweep(sweep, jobs=jobs, threads=threads,
                                    observer=RichSweepObserver(progress, len(todo), done))
     except SweepInterrupted as e:

@@ -62,14 +62,15 @@ import torch
 from optima import distributed
 from optima.align import pair_layouts
 from optima.arms import ArmSpace, build_policy
-from optima.checkpoint import Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_json_atomic
+from optima.checkpoint import (Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_json_atomic,
+                               write_text_atomic)
 from optima.config import TEACHER
 from optima.data import SkippedRecords, default_workers
 from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError, warning
 from optima.interfaces import batch_rows
 from optima.predictions import write as write_predictions
-from optima.reporting import Reporter, Reporters, TensorBoardReporter
+from optima.reporting import Reporter, Reporters, RoundLog, TensorBoardReporter
 from optima.validation import validate_experiment
 
 
@@ -577,9 +578,10 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
     the_task = task()
     for split in ("train", "test"):  # before any training: no hang on no data, no metric of nothing at the end
         _require_examples(the_task, split)
-    # rank 0 reports (TensorBoard, the CLI's progress); the other ranks only compute
+    # rank 0 reports (TensorBoard, the round log, the CLI's progress); the other ranks only compute
     tb = TensorBoardReporter(os.path.join(run_dir, "tensorboard")) if distributed.is_main() else None
-    reporter = Reporters([tb, *reporters]) if tb is not None else Reporter()
+    rounds = RoundLog(os.path.join(run_dir, "rounds")) if distributed.is_main() else None
+    reporter = Reporters([tb, rounds, *reporters]) if tb is not None else Reporter()
     keeper = RunKeeper(run_dir, interrupts, reporter.on_message)
     summary: dict[str, Any] = {"metrics": {}, "params_M": {}, "stages": {}}
     try:
@@ -613,6 +615,8 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
                                              cache, upstream, list(stages), keeper, workers)
                 _release_stage_locks()
             summary["stages"][name] = result
+            if rounds is not None:
+                _share_round_log(rounds.path(name), Path(result["path"]), reused=result["cached"])
             networks[name] = student_net
             upstream, current_teacher = result["key"], student_net
         unreadable = SkippedRecords(reporter.on_message)
@@ -645,6 +649,7 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
                                                                                the_task.predictions_file)), run_dir)
                 for name, records in predictions.items()}
         write_json_atomic(os.path.join(run_dir, "metrics.json"), summary, indent=1)  # NaN and inf as null
+        _write_figures(run_dir, reporter)
     return summary
 
 
@@ -657,6 +662,27 @@ def _require_examples(task, split: str) -> None:
             return
     raise ConfigError(f"the {split} split of {type(task).__name__} has no examples{skipped.why_none()}; "
                       "check its data files and bindings")
+
+
+def _share_round_log(log: Path, stage_file: Path, reused: bool) -> None:
+    """A stage's round log is kept beside it in the cache, so that a run reusing
+    the stage has its rounds (and figures) too."""
+    kept = stage_file.with_suffix(".rounds.jsonl")
+    source, target = (kept, log) if reused else (log, kept)
+    if source.exists():
+        write_text_atomic(target, source.read_text(encoding="utf-8"))
+
+
+def _write_figures(run_dir: str, reporter: Reporter) -> None:
+    """The run's figures (`optima report RUN_DIR` makes them again); a figure that
+    fails costs a warning, never the finished run."""
+    from optima.figures import write_run_figures
+
+    try:
+        write_run_figures(run_dir)
+    except Exception as e:  # noqa: BLE001 (the run is done and saved; say what failed and go on)
+        reporter.on_message(warning(f"the run's figures were not written: {type(e).__name__}: {e}; "
+                                    f"try: optima report {run_dir}"))
 
 
 def _network(model_factory: Callable, head: Callable, task, device: torch.device, **weights: str) -> Network:

@@ -23,6 +23,16 @@ tags"):
   at each skipped step,
 and a `summary` run with `eval/<network>/<metric>` and the config texts.
 
+Per-round log (`RoundLog`): `run_dir/rounds/<stage>.jsonl` holds each
+distillation stage's rounds as JSON lines, for figures and analysis without
+parsing event files: a first line `{"arms": [labels]}`, then one line per round
+with `round`, `step`, `arm` (index), `arm_label`, `reward` (null when none),
+`note`, `skipped`, `plays` (the engine's `count` per arm and `entropy`),
+`policy` (the policy's diagnostics: a list per arm, in the header's order, or a
+number) and `losses` (`total`, `arm` and `module` sums, as the `round/` tags).
+A resumed stage drops the rounds logged after its checkpoint; a stage reused
+from the cache brings its log along (`optima.experiment`).
+
 A resumed run writes new event files beside the old ones. Each stage's writer
 opens with a purge at the step the stage restarts from (and the summary's at 0,
 since every invocation writes it whole), so TensorBoard drops what the
@@ -30,9 +40,12 @@ interrupted attempt logged after its checkpoint and shows every step once.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
+from optima.checkpoint import finite_json, write_text_atomic
 from optima.engine import RoundResult
 from optima.errors import WARNING_PREFIX
 
@@ -152,3 +165,48 @@ class TensorBoardReporter(Reporter):
     def close(self):
         for w in self.writers.values():
             w.close()
+
+
+class RoundLog(Reporter):
+    """Each distillation stage's rounds as JSON lines in `log_dir/<stage>.jsonl`
+    (format in the module doc), appended as rounds end."""
+
+    def __init__(self, log_dir: str | os.PathLike):
+        self.dir = Path(log_dir)
+        self.arm_labels: dict[str, list[str]] = {}
+
+    def path(self, stage: str) -> Path:
+        return self.dir / f"{stage}.jsonl"
+
+    def on_arms(self, stage, labels):
+        self.arm_labels[stage] = list(labels)
+
+    def on_stage(self, stage, total, unit, start=0):
+        if stage not in self.arm_labels:  # a fine-tuning stage: no rounds
+            return
+        kept = []
+        if start > 0 and self.path(stage).exists():  # resumed: keep the rounds up to the checkpoint
+            kept = [r for r in read_round_log(self.path(stage))[1] if r["step"] <= start]
+        lines = [{"arms": self.arm_labels[stage]}, *kept]
+        write_text_atomic(self.path(stage), "".join(json.dumps(finite_json(x)) + "\n" for x in lines))
+
+    def on_round(self, stage, result: RoundResult):
+        losses = result.losses
+        record = {
+            "round": result.round, "step": result.step, "arm": result.arm, "arm_label": result.arm_label,
+            "reward": result.reward, "note": result.note, "skipped": result.skipped, "plays": result.plays,
+            "policy": {k: v.tolist() for k, v in result.diagnostics.items()},
+            "losses": {"total": dict(losses.total), "arm": losses.arm_totals(),
+                       "module": {m: dict(v) for m, v in losses.per_module.items()}},
+        }
+        with open(self.path(stage), "a", encoding="utf-8") as f:  # strict JSON: a non-finite loss as null
+            f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
+
+
+def read_round_log(path: str | os.PathLike) -> tuple[list[str], list[dict[str, Any]]]:
+    """A `RoundLog` file: the arm labels and the rounds."""
+    with open(path, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines or "arms" not in lines[0]:
+        raise ValueError(f"{path} is not a round log (its first line lacks 'arms')")
+    return list(lines[0]["arms"]), lines[1:]

@@ -29,6 +29,7 @@ variant; each table is a variant with its `bindings` and optionally its own
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from optima.checkpoint import write_text_atomic
+from optima.checkpoint import write_json_atomic, write_text_atomic
 from optima.errors import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -208,6 +209,8 @@ def error_line(log: Path, returncode: int) -> str:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         lines = []
+    lines = lines[max((i for i, ln in enumerate(lines) if ln.startswith("# ")), default=-1) + 1:]  # last attempt
+    lines = [ln for ln in lines if not ln.startswith("In call to configurable")]  # gin's context lines
     errors = [ln for ln in lines if ln.startswith("optima: error:")]
     if errors:
         return errors[-1]
@@ -247,6 +250,24 @@ class Sweep:
         self.grid = self._merge_with_stored()
         self.live: dict[str, Job] = {}  # jobs run by this process, by label: their status is known here
 
+    @classmethod
+    def load(cls, sweep_dir: str | os.PathLike) -> "Sweep":
+        """The sweep in `sweep_dir`, as its `sweep.json` describes it."""
+        grid = Path(sweep_dir) / "sweep.json"
+        try:
+            stored = json.loads(grid.read_text())
+            variants = [Variant(v["name"], tuple(v["bindings"]), tuple(v["seeds"])) for v in stored["variants"]]
+            config, common = stored["config"], stored.get("bindings", ())
+        except FileNotFoundError:
+            raise ConfigError(f"{sweep_dir} is not a sweep directory (it has no sweep.json)") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{grid}: unreadable ({e})") from None
+        sweep = cls.__new__(cls)
+        sweep.config, sweep.dir, sweep.common, sweep.no_plugins = config, Path(sweep_dir), tuple(common), False
+        sweep.variants = sweep.grid = variants
+        sweep.live = {}
+        return sweep
+
     # the grid on disk ---------------------------------------------------------
     @property
     def grid_file(self) -> Path:
@@ -283,11 +304,29 @@ class Sweep:
                 merged[v.name] = v
         return list(merged.values())
 
+    @contextlib.contextmanager
+    def lock(self):
+        """One `optima sweep` process per sweep directory (an advisory lock,
+        released when the process ends, however it ends)."""
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / ".sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"{self.dir} is being swept by another optima sweep process; wait for it to "
+                                  "end, or pass another --sweep-dir") from None
+            yield
+        finally:
+            os.close(fd)
+
     def save_grid(self, command: str) -> None:
-        write_text_atomic(self.grid_file, json.dumps({
+        write_json_atomic(self.grid_file, {
             "config": self.config, "bindings": list(self.common), "command": command,
             "variants": [{"name": v.name, "bindings": list(v.bindings), "seeds": list(v.seeds)} for v in self.grid],
-        }, indent=1))
+        }, indent=1)
 
     def jobs(self, only_current: bool = False) -> list[Job]:
         """Every run of the grid (or of this invocation's variants), variant by
@@ -347,10 +386,10 @@ def _write_record(job: Job, config: str) -> None:
     directory (before that, a file there would make `optima run` refuse it)."""
     if not (job.run_dir / "config.gin").exists():
         return
-    write_text_atomic(job.record, json.dumps({
+    write_json_atomic(job.record, {
         "variant": job.variant, "seed": job.seed, "config": config, "variant_bindings": list(job.variant_bindings),
         "bindings": list(job.bindings), "status": job.status, "error": job.error, "attempts": job.attempts,
-    }, indent=1))
+    }, indent=1)
 
 
 # --- running ------------------------------------------------------------------------

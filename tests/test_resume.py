@@ -32,6 +32,7 @@ from optima.plugins.losses.optima_loss import optima_loss
 from optima.plugins.policies.paper import ThompsonPolicy
 from optima.plugins.rewards.loss_decrement import combined_reward
 from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
+from optima.reporting import read_round_log
 
 # 3 arms; 6 rounds of T = 2 steps (warm-up: 3 updates, Thompson sampling from
 # round 5); 64 examples in batches of 8 (the data order turns over at step 8);
@@ -330,6 +331,10 @@ def _assert_tensorboard_shows_each_step_once(run_dir: Path, plays: list[int], te
     assert [e.step for e in arms] == list(range(2, 2 * ROUNDS + 1, 2))
     assert [int(e.value) for e in arms] == plays
     assert len(scalars("summary", "eval/student/accuracy")) == 1
+    # the per-round log drops the rounds logged after the checkpoint as well
+    _, rounds = read_round_log(run_dir / "rounds" / "student.jsonl")
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert [r["arm"] for r in rounds] == plays
 
 
 def _assert_same(outcome, reference):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
 from conftest import ROOT
@@ -86,6 +87,17 @@ def test_sweep_rows_teacher_per_seed_failure_and_rerun(tmp_path, monkeypatch):
     md = (sweep / "results.md").read_text()
     assert "## student/accuracy" in md and "| variant | median | mean | std | n | vs optima |" in md
     assert "| layerwise |" in md and "tie" in md and "## Runs that did not finish" in md
+
+    # optima report: Figure 3 per student metric, and the arms of each variant that chose arms
+    result = CliRunner().invoke(app, ["report", str(sweep)])
+    assert result.exit_code == 0, result.output
+    figures = {"student-accuracy-per-variant", "optima-student-arm-posterior", "optima-student-arm-plays"}
+    assert {p.stem for p in (sweep / "figures").glob("*.png")} == figures  # layerwise plays one arm: no figure
+    events = EventAccumulator(str(sweep / "tensorboard" / "figures"), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == figures
+    for seed in (0, 1):  # and every run wrote its own
+        assert (sweep / "optima" / f"seed-{seed}" / "figures" / "student-arm-posterior.png").exists()
 
     # a rerun of the finished variants starts no process and leaves the rows as they were
     before = {p: _attempts(p) for p in sweep.glob("*/seed-*.log")}
@@ -213,6 +225,28 @@ def test_dry_run_lists_runs_and_commands(tmp_path):
     assert result.exit_code == 2 and "no such variants file" in result.output
 
 
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding an advisory lock on `path` until its stdin closes."""
+    hold = "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); " \
+           "sys.stdin.read()"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_one_sweep_process_per_directory(tmp_path):
+    (tmp_path / "sweep").mkdir()
+    holder = _hold_lock(tmp_path / "sweep" / ".sweep.lock")
+    try:
+        code, out = _sweep(tmp_path, "--variant", "optima=")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert code == 2 and "is being swept by another optima sweep process" in out
+    assert not (tmp_path / "sweep" / "optima").exists()
+
+
 def test_stage_lock_makes_a_second_process_wait(tmp_path):
     """The lock that keeps two parallel runs from training the same teacher: while
     another process holds a stage's lock, a run waits (and says so), then goes on."""
@@ -227,11 +261,7 @@ def test_stage_lock_makes_a_second_process_wait(tmp_path):
 
     path = tmp_path / "teacher-abc.safetensors"
     (tmp_path / ".locks").mkdir()
-    hold = "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); " \
-           "sys.stdin.read()"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / ".locks" / f"{path.name}.lock")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"  # another run is training this stage
+    holder = _hold_lock(tmp_path / ".locks" / f"{path.name}.lock")  # another run is training this stage
     entered = threading.Event()
 
     def second_run():

@@ -1,0 +1,112 @@
+"""Figures: every `optima run` ends by writing its figures (PNG and TensorBoard
+images) from its per-round log; `optima report` writes them again; a run that
+reuses a cached stage has its rounds too; the figure functions on any number
+of arms. (`optima report` of a sweep: tests/test_sweep.py.)"""
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
+
+from optima.cli.main import app
+from optima.figures import RoundLogData, arm_plays_figure, arm_posterior_figure, variant_metric_figure
+from optima.reporting import read_round_log
+
+from test_quickstart import TINY
+
+
+def _run(run_dir, *extra):
+    args = ["run", "gin/quickstart.gin", "--run-dir", str(run_dir)]
+    for b in [*TINY, "distillation.rounds = 9", *extra]:
+        args += ["-b", b]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _images(tensorboard_run):
+    events = EventAccumulator(str(tensorboard_run), size_guidance={"images": 0})
+    events.Reload()
+    return {tag: events.Images(tag) for tag in events.Tags()["images"]}
+
+
+def test_a_run_writes_its_figures_and_report_rewrites_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    _run(run)
+    arms, rounds = read_round_log(run / "rounds" / "student.jsonl")
+    summary = json.loads((run / "metrics.json").read_text())
+    assert arms == summary["stages"]["student"]["arms"] and len(arms) == 7
+    assert [r["arm"] for r in rounds] == summary["stages"]["student"]["plays"]
+    assert [r["reward"] for r in rounds] == summary["stages"]["student"]["rewards"]
+    assert [r["step"] for r in rounds] == list(range(2, 19, 2))
+    assert all(len(r["policy"]["mean"]) == 7 and sum(r["plays"]["count"]) == r["round"] for r in rounds)
+    names = {"student-arm-posterior", "student-arm-plays"}
+    assert {p.stem for p in (run / "figures").glob("*.png")} == names
+    for name in names:
+        height, width, _ = matplotlib.image.imread(run / "figures" / f"{name}.png").shape
+        assert height > 300 and width > 600  # dpi 150
+    images = _images(run / "tensorboard" / "figures")
+    assert set(images) == names and all(len(v) == 1 for v in images.values())
+
+    # optima report rewrites them; TensorBoard still shows each figure once
+    (run / "figures" / "student-arm-plays.png").unlink()
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "figures" / "student-arm-plays.png").exists()
+    images = _images(run / "tensorboard" / "figures")
+    assert set(images) == names and all(len(v) == 1 for v in images.values())
+
+    # a run that reuses the cached student stage gets its rounds, and figures, too
+    out = _run(tmp_path / "again")
+    assert "student: reusing" in out
+    assert (tmp_path / "again" / "rounds" / "student.jsonl").read_text() == \
+        (run / "rounds" / "student.jsonl").read_text()
+    assert {p.stem for p in (tmp_path / "again" / "figures").glob("*.png")} == names
+
+
+def test_report_refuses_what_is_not_a_run_or_sweep(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "neither a run directory (config.gin) nor a sweep directory (sweep.json)" in result.output
+
+
+def _log(arms, plays, with_mean=True):
+    rounds = []
+    for k, arm in enumerate(plays):
+        count = [plays[:k + 1].count(a) for a in range(len(arms))]
+        policy = {"mean": [0.1 * a if c else 0.0 for a, c in enumerate(count)], "count": count} if with_mean else {}
+        rounds.append({"round": k + 1, "step": 2 * (k + 1), "arm": arm, "policy": policy,
+                       "plays": {"count": count, "entropy": 0.0}})
+    return RoundLogData(list(arms), rounds)
+
+
+def test_figures_take_any_number_of_arms_and_say_what_they_show():
+    arms = [f"m{i}" for i in range(25)] + ["m0+m1"]
+    plays = [k % len(arms) for k in range(60)]
+    posterior = arm_posterior_figure([_log(arms, plays), _log(arms, plays[::-1])], "optima")
+    labels = posterior.axes[0].get_legend_handles_labels()[1]
+    assert labels[-1] == "m0 + m1" and len(labels) == 26
+    assert "mean over 2 runs" in posterior.axes[0].get_title()
+    assert len({line.get_color() for line in posterior.axes[0].get_lines()[:26]}) == 26  # each arm its colour
+    plays_fig = arm_plays_figure([_log(arms, plays)], "random", bins=10)
+    ax = plays_fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()][:2] == ["1-6", "7-12"] and ax.get_ylabel() == "share of plays (%)"
+    heights = [sum(p.get_height() for p in container) for container in ax.containers]
+    assert abs(sum(heights) - 100 * 10) < 1e-6  # every bin stacks to 100%
+    # a policy without a posterior (fixed, layerwise, random) has no Figure 5
+    assert arm_posterior_figure([_log(arms, plays, with_mean=False)], "random") is None
+
+
+def test_variant_figure_marks_reference_seeds_and_teacher():
+    fig = variant_metric_figure({"optima": [0.9], "layerwise": [0.91, 0.95], "kd": []}, "accuracy",
+                                reference="optima", teacher=[0.93, 0.95])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["layerwise (n=2)", "optima (n=1)"]  # top to bottom
+    assert ax.get_yticklabels()[1].get_color() == "tab:red"  # the reference
+    legend = ax.get_legend_handles_labels()[1]
+    assert sorted(legend) == ["median over seeds", "single seed", "teacher (median 0.94)", "±1 std over seeds"]
+    assert ax.get_xlabel() == "test accuracy"
+    assert variant_metric_figure({"kd": []}, "accuracy") is None
