@@ -152,4 +152,6 @@ def test_torchrun_sigterm_on_one_rank_saves_stops_both_and_resumes(tmp_path):
     assert got["stages"]["student"]["rewards"][1:] == pytest.approx(want["stages"]["student"]["rewards"][1:],
                                                                     rel=1e-3)
     assert got["metrics"] == want["metrics"]
-    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["student", "summary", "teacher"]
+    # rank 0 alone writes: one TensorBoard run per stage, the run's figures, one round log
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["figures", "student", "summary", "teacher"]
+    assert sorted(p.name for p in (run / "rounds").iterdir()) == ["student.jsonl"]
