@@ -144,7 +144,7 @@ def sweep(
 def report(
     path: str = typer.Argument(..., metavar="RUN_DIR|SWEEP_DIR", help="A run directory or a sweep directory."),
 ) -> None:
-    """Write the figures of a run (each arm's posterior mean and share of plays over rounds) or of a sweep
+    """Write the figures of a run (each arm's estimated mean reward and share of plays over rounds) or of a sweep
     (each variant's metric over seeds, and the arms of each variant) as PNGs in <dir>/figures/ and as
     TensorBoard images."""
     with user_errors():
