@@ -90,21 +90,24 @@ def variant_metric_figure(values: Mapping[str, Sequence[float]], metric: str, *,
         return None
     fig = Figure(figsize=(7.0, 0.9 + 0.42 * len(variants)), layout="constrained")
     ax = fig.add_subplot()
-    bars = False  # the first error bar drawn names them in the legend
     for i, v in enumerate(variants):
         xs = list(values[v])
         y = len(variants) - 1 - i
         colour = "tab:red" if v == reference else "tab:blue"
         offsets = [((k % 5) - 2) * 0.06 for k in range(len(xs))]  # seeds spread vertically, never overlaid
-        ax.scatter(xs, [y + o for o in offsets], s=12, color="0.55", zorder=2,
-                   label="single seed" if i == 0 else None)
+        ax.scatter(xs, [y + o for o in offsets], s=12, color="0.55", zorder=2)
         median = statistics.median(xs)
         if len(xs) > 1:
             ax.errorbar(median, y, xerr=statistics.stdev(xs), fmt="none", ecolor=colour, elinewidth=1.5,
-                        capsize=4, zorder=3, label=None if bars else "±1 std over seeds")
-            bars = True
-        ax.scatter([median], [y], marker="D", s=40, color=colour, zorder=4,
-                   label="median over seeds" if i == 0 else None)
+                        capsize=4, zorder=3)
+        ax.scatter([median], [y], marker="D", s=40, color=colour, zorder=4)
+    # the legend says what the marks are, in neutral grey (red marks the reference variant)
+    ax.scatter([], [], s=12, color="0.55", label="single seed")
+    ax.scatter([], [], marker="D", s=40, color="0.3", label="median over seeds")
+    ax.errorbar([math.nan], [math.nan], xerr=[1.0], fmt="none", ecolor="0.3", elinewidth=1.5, capsize=4,
+                label="±1 std over seeds")
+    if reference in variants:
+        ax.scatter([], [], marker="D", s=40, color="tab:red", label=f"{reference}: the reference variant")
     if teacher:
         t = statistics.median(teacher)
         ax.axvline(t, color="0.3", linestyle="--", linewidth=1, zorder=1, label=f"teacher (median {t:.4g})")

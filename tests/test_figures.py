@@ -107,6 +107,7 @@ def test_variant_figure_marks_reference_seeds_and_teacher():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["layerwise (n=2)", "optima (n=1)"]  # top to bottom
     assert ax.get_yticklabels()[1].get_color() == "tab:red"  # the reference
     legend = ax.get_legend_handles_labels()[1]
-    assert sorted(legend) == ["median over seeds", "single seed", "teacher (median 0.94)", "±1 std over seeds"]
+    assert sorted(legend) == ["median over seeds", "optima: the reference variant", "single seed",
+                              "teacher (median 0.94)", "±1 std over seeds"]
     assert ax.get_xlabel() == "test accuracy"
     assert variant_metric_figure({"kd": []}, "accuracy") is None
