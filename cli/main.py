@@ -163,7 +163,7 @@ def bandit(
         None, "--policy", "-p",
         help="Policy gin name, repeatable (replaces bandit.policies): -p optima -p auto/optima."),
     env: Optional[List[str]] = typer.Option(
-        None, "--env", "-e", help="Environment, repeatable: abrupt, drift, idle_recovers, optima_scale."),
+        None, "--env", "-e", help="Environment, repeatable: abrupt, drift, idle_recovers, optima_scale, replay."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Runs per policy and environment (default 40)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of every environment (default: its own)."),
     jobs: int = typer.Option(min(2, os.cpu_count() or 1), "--jobs", "-j", help="Worker processes."),

@@ -174,7 +174,19 @@ def build_policy(factory: Callable, num_arms: int, seed: int, features: Any = No
 
 
 def _takes(factory: Callable, parameter: str) -> bool:
-    try:
-        return parameter in inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # no signature to read
-        return False
+    """Whether `factory` (a function or class, possibly wrapped by gin) declares
+    `parameter`. gin wraps a configurable class in a subclass whose `__init__` takes
+    `*args, **kwargs`, and a scoped reference in a function: look through both."""
+    target = inspect.unwrap(factory)
+    inits = [vars(k)["__init__"] for k in target.__mro__ if "__init__" in vars(k)] if isinstance(target, type) \
+        else [target]
+    for fn in inits:
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # no signature to read
+            continue
+        if parameter in params:
+            return True
+        if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+            return False  # an explicit signature without it
+    return False

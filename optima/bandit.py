@@ -22,6 +22,12 @@ Environments (`ENVIRONMENTS`; `docs/policies.md` gives the measured table):
   over 500 rounds), arms differ by 0.1 to 0.6 of the level (0.01 to 0.06 at
   the start), noise sd half the level, clipped at 0 as the real reward is; the
   best arm changes once, at 40% of the run.
+- `replay`: the per-round rewards of every fixed arm recorded on real quickstart
+  distillation runs (`optima/bandit_data/quickstart_fixed_arms.json`, made by
+  `bench/record_arm_rewards.py`): each arm's mean is its recorded curve smoothed
+  over 5 rounds (averaged over the recorded seeds), its noise the recorded
+  residuals' sd; 7 arms over the quickstart's rounds. A replay assumes an
+  arm's curve would not change had other arms been played in between.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ import numpy as np
 
 from optima.arms import build_policy
 from optima.errors import ConfigError
+
+DATA_DIR = Path(__file__).resolve().parent / "bandit_data"
+REPLAY_FILE = DATA_DIR / "quickstart_fixed_arms.json"
 
 
 @dataclass
@@ -117,7 +126,7 @@ def idle_recovers(seeds: int, rounds: int | None, rng: np.random.Generator) -> E
     return _noisy("idle_recovers", np.broadcast_to(means, (seeds, *means.shape)).copy(), 0.1, rng)
 
 
-#: Arms of `optima_scale`: the non-empty subsets of CoCa's modules,
+#: Arms of `optima_scale` and `replay`: the non-empty subsets of CoCa's modules,
 #: in `ArmSpace` order.
 MODULES = ("image", "text", "multimodal")
 SUBSETS = [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
@@ -148,9 +157,42 @@ def optima_scale(seeds: int, rounds: int | None, rng: np.random.Generator) -> En
                   features=_subset_features(), labels=_subset_labels())
 
 
+def load_replay(path: Path = REPLAY_FILE) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(rounds, arms) smoothed mean curves, (arms,) residual sds, arm labels, from
+    recorded fixed-arm runs (the first round of a run has no reward and is dropped)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no recorded rewards; make them with bench/record_arm_rewards.py")
+    record = json.loads(path.read_text())
+    labels = list(record["arms"])
+    curves: dict[int, list[list[float]]] = {}
+    for run in record["runs"]:
+        curves.setdefault(int(run["arm"]), []).append([r for r in run["rewards"] if r is not None])
+    if sorted(curves) != list(range(len(labels))):
+        raise ConfigError(f"{path}: recordings cover arms {sorted(curves)}, not all {len(labels)} arms")
+    rounds = min(len(c) for runs in curves.values() for c in runs)
+    means, sds = np.empty((rounds, len(labels))), np.empty(len(labels))
+    kernel = np.ones(5) / 5
+    for arm, runs in curves.items():
+        raw = np.array([c[:rounds] for c in runs])  # (recorded seeds, rounds)
+        padded = np.pad(raw.mean(axis=0), 2, mode="edge")
+        means[:, arm] = np.convolve(padded, kernel, mode="valid")
+        sds[arm] = float(np.sqrt(np.mean((raw - means[None, :, arm]) ** 2)))
+    return means, sds, labels
+
+
+def replay(seeds: int, rounds: int | None, rng: np.random.Generator) -> Environment:
+    means, sds, labels = load_replay()
+    if rounds is not None and rounds < means.shape[0]:
+        means = means[:rounds]
+    features = _subset_features() if labels == _subset_labels() else None
+    return _noisy("replay", np.broadcast_to(means, (seeds, *means.shape)).copy(), sds[None, None, :], rng,
+                  clip=True, features=features, labels=labels)
+
+
 #: name -> factory(seeds, rounds or None for its default, numpy generator)
 ENVIRONMENTS: dict[str, Callable[[int, int | None, np.random.Generator], Environment]] = {
     "abrupt": abrupt, "drift": drift, "idle_recovers": idle_recovers, "optima_scale": optima_scale,
+    "replay": replay,
 }
 
 

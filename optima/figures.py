@@ -15,16 +15,20 @@ runs write, never from logs: `metrics.json` and the per-round logs
   reward on; over several runs (seeds) their mean.
 - `arm_plays_figure`: each arm's share of the plays over training (Figure 6),
   in bins of rounds, pooled over runs.
+- With finer arms (`distillation.arm_groups`: more than `MAX_ARMS_DRAWN` arms
+  made of layer groups), the same two by unit instead of by arm, as 63 arms
+  cannot be told apart: `unit_effect_figure` (each unit's estimated effect on
+  the reward, for policies that report `unit_effect`, e.g. `grouped_ts_policy`)
+  and `unit_plays_figure` (the share of rounds that distilled each unit).
 
-Arms are labelled by their modules and keep their colour in every figure; any
-number of arms works.
+Arms are labelled by their modules and keep their colour in every figure.
 """
 from __future__ import annotations
 
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -37,6 +41,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from optima.reporting import read_round_log  # noqa: E402
 
 DPI = 150
+#: More arms than this are drawn by unit (module or layer group), not one by one.
+MAX_ARMS_DRAWN = 20
 
 
 @dataclass
@@ -45,10 +51,21 @@ class RoundLogData:
 
     arms: list[str]
     rounds: list[dict[str, Any]]
+    units: list[str] = field(default_factory=list)  # what arms are made of (modules or layer groups)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "RoundLogData":
-        return cls(*read_round_log(path))
+        import json
+
+        arms, rounds = read_round_log(path)
+        with open(path, encoding="utf-8") as f:
+            units = json.loads(f.readline()).get("units", [])
+        return cls(arms, rounds, list(units))
+
+    @property
+    def by_unit(self) -> bool:
+        """Too many arms to draw one by one, and the units they are made of known."""
+        return len(self.arms) > MAX_ARMS_DRAWN and bool(self.units)
 
 
 def arm_name(label: str) -> str:
@@ -202,6 +219,83 @@ def arm_plays_figure(runs: Sequence[RoundLogData], title: str, bins: int = 10) -
     return fig
 
 
+# --- finer arms: by unit -----------------------------------------------------------------------
+
+def unit_effect_figure(runs: Sequence[RoundLogData], title: str) -> Figure | None:
+    """Each unit's effect on the reward as the policy estimates it
+    (`Policy.diagnostics()["unit_effect"]`), over rounds, mean over `runs`; None
+    if the policy reports none."""
+    runs = [r for r in runs if r.rounds and r.units and all("unit_effect" in x.get("policy", {}) for x in r.rounds)]
+    if not runs:
+        return None
+    units, rounds = runs[0].units, min(len(r.rounds) for r in runs)
+    x = [runs[0].rounds[k]["round"] for k in range(rounds)]
+    colours = arm_colours(units)
+    fig = Figure(figsize=(8.0, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for u, unit in enumerate(units):
+        mean = [statistics.fmean(r.rounds[k]["policy"]["unit_effect"][u] for r in runs) for k in range(rounds)]
+        ax.plot(x, mean, color=colours[unit], linewidth=1.6, label=unit)
+    ax.set_xlabel("round")
+    ax.set_ylabel("effect on the reward as the policy estimates it\n(built-in rewards: relative loss decrease)")
+    ax.axhline(0, color="0.6", linewidth=0.8)
+    ax.grid(color="0.92")
+    fig.suptitle(f"{title}: each unit's estimated effect on the reward ({len(runs[0].arms)} arms of "
+                 f"{len(units)} units)", fontsize=10)
+    ax.set_title(f"mean over {len(runs)} runs" if len(runs) > 1 else "one run", fontsize=8, color="0.35")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8, title="unit",
+              title_fontsize=8)
+    return fig
+
+
+def unit_plays_figure(runs: Sequence[RoundLogData], title: str, bins: int = 10) -> Figure | None:
+    """The share of rounds that distilled each unit, in bins of rounds, pooled
+    over `runs` (a round distils every unit of its arm, so shares add up to more
+    than 100%); None without rounds or units."""
+    runs = [r for r in runs if r.rounds and r.units]
+    if not runs:
+        return None
+    units, arms = runs[0].units, runs[0].arms
+    rounds = max(len(r.rounds) for r in runs)
+    width = math.ceil(rounds / bins)
+    edges = list(range(0, rounds, width)) + [rounds]
+    colours = arm_colours(units)
+    fig = Figure(figsize=(8.0, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    centres = [(edges[b] + edges[b + 1] + 1) / 2 for b in range(len(edges) - 1)]
+    for unit in units:
+        shares = []
+        for b in range(len(edges) - 1):
+            played = [arms[r.rounds[k]["arm"]] for r in runs for k in range(edges[b], min(edges[b + 1], len(r.rounds)))]
+            shares.append(100.0 * sum(unit in label.split("+") for label in played) / len(played) if played else 0.0)
+        ax.plot(centres, shares, color=colours[unit], linewidth=1.6, marker="o", markersize=3, label=unit)
+    ax.set_xlabel("round")
+    ax.set_ylabel("rounds that distilled the unit (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(color="0.92")
+    fig.suptitle(f"{title}: how often each unit was distilled ({len(arms)} arms of {len(units)} units)",
+                 fontsize=10)
+    what = f"{len(runs)} runs pooled" if len(runs) > 1 else "one run"
+    ax.set_title(f"{what}; bins of {width} round{'s' if width > 1 else ''}", fontsize=8, color="0.35")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8, title="unit",
+              title_fontsize=8)
+    return fig
+
+
+def stage_figures(data: Sequence[RoundLogData], title: str, name: str, single_arm_plays: bool = True
+                  ) -> dict[str, Figure]:
+    """Figures 5 and 6 of one stage's runs, by arm, or by unit for finer arms;
+    `single_arm_plays`: draw the plays also when every run played one arm."""
+    if data and data[0].by_unit:
+        figures = {f"{name}-unit-effect": unit_effect_figure(data, title),
+                   f"{name}-unit-plays": unit_plays_figure(data, title)}
+    else:
+        figures = {f"{name}-arm-posterior": arm_posterior_figure(data, title)}
+        if single_arm_plays or len({x["arm"] for d in data for x in d.rounds}) > 1:
+            figures[f"{name}-arm-plays"] = arm_plays_figure(data, title)
+    return {k: v for k, v in figures.items() if v is not None}
+
+
 # --- writing ------------------------------------------------------------------------------------
 
 def write_figures(figures: Mapping[str, Figure], png_dir: str | os.PathLike,
@@ -235,11 +329,7 @@ def run_figures(run_dir: str | os.PathLike) -> dict[str, Figure]:
     run_dir = Path(run_dir)
     out: dict[str, Figure] = {}
     for log in sorted((run_dir / "rounds").glob("*.jsonl")):
-        data = [RoundLogData.read(log)]
-        for name, fig in ((f"{log.stem}-arm-posterior", arm_posterior_figure(data, log.stem)),
-                          (f"{log.stem}-arm-plays", arm_plays_figure(data, log.stem))):
-            if fig is not None:
-                out[name] = fig
+        out.update(stage_figures([RoundLogData.read(log)], log.stem, log.stem))
     return out
 
 
@@ -279,11 +369,7 @@ def sweep_figures(sweep) -> dict[str, Figure]:
                     logs.setdefault(log.stem, []).append(RoundLogData.read(log))
         for stage, data in logs.items():
             title = f"{v} ({stage})" if len(logs) > 1 else v
-            posterior = arm_posterior_figure(data, title)
-            if posterior is not None:
-                out[f"{v}-{stage}-arm-posterior"] = posterior
-            if len({x["arm"] for d in data for x in d.rounds}) > 1:
-                out[f"{v}-{stage}-arm-plays"] = arm_plays_figure(data, title)
+            out.update(stage_figures(data, title, f"{v}-{stage}", single_arm_plays=False))
     return out
 
 

@@ -25,11 +25,13 @@ and a `summary` run with `eval/<network>/<metric>` and the config texts.
 
 Per-round log (`RoundLog`): `run_dir/rounds/<stage>.jsonl` holds each
 distillation stage's rounds as JSON lines, for figures and analysis without
-parsing event files: a first line `{"arms": [labels]}`, then one line per round
+parsing event files: a first line `{"arms": [labels], "units": [modules or
+layer groups]}`, then one line per round
 with `round`, `step`, `arm` (index), `arm_label`, `reward` (null when none),
 `note`, `skipped`, `plays` (the engine's `count` per arm and `entropy`),
-`policy` (the policy's diagnostics: a list per arm, in the header's order, or a
-number) and `losses` (`total`, `arm` and `module` sums, as the `round/` tags).
+`policy` (the policy's diagnostics: a list per arm, in the header's order, a
+list per unit for a `unit_*` statistic, in the order of the header's `units`,
+or a number) and `losses` (`total`, `arm` and `module` sums, as the `round/` tags).
 A resumed stage drops the rounds logged after its checkpoint; a stage reused
 from the cache brings its log along (`optima.experiment`).
 
@@ -174,6 +176,7 @@ class RoundLog(Reporter):
     def __init__(self, log_dir: str | os.PathLike):
         self.dir = Path(log_dir)
         self.arm_labels: dict[str, list[str]] = {}
+        self.unit_labels: dict[str, list[str]] = {}
 
     def path(self, stage: str) -> Path:
         return self.dir / f"{stage}.jsonl"
@@ -181,13 +184,16 @@ class RoundLog(Reporter):
     def on_arms(self, stage, labels):
         self.arm_labels[stage] = list(labels)
 
+    def on_units(self, stage, units):
+        self.unit_labels[stage] = list(units)
+
     def on_stage(self, stage, total, unit, start=0):
         if stage not in self.arm_labels:  # a fine-tuning stage: no rounds
             return
         kept = []
         if start > 0 and self.path(stage).exists():  # resumed: keep the rounds up to the checkpoint
             kept = [r for r in read_round_log(self.path(stage))[1] if r["step"] <= start]
-        lines = [{"arms": self.arm_labels[stage]}, *kept]
+        lines = [{"arms": self.arm_labels[stage], "units": self.unit_labels.get(stage, [])}, *kept]
         write_text_atomic(self.path(stage), "".join(json.dumps(finite_json(x)) + "\n" for x in lines))
 
     def on_round(self, stage, result: RoundResult):

@@ -87,20 +87,29 @@ def test_worker_processes_give_the_same_results():
     assert [(r.policy, r.environment, r.final) for r in one] == [(r.policy, r.environment, r.final) for r in two]
 
 
+def test_replay_reads_the_recorded_quickstart_curves():
+    means, sds, labels = bandit.load_replay()
+    assert labels == ["image", "text", "multimodal", "image+text", "image+multimodal", "text+multimodal",
+                      "image+text+multimodal"]
+    assert means.shape[1] == 7 and means.shape[0] >= 20 and (sds > 0).all()
+    record = json.loads(bandit.REPLAY_FILE.read_text())
+    assert record["command"].startswith("OPTIMA_CACHE=") and "bench/record_arm_rewards.py" in record["command"]
+
+
 def test_optima_bandit_on_tiny_settings_writes_its_table_and_figure(tmp_path):
     out = tmp_path / "bandit"
     result = CliRunner().invoke(app, ["bandit", "--seeds", "3", "--rounds", "25", "-p", "optima",
                                       "-p", "auto/optima", "-p", "discounted_ts_policy", "-e", "abrupt",
-                                      "-e", "optima_scale", "--jobs", "1", "--out", str(out),
+                                      "-e", "replay", "--jobs", "1", "--out", str(out),
                                       "-b", "auto/optima_policy.variance_scale = 'auto'"])
     assert result.exit_code == 0, result.output
     assert "total regret" in result.output and "discounted_ts" in result.output
     table = (out / "table.md").read_text().splitlines()
-    assert table[0] == "| policy | abrupt | optima_scale |"
+    assert table[0] == "| policy | abrupt | replay |"
     assert [line.split("|")[1].strip() for line in table[2:]] == ["optima", "auto/optima", "discounted_ts"]
     data = json.loads((out / "results.json").read_text())
     assert {(r["policy"], r["environment"]) for r in data["results"]} == {
-        (p, e) for p in ("optima", "auto/optima", "discounted_ts") for e in ("abrupt", "optima_scale")}
+        (p, e) for p in ("optima", "auto/optima", "discounted_ts") for e in ("abrupt", "replay")}
     assert all(len(r["final"]) == 3 for r in data["results"])
     assert data["environments"]["abrupt"] == {"arms": 3, "rounds": 25, "seeds": 3}
     import matplotlib.image

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from typer.testing import CliRunner
 
 from optima.cli.main import app
-from optima.figures import RoundLogData, arm_plays_figure, arm_posterior_figure, variant_metric_figure
+from optima.figures import RoundLogData, arm_plays_figure, arm_posterior_figure, stage_figures, variant_metric_figure
 from optima.reporting import read_round_log
 
 from test_quickstart import TINY
@@ -98,6 +98,32 @@ def test_figures_take_any_number_of_arms_and_say_what_they_show():
     assert abs(sum(heights) - 100 * 10) < 1e-6  # every bin stacks to 100%
     # a policy without a posterior (fixed, layerwise, random) has no Figure 5
     assert arm_posterior_figure([_log(arms, plays, with_mean=False)], "random") is None
+
+
+def test_finer_arms_are_drawn_by_unit():
+    """63 arms over 6 layer groups cannot be told apart one by one: the figures
+    show each unit's estimated effect and how often it was distilled."""
+    import itertools
+
+    units = ["image.1", "image.2", "text.1", "text.2", "multimodal.1", "multimodal.2"]
+    arms = ["+".join(c) for k in range(1, 7) for c in itertools.combinations(units, k)]
+    plays = [k % len(arms) for k in range(40)]
+    data = _log(arms, plays)
+    for k, record in enumerate(data.rounds):
+        record["policy"]["unit_effect"] = [0.01 * (u + 1) for u in range(6)]
+    data.units = units
+    figures = stage_figures([data], "finer", "student")
+    assert set(figures) == {"student-unit-effect", "student-unit-plays"}
+    effect = figures["student-unit-effect"].axes[0]
+    assert effect.get_legend_handles_labels()[1] == units
+    assert list(effect.get_lines()[5].get_ydata()) == [0.06] * 40
+    plays_ax = figures["student-unit-plays"].axes[0]
+    # rounds 1-4 played arms 0-3, the single units image.1 .. text.2: each distilled in 1 of those 4 rounds
+    assert plays_ax.get_lines()[0].get_ydata()[0] == 25.0 and plays_ax.get_lines()[4].get_ydata()[0] == 0.0
+    # the module arms of the paper stay drawn arm by arm
+    module = _log(["image", "text", "image+text"], [0, 1, 2, 0])
+    module.units = ["image", "text"]
+    assert set(stage_figures([module], "paper", "student")) == {"student-arm-posterior", "student-arm-plays"}
 
 
 def test_variant_figure_marks_reference_seeds_and_teacher():

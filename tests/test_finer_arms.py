@@ -86,6 +86,25 @@ def test_build_policy_passes_arm_features_only_to_policies_that_take_them():
     assert plain.num_arms == 63
 
 
+def test_build_policy_sees_through_gin_configurables_and_scopes():
+    """gin wraps a configurable class (its `__init__` takes *args, **kwargs) and a
+    scoped reference in a function: the arm features must still reach the policy."""
+    import gin
+
+    from optima import config
+
+    config.setup(external_plugins=False)
+    config.parse(["gin/quickstart.gin"], ["distillation.policy = @scoped/grouped_ts_policy",
+                                           "scoped/grouped_ts_policy.gamma = 0.5"])
+    factory = gin.get_bindings("distillation")["policy"]
+    space = ArmSpace(list(LAYERS), units=layer_groups(LAYERS, 2))
+    policy = build_policy(factory, len(space), 0, space.features())
+    assert policy.num_units == 6 and policy.gamma == 0.5
+    config.parse(["gin/quickstart_finer_arms.gin"])
+    assert build_policy(gin.get_bindings("distillation")["policy"], 63, 0, space.features()).num_units == 6
+    gin.clear_config()
+
+
 def _additive(features, effects, sd, seed):
     g = torch.Generator().manual_seed(seed)
     means = torch.tensor(features, dtype=torch.float64) @ torch.tensor(effects, dtype=torch.float64)
@@ -201,6 +220,10 @@ def test_finer_arms_config_runs_and_reports_units(tmp_path):
     assert {"policy/unit_effect/image.1", "policy/unit_sd/multimodal.2", "plays/count/image.1+text.2"} <= tags
     assert any(t.startswith("policy/mean/") for t in tags)
     assert list((run / "checkpoints" / "student").iterdir())  # checkpointed like any run
+    header, *rounds = [json.loads(line) for line in (run / "rounds" / "student.jsonl").read_text().splitlines()]
+    assert header["units"] == ["image.1", "image.2", "text.1", "text.2", "multimodal.1", "multimodal.2"]
+    assert len(rounds[-1]["policy"]["unit_effect"]) == 6 and len(rounds[-1]["policy"]["mean"]) == 63
+    assert {p.name for p in (run / "figures").glob("*.png")} == {"student-unit-effect.png", "student-unit-plays.png"}
     dry = CliRunner().invoke(app, ["run", "gin/quickstart_finer_arms.gin", "--dry-run"])
     assert dry.exit_code == 0 and "63 arms" in dry.output and "unit image.2: image layer 1" in dry.output
 

@@ -214,8 +214,8 @@ def test_a_fixed_scale_does_not_adapt():
 
 def test_paper_policy_auto_scale_is_the_pooled_warmup_variance_then_tracks_errors():
     p = ThompsonPolicy(2, gamma=0.5, warmup_rounds=4, variance_scale="auto", warmup="round_robin")
-    assert p.warmup_order == (0, 1, 0, 1)
-    for arm, r in [(0, 0.1), (1, 0.5), (0, 0.3), (1, 0.9)]:
+    assert sorted(p.warmup_order[:2]) == sorted(p.warmup_order[2:]) == [0, 1]
+    for arm, r in [(0, 0.1), (1, 0.5), (0, 0.3), (1, 0.9)]:  # rewards go to the arm passed, whatever the order
         p.update(arm, r)
     # within-arm: (0.1-0.2)^2 + (0.3-0.2)^2 + (0.5-0.7)^2 + (0.9-0.7)^2 = 0.1, 4 rewards - 2 arms
     assert p.scale == pytest.approx(0.05)
@@ -225,9 +225,11 @@ def test_paper_policy_auto_scale_is_the_pooled_warmup_variance_then_tracks_error
     assert float(p.diagnostics()["variance_scale"]) == pytest.approx(0.105)
 
 
-def test_round_robin_warmup_gives_every_arm_the_same_plays():
-    p = ThompsonPolicy(3, warmup_rounds=7, warmup="round_robin", seed=5)
-    assert p.warmup_order == (0, 1, 2, 0, 1, 2, 0)
+def test_round_robin_warmup_gives_every_arm_the_same_plays_in_shuffled_passes():
+    orders = {ThompsonPolicy(3, warmup_rounds=7, warmup="round_robin", seed=s).warmup_order for s in range(8)}
+    for order in orders:
+        assert sorted(order[:3]) == sorted(order[3:6]) == [0, 1, 2] and len(order) == 7
+    assert len({order[0] for order in orders}) > 1  # no arm always first: rewards shrink over training
     q = ThompsonPolicy(3, warmup_rounds=7, seed=5)  # the paper's random order is still the default
     assert q.warmup == "random" and sorted(q.warmup_order[:3]) == [0, 1, 2]
     with pytest.raises(ConfigError, match="warmup = 'shuffled' must be one of 'random', 'round_robin'"):

@@ -42,9 +42,9 @@ class GroupedThompsonPolicy(WarmupPolicy):
     played is `argmax_a x_a . w`. With `variance_scale = c` the noise variance
     is known (`sigma^2 = c`).
 
-    Warm-up: `warmup_rounds` (default `min(arms, units + 1)`; with the arm
-    space's order that is every single unit once, then a pair) rounds in
-    `warmup` order over the arm list. `diagnostics()`: per arm "mean" and "sd"
+    Warm-up: `warmup_rounds` (default `min(arms, units + 1)`, as many as the
+    effects to learn) rounds in `warmup` order over the arm list (with many
+    arms, a random sample of them). `diagnostics()`: per arm "mean" and "sd"
     of `x_a . w`; per unit `unit_effect` and `unit_sd`; "count", "entropy".
     """
 

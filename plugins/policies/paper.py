@@ -25,9 +25,9 @@ class ThompsonPolicy(WarmupPolicy):
       `num_arms`): arms are played in `warmup_order`. `warmup = 'random'` (the
       paper, the default) draws it at construction from the generator: a random
       permutation of all arms (every arm once), then uniformly random arms up to
-      `warmup_rounds`; `'round_robin'` plays the arms in turn (every arm
-      `warmup_rounds // num_arms` times or once more: no arm is left with a
-      single play by chance). `select()` returns `warmup_order[n_updates]`. At
+      `warmup_rounds`; `'round_robin'` plays passes over all arms, each pass in
+      a new random order (every arm `warmup_rounds // num_arms` times or once
+      more: no arm is left with a single play by chance). `select()` returns `warmup_order[n_updates]`. At
       the end of warm-up, `mu_k` is the mean of arm `k`'s warm-up rewards and
       `n_k` their number (0 and 0 for an arm with none).
     - Then each `select()` draws `theta_k = mu_k + sqrt(c / (n_k + 1)) * z_k`,
