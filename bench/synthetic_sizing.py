@@ -8,6 +8,12 @@
 - per fixed arm, the per-round reward: mean, sd over rounds, and the
   round-to-round noise sd (sd of successive differences / sqrt 2, which a slow
   trend does not inflate), against the gaps between the arms' mean rewards;
+- steps per round T against reward noise, without a run per T: a fixed arm's
+  training does not depend on T, so its logged per-step whole-model losses
+  (TensorBoard `loss/total/<term>`) are summed into rounds of each T in
+  `--round-lengths` and turned into the combined reward as the engine does;
+  for each T, the mean over arms of the noise sd against the spread of the arms'
+  mean rewards;
 - CPU seconds per run (the child's user + system time: on an idle machine with
   one torch thread that is its wall time; the shared machine's wall time is
   noise).
@@ -71,9 +77,58 @@ def run_one(config: str, variant: str, seed: int, out: Path, extra: list[str]) -
     timing = json.loads(record.read_text()) if record.exists() else {}
     student = [k for k in summary["metrics"] if k != "teacher"][-1]
     stage = summary["stages"][student]
-    return {"variant": variant, "seed": seed, "student": student, "metric": summary["metrics"][student],
+    return {"variant": variant, "seed": seed, "run_dir": str(run_dir), "student": student,
+            "metric": summary["metrics"][student],
             "teacher": summary["metrics"]["teacher"], "rewards": stage.get("rewards", []),
             "plays": stage.get("plays", []), **timing}
+
+
+def step_losses(run_dir: Path) -> dict[str, list[float]]:
+    """The student stage's logged whole-model loss per step, by term."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stage = [d for d in (run_dir / "tensorboard").iterdir() if d.name not in ("teacher", "summary", "large", "base")]
+    events = EventAccumulator(str(stage[0]), size_guidance={"scalars": 0})
+    events.Reload()
+    return {t: [e.value for e in events.Scalars(f"loss/total/{t}")] for t in ("kd", "hidden", "attn")}
+
+
+def rewards_for(losses: dict[str, list[float]], T: int) -> list[float]:
+    """The combined reward of each round after the first, rounds of T steps."""
+    from optima.plugins.rewards.loss_decrement import combined_reward
+
+    reward = combined_reward()
+    n = min(len(v) for v in losses.values()) // T
+    rounds = [{t: sum(v[r * T:(r + 1) * T]) for t, v in losses.items()} for r in range(n)]
+    return [reward(a, b) for a, b in zip(rounds, rounds[1:])]
+
+
+def _noise(series: list[list[float]]) -> float:
+    diffs = [b - a for xs in series for a, b in zip(xs, xs[1:])]
+    return statistics.stdev(diffs) / math.sqrt(2) if len(diffs) > 1 else float("nan")
+
+
+def round_length_study(out: Path, results: list[dict], lengths: list[int]) -> dict:
+    arms = [r for r in results if "error" not in r and r["variant"].startswith("arm:")]
+    if not arms:
+        return {}
+    logs = {(r["variant"], r["seed"]): step_losses(Path(r["run_dir"])) for r in arms}
+    print("\nsteps per round T vs reward noise (fixed arms' logged step losses re-cut into rounds):")
+    print(f"{'T':>4s} {'rounds':>6s} {'spread of arm means':>20s} {'mean noise sd':>14s} {'noise/spread':>13s}")
+    study = {}
+    for T in lengths:
+        per_arm = {}
+        for variant in dict.fromkeys(v for v, _ in logs):
+            series = [rewards_for(loss, T) for (v, _), loss in logs.items() if v == variant]
+            flat = [x for xs in series for x in xs]
+            per_arm[variant] = {"mean": statistics.mean(flat) if flat else float("nan"), "noise_sd": _noise(series)}
+        means = [a["mean"] for a in per_arm.values()]
+        spread = max(means) - min(means)
+        noise = statistics.mean(a["noise_sd"] for a in per_arm.values())
+        rounds = min(len(v) for v in next(iter(logs.values())).values()) // T
+        study[T] = {"rounds": rounds, "spread": spread, "noise_sd": noise, "arms": per_arm}
+        print(f"{T:4d} {rounds:6d} {spread:20.4f} {noise:14.4f} {noise / spread if spread else float('inf'):13.2f}")
+    return study
 
 
 def _stats(xs):
@@ -140,6 +195,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("-b", dest="bindings", action="append", default=[])
+    p.add_argument("--round-lengths", nargs="+", type=int, default=[5, 10, 20, 40])
     a = p.parse_args()
     variants = [v for name in a.variants for v in GROUPS.get(name, [name])]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -156,6 +212,7 @@ def main() -> None:
         for phase in phases:
             results += list(pool.map(lambda j: run_one(a.config, *j, out, a.bindings), phase))
     summary = report(results)
+    summary["round_lengths"] = round_length_study(out, results, a.round_lengths)
     (out / "sizing.json").write_text(json.dumps({"config": a.config, "bindings": a.bindings, "summary": summary,
                                                  "runs": results}, indent=1))
 

@@ -365,7 +365,7 @@ BAD_BINDINGS = [
 
 @pytest.mark.parametrize("binding, expected", BAD_BINDINGS, ids=[b for b, _ in BAD_BINDINGS])
 def test_a_bad_binding_is_one_line_before_any_work(binding, expected, tmp_path):
-    code, lines = run_cli("gin/quickstart.gin", "--run-dir", str(tmp_path / "run"), "-b", binding)
+    code, lines = run_cli("tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "run"), "-b", binding)
     assert_refused(code, lines, expected, tmp_path / "run")
 
 
@@ -390,12 +390,12 @@ def _binary(tmp_path: Path) -> list[str]:
 
 def _run_dir_is_a_file(tmp_path: Path) -> list[str]:
     (tmp_path / "taken").write_text("notes")
-    return ["gin/quickstart.gin", "--run-dir", str(tmp_path / "taken")]
+    return ["tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "taken")]
 
 
 def _run_dir_under_a_file(tmp_path: Path) -> list[str]:
     (tmp_path / "taken").write_text("notes")
-    return ["gin/quickstart.gin", "--run-dir", str(tmp_path / "taken" / "runs" / "r1")]
+    return ["tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "taken" / "runs" / "r1")]
 
 
 def _run_dir_read_only(tmp_path: Path, monkeypatch) -> list[str]:
@@ -411,7 +411,7 @@ def _run_dir_read_only(tmp_path: Path, monkeypatch) -> list[str]:
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "makedirs", makedirs)
-    return ["gin/quickstart.gin", "--run-dir", str(tmp_path / "ro" / "run")]
+    return ["tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "ro" / "run")]
 
 
 BAD_PATHS = [
