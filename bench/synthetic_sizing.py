@@ -63,7 +63,7 @@ def run_one(config: str, variant: str, seed: int, out: Path, extra: list[str]) -
             shutil.rmtree(run_dir)
         args = [sys.executable, "-m", "optima.cli.main", "run", config, "--run-dir", str(run_dir),
                 "-b", f"experiment.seed = {seed}"]
-        for b in VARIANTS[variant] + extra:
+        for b in extra + VARIANTS[variant]:  # the variant's bindings win (task_only's zero weights)
             args += ["-b", b]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         start = time.time()
