@@ -18,6 +18,15 @@ TINY_COCA = {
 }
 
 
+# tests/gin/tiny_ve.gin (the pipeline without pretraining) at test sizes.
+TINY = [
+    "synthetic_ve_task.train_size = 256", "synthetic_ve_task.test_size = 64", "synthetic_ve_task.val_size = 0",
+    "teacher_training.steps = 4", "teacher_training.warmup_steps = 0", "teacher_training.batch_size = 16",
+    "distillation.rounds = 4", "distillation.steps_per_round = 2", "distillation.batch_size = 16",
+    "distillation.warmup_steps = 0", "optima_policy.warmup_rounds = 7",
+]
+
+
 @pytest.fixture
 def tiny_batch():
     g = torch.Generator().manual_seed(0)

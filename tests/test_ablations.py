@@ -22,8 +22,8 @@ EXPECTED = {
     "policy_layerwise": ("policy", "@layerwise_policy"),
 }
 TINY = [
-    "synthetic_ve_task.train_size = 64", "synthetic_ve_task.val_size = 0", "synthetic_ve_task.test_size = 8",
-    "teacher/coca_model.layers = (1, 1, 1)", "student/coca_model.layers = (1, 1, 1)",
+    "pretraining.steps = 1", "pretraining.batch_size = 8", "corpus/world_captions_task.train_size = 16",
+    "world_ve_task.train_size = 64", "world_ve_task.test_size = 8",
     "teacher_training.steps = 1", "teacher_training.batch_size = 8", "teacher_training.warmup_steps = 0",
     "distillation.rounds = 2", "distillation.steps_per_round = 1", "distillation.batch_size = 8",
     "distillation.warmup_steps = 0",

@@ -100,7 +100,7 @@ SYNTHETIC_EMPTY = [
 
 @pytest.mark.parametrize("binding, expected", SYNTHETIC_EMPTY)
 def test_empty_synthetic_splits_are_refused(binding, expected, tmp_path):
-    code, lines = run_cli("gin/quickstart.gin", "--run-dir", str(tmp_path / "run"), "-b", binding)
+    code, lines = run_cli("tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "run"), "-b", binding)
     assert_refused(code, lines, expected, tmp_path / "run")
 
 
@@ -207,7 +207,7 @@ def test_metrics_json_is_always_valid_json(tmp_path):
 
 # -- a full disk -------------------------------------------------------------------
 
-QUICK = [  # the quickstart, tiny: a teacher checkpoint at step 1, distillation checkpoints at rounds 1 and 2
+QUICK = [  # tests/gin/tiny_ve.gin, tiny: a teacher checkpoint at step 1, distillation checkpoints at rounds 1 and 2
     "synthetic_ve_task.train_size = 32", "synthetic_ve_task.test_size = 8", "synthetic_ve_task.val_size = 0",
     "teacher_training.steps = 2", "teacher_training.warmup_steps = 0", "teacher_training.batch_size = 8",
     "teacher_training.checkpoint_every = 1", "distillation.rounds = 2", "distillation.steps_per_round = 1",
@@ -276,9 +276,9 @@ def test_a_full_disk_stops_cleanly_with_the_resume_command(what, where, expected
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     monkeypatch.setattr(checkpoint, "_write_text", write_text)
     bindings = [a for b in QUICK for a in ("-b", b)]
-    code, lines = run_cli("gin/quickstart.gin", "--run-dir", str(run), *bindings)
+    code, lines = run_cli("tests/gin/tiny_ve.gin", "--run-dir", str(run), *bindings)
     assert len(hits) == 1, lines
-    resume = command_line("gin/quickstart.gin", QUICK, "--resume", str(run))
+    resume = command_line("tests/gin/tiny_ve.gin", QUICK, "--resume", str(run))
     pattern = re.escape(f"optima: error: {expected}; resume with: {resume}").replace(
         re.escape("{run}"), re.escape(str(run))).replace(re.escape("{cache}"), re.escape(str(cache))).replace(
         re.escape("[0-9a-f]{16}"), "[0-9a-f]{16}")
@@ -290,7 +290,7 @@ def test_a_full_disk_stops_cleanly_with_the_resume_command(what, where, expected
         CheckpointManager.load(step)  # intact: sizes and checksums match
     if what == "second distillation checkpoint":  # the resume command finishes the run
         monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-        code, lines = run_cli("gin/quickstart.gin", *bindings, "--resume", str(run))
+        code, lines = run_cli("tests/gin/tiny_ve.gin", *bindings, "--resume", str(run))
         assert code == 0, lines
         assert json.loads((run / "metrics.json").read_text())["stages"]["student"]["resumed_from_step"] == 1
 
@@ -365,7 +365,7 @@ BAD_BINDINGS = [
 
 @pytest.mark.parametrize("binding, expected", BAD_BINDINGS, ids=[b for b, _ in BAD_BINDINGS])
 def test_a_bad_binding_is_one_line_before_any_work(binding, expected, tmp_path):
-    code, lines = run_cli("gin/quickstart.gin", "--run-dir", str(tmp_path / "run"), "-b", binding)
+    code, lines = run_cli("tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "run"), "-b", binding)
     assert_refused(code, lines, expected, tmp_path / "run")
 
 
@@ -390,12 +390,12 @@ def _binary(tmp_path: Path) -> list[str]:
 
 def _run_dir_is_a_file(tmp_path: Path) -> list[str]:
     (tmp_path / "taken").write_text("notes")
-    return ["gin/quickstart.gin", "--run-dir", str(tmp_path / "taken")]
+    return ["tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "taken")]
 
 
 def _run_dir_under_a_file(tmp_path: Path) -> list[str]:
     (tmp_path / "taken").write_text("notes")
-    return ["gin/quickstart.gin", "--run-dir", str(tmp_path / "taken" / "runs" / "r1")]
+    return ["tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "taken" / "runs" / "r1")]
 
 
 def _run_dir_read_only(tmp_path: Path, monkeypatch) -> list[str]:
@@ -411,7 +411,7 @@ def _run_dir_read_only(tmp_path: Path, monkeypatch) -> list[str]:
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "makedirs", makedirs)
-    return ["gin/quickstart.gin", "--run-dir", str(tmp_path / "ro" / "run")]
+    return ["tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "ro" / "run")]
 
 
 BAD_PATHS = [

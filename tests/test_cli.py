@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from optima.cli.main import app
 
 runner = CliRunner()
-QUICK = "gin/quickstart.gin"
+QUICK = "tests/gin/tiny_ve.gin"
 
 
 def _run(*args):

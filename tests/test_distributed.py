@@ -122,7 +122,7 @@ def _optima(args: list[str], cache: Path, processes: int = 1, **env: str) -> sub
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
               "--master-port", str(_free_port()), optima] if processes > 1 else [optima]
     bindings = [x for b in BINDINGS for x in ("-b", b)]
-    return subprocess.run([*launch, "run", "gin/quickstart.gin", *bindings, *args], cwd=ROOT, text=True,
+    return subprocess.run([*launch, "run", "tests/gin/tiny_ve.gin", *bindings, *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=900,
                           env={**os.environ, "OPTIMA_CACHE": str(cache), "OMP_NUM_THREADS": "1", **env})
 

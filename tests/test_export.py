@@ -1,4 +1,4 @@
-"""`optima export` and `optima eval` on a finished quickstart-size run: the export
+"""`optima export` and `optima eval` on a finished tiny run: the export
 loads in plain open_clip (a subprocess that cannot import optima) and gives the
 run's outputs, eval of the export reproduces the run's test metric, the model
 card says what it must, and bad arguments are one line."""
@@ -17,7 +17,7 @@ from optima import predictions
 from optima.cli.main import app
 from optima.export import load_head, load_network_weights, parse_run_config, read_run
 
-# A smaller quickstart than test_quickstart's: this module needs a finished run, not a good one.
+# tests/gin/tiny_ve.gin at its smallest: this module needs a finished run, not a good one.
 TINY_RUN = [
     "synthetic_ve_task.train_size = 128", "synthetic_ve_task.test_size = 48", "synthetic_ve_task.val_size = 24",
     "teacher_training.steps = 3", "teacher_training.warmup_steps = 0", "teacher_training.batch_size = 16",
@@ -70,12 +70,12 @@ def _one_line(output: str) -> str:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished tiny quickstart run and its export (made once for the module)."""
+    """A finished tiny run and its export (made once for the module)."""
     root = tmp_path_factory.mktemp("export")
     run_dir, out = root / "run", root / "exported"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OPTIMA_CACHE", str(root / "cache"))
-        args = ["run", "gin/quickstart.gin", "--run-dir", run_dir]
+        args = ["run", "tests/gin/tiny_ve.gin", "--run-dir", run_dir]
         for b in TINY_RUN:
             args += ["-b", b]
         code, output = _cli(*args)

@@ -14,11 +14,11 @@ from optima.cli.main import app
 from optima.figures import RoundLogData, arm_plays_figure, arm_posterior_figure, stage_figures, variant_metric_figure
 from optima.reporting import read_round_log
 
-from test_quickstart import TINY
+from conftest import TINY
 
 
 def _run(run_dir, *extra):
-    args = ["run", "gin/quickstart.gin", "--run-dir", str(run_dir)]
+    args = ["run", "tests/gin/tiny_ve.gin", "--run-dir", str(run_dir)]
     for b in [*TINY, "distillation.rounds = 9", *extra]:
         args += ["-b", b]
     result = CliRunner().invoke(app, args)

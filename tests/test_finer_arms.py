@@ -197,8 +197,9 @@ def test_the_engine_distils_exactly_the_arms_layer_groups():
     e.close()
 
 
-TINY = [
-    "synthetic_ve_task.train_size = 128", "synthetic_ve_task.test_size = 16", "synthetic_ve_task.val_size = 0",
+TINY = [  # the quickstart (gin/synthetic/ve_tiny6.gin), tiny
+    "pretraining.steps = 1", "pretraining.batch_size = 8", "corpus/world_captions_task.train_size = 16",
+    "world_ve_task.train_size = 128", "world_ve_task.test_size = 16",
     "teacher_training.steps = 2", "teacher_training.warmup_steps = 0", "teacher_training.batch_size = 16",
     "distillation.rounds = 4", "distillation.steps_per_round = 2", "distillation.batch_size = 16",
     "distillation.warmup_steps = 0", "distillation.checkpoint_every = 2",
@@ -212,18 +213,18 @@ def test_finer_arms_config_runs_and_reports_units(tmp_path):
         args += ["-b", b]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    stage = json.loads((run / "metrics.json").read_text())["stages"]["student"]
+    stage = json.loads((run / "metrics.json").read_text())["stages"]["tiny6"]
     assert len(stage["arms"]) == 63 and stage["arms"][0] == "image.1" and len(stage["plays"]) == 4
-    ea = EventAccumulator(str(run / "tensorboard" / "student"))
+    ea = EventAccumulator(str(run / "tensorboard" / "tiny6"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     assert {"policy/unit_effect/image.1", "policy/unit_sd/multimodal.2", "plays/count/image.1+text.2"} <= tags
     assert any(t.startswith("policy/mean/") for t in tags)
-    assert list((run / "checkpoints" / "student").iterdir())  # checkpointed like any run
-    header, *rounds = [json.loads(line) for line in (run / "rounds" / "student.jsonl").read_text().splitlines()]
+    assert list((run / "checkpoints" / "tiny6").iterdir())  # checkpointed like any run
+    header, *rounds = [json.loads(line) for line in (run / "rounds" / "tiny6.jsonl").read_text().splitlines()]
     assert header["units"] == ["image.1", "image.2", "text.1", "text.2", "multimodal.1", "multimodal.2"]
     assert len(rounds[-1]["policy"]["unit_effect"]) == 6 and len(rounds[-1]["policy"]["mean"]) == 63
-    assert {p.name for p in (run / "figures").glob("*.png")} == {"student-unit-effect.png", "student-unit-plays.png"}
+    assert {p.name for p in (run / "figures").glob("*.png")} == {"tiny6-unit-effect.png", "tiny6-unit-plays.png"}
     dry = CliRunner().invoke(app, ["run", "gin/quickstart_finer_arms.gin", "--dry-run"])
     assert dry.exit_code == 0 and "63 arms" in dry.output and "unit image.2: image layer 1" in dry.output
 
@@ -232,7 +233,7 @@ def test_finer_arms_config_runs_and_reports_units(tmp_path):
     (["distillation.arm_groups = 3"],
      "distillation.arm_groups = 3: module 'image' has 2 layer(s): it can be split into 1 to 2 groups, not 3"),
     (["distillation.arm_groups = 2"],
-     "optima_policy.warmup_rounds = 14 must be an integer >= the number of arms (63), so that every arm is "
+     "optima_policy.warmup_rounds = 7 must be an integer >= the number of arms (63), so that every arm is "
      "played once"),
     (["distillation.arm_groups = 2", "distillation.policy = @grouped_ts_policy",
       "distillation.arms = [['image.1'], ['image']]"],

@@ -25,7 +25,7 @@ from optima.plugins.losses.optima_loss import optima_loss
 from optima.plugins.policies.paper import FixedPolicy, RandomPolicy, ThompsonPolicy
 from optima.plugins.rewards.loss_decrement import combined_reward, kd_reward, layerwise_reward
 from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
-from test_quickstart import TINY
+from conftest import TINY
 
 from conftest import TINY_COCA
 
@@ -223,7 +223,7 @@ def nan_loss_configurable():
 
 
 def _cli(*args):
-    result = CliRunner().invoke(app, ["run", "gin/quickstart.gin", *args])
+    result = CliRunner().invoke(app, ["run", "tests/gin/tiny_ve.gin", *args])
     return result.exit_code, result.output
 
 
@@ -236,7 +236,7 @@ def test_cli_stop_then_resume_with_skip(tmp_path, nan_loss_configurable):
     assert code == 1, out
     line = next(l for l in out.splitlines() if l.startswith("optima: error:"))
     assert "student: non-finite loss at step 5 (round 3, arm " in line and "kd = nan" in line
-    assert "resume with: optima run gin/quickstart.gin" in line
+    assert "resume with: optima run tests/gin/tiny_ve.gin" in line
     assert "-b \"distillation.on_nonfinite = 'skip'\" --resume " + str(run) in line
     assert not (run / "metrics.json").exists()
     for path in CheckpointManager(run / "checkpoints" / "student").paths():  # all intact

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from optima.cli.main import app
 
-from test_quickstart import TINY
+from conftest import TINY
 
 TWO_STAGE = [
     "experiment.student = None",
@@ -21,7 +21,7 @@ TWO_STAGE = [
 
 
 def _run(run_dir, bindings):
-    args = ["run", "gin/quickstart.gin", "--run-dir", str(run_dir)]
+    args = ["run", "tests/gin/tiny_ve.gin", "--run-dir", str(run_dir)]
     for b in TINY + bindings:
         args += ["-b", b]
     result = CliRunner().invoke(app, args)
@@ -65,7 +65,7 @@ def test_dry_run_counts_parameters_with_a_unit_that_shows_small_modules():
 
     assert [count_text(n) for n in (0, 940, 1000, 12_345, 999_999, 86_200_000, 1_234_000_000)] == [
         "0", "940", "1 K", "12.3 K", "1 M", "86.2 M", "1.23 B"]
-    result = CliRunner().invoke(app, ["run", "gin/quickstart.gin", "--dry-run", "-b", "coca_model.arch = %TINY_COCA",
+    result = CliRunner().invoke(app, ["run", "tests/gin/tiny_ve.gin", "--dry-run", "-b", "coca_model.arch = %TINY_COCA",
                                       "-b", "coca_model.layers = (1, 1, 1)"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     rows = [l for l in result.output.splitlines() if "│ image " in l or "│ text " in l]

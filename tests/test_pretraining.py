@@ -103,3 +103,37 @@ def test_experiment_refuses_a_missing_pretraining_stage(tmp_path):
     assert result.exit_code == 2
     assert "experiment.teacher_pretrained = 'huge' is not a stage of experiment.pretraining ('large', 'base')" \
         in " ".join(result.output.split())
+
+
+CHILD = """
+import sys, torch
+sys.path.insert(0, 'tests')
+torch.set_num_threads(1)
+from pathlib import Path
+from optima.checkpoint import RunKeeper
+from test_pretraining import run, Messages
+cache, run_dir = Path(sys.argv[1]), sys.argv[2]
+print(run(cache, steps=5, keeper=RunKeeper(run_dir), checkpoint_every=2)["path"])
+"""
+
+
+def test_killed_pretraining_resumes_to_the_same_weights(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def child(cache, run_dir, **env):
+        return subprocess.run([sys.executable, "-c", CHILD, str(cache), str(run_dir)], capture_output=True, text=True,
+                              env={**os.environ, **env})
+
+    reference = child(tmp_path / "ref-cache", tmp_path / "ref-run")
+    assert reference.returncode == 0, reference.stderr
+    killed = child(tmp_path / "cache", tmp_path / "run", OPTIMA_TEST_KILL_AT="small:3")  # after step 3; saved at 2
+    assert killed.returncode == -9 and not list((tmp_path / "cache").glob("pretrained-*"))
+    resumed = child(tmp_path / "cache", tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "small: resumed from" in resumed.stdout and "(step 2)" in resumed.stdout
+    a, b = (load_file(r.stdout.strip().splitlines()[-1]) for r in (reference, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -122,7 +122,7 @@ def test_a_state_of_another_architecture_is_refused_naming_keys(tmp_path):
 # --- the CLI: refusals --------------------------------------------------------------------
 
 def _cli(*args):
-    result = CliRunner().invoke(app, ["run", "gin/quickstart.gin", *args])
+    result = CliRunner().invoke(app, ["run", "tests/gin/tiny_ve.gin", *args])
     lines = [l for l in result.output.splitlines() if l.startswith("optima: error:")]
     return result.exit_code, lines[-1] if lines else "", result.output
 
@@ -143,10 +143,10 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
     from optima.cli.run import LOCK
 
     config.setup()
-    config.parse(["gin/quickstart.gin"], BINDINGS)
+    config.parse(["tests/gin/tiny_ve.gin"], BINDINGS)
     import gin
 
-    (tmp_path / "config.gin").write_text("# optima run gin/quickstart.gin\n" + gin.config_str())
+    (tmp_path / "config.gin").write_text("# optima run tests/gin/tiny_ve.gin\n" + gin.config_str())
     with open(tmp_path / LOCK, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         code, line, _ = _cli(*ARGS, "--resume", str(tmp_path))
@@ -171,7 +171,7 @@ def test_interrupt_then_changed_config_is_refused_unless_forced(tmp_path, monkey
     assert code == 130, out
     assert "interrupted by SIGINT after step 3 of student (round 2); checkpoint saved to " in line
     assert shlex.split(line.split("; resume with: ")[1]) == [
-        "optima", "run", "gin/quickstart.gin", *base, "--resume", str(run)]
+        "optima", "run", "tests/gin/tiny_ve.gin", *base, "--resume", str(run)]
     saved = Path(line.split("checkpoint saved to ")[1].split(";")[0])
     assert saved.name == "step-000000003" and CheckpointManager.load(saved).manifest["round"] == 2
 
@@ -277,7 +277,7 @@ class Runs:
     def start(self, args, cache: Path, **env) -> tuple[int, Path, Path]:
         self.count += 1
         out, err = self.base / f"run{self.count}.out", self.base / f"run{self.count}.err"
-        job = {"args": ["run", "gin/quickstart.gin", *map(str, args)], "env": _env(cache, **env),
+        job = {"args": ["run", "tests/gin/tiny_ve.gin", *map(str, args)], "env": _env(cache, **env),
                "out": str(out), "err": str(err)}
         self.zygote.stdin.write(json.dumps(job) + "\n")
         self.zygote.stdin.flush()
@@ -449,7 +449,7 @@ def test_sigterm_saves_exits_143_and_says_how_to_resume(runs, reference, tmp_pat
     assert CheckpointManager.load(saved).step >= 2  # loadable, and not older than round 1
 
     command = shlex.split(line.split("resume with: ")[1])
-    assert command[:3] == ["optima", "run", "gin/quickstart.gin"] and command[-2:] == ["--resume", str(run)]
+    assert command[:3] == ["optima", "run", "tests/gin/tiny_ve.gin"] and command[-2:] == ["--resume", str(run)]
     resumed = runs(command[3:], tmp_path / "cache")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     _assert_same(_outcome(run), ref)

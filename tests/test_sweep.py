@@ -1,5 +1,5 @@
 """`optima sweep`: variants x seeds as real `optima run` subprocesses at the
-quickstart's tiniest sizes: rows, skipping on a rerun, a failing variant, the
+tests/gin/tiny_ve.gin at its tiniest sizes: rows, skipping on a rerun, a failing variant, the
 teacher shared by a seed's variants, Ctrl-C and resuming; and its parts
 (variant parsing, the variants file, statistics, the stage lock) in process."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ from optima.errors import ConfigError
 from optima.sweep import Job, Stats, Sweep, Variant, compare, load_variants_file, parse_seeds, parse_variant, \
     results_csv, split_bindings, summarize
 
-from test_quickstart import TINY
+from conftest import TINY
 
 COMMON = [x for b in TINY for x in ("-b", b)]
 LAYERWISE = "layerwise=distillation.policy = @layerwise_policy"
@@ -32,7 +32,7 @@ LAYERWISE = "layerwise=distillation.policy = @layerwise_policy"
 
 def _sweep(tmp_path, *args):
     """`optima sweep` in this process (its runs are subprocesses): exit code and output."""
-    result = CliRunner().invoke(app, ["sweep", "gin/quickstart.gin", *COMMON, "--sweep-dir", str(tmp_path / "sweep"),
+    result = CliRunner().invoke(app, ["sweep", "tests/gin/tiny_ve.gin", *COMMON, "--sweep-dir", str(tmp_path / "sweep"),
                                       *args], env={"COLUMNS": "200"})
     return result.exit_code, result.output
 
@@ -115,7 +115,7 @@ def test_ctrl_c_stops_runs_with_a_checkpoint_and_rerun_resumes(tmp_path, monkeyp
     monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
     sweep = tmp_path / "sweep"
     long_run = ["-b", "distillation.rounds = 30", "-b", "distillation.checkpoint_every = 1000"]
-    cmd = [sys.executable, "-m", "optima.cli.main", "sweep", "gin/quickstart.gin", *COMMON, *long_run,
+    cmd = [sys.executable, "-m", "optima.cli.main", "sweep", "tests/gin/tiny_ve.gin", *COMMON, *long_run,
            "--sweep-dir", str(sweep), "--variant", "optima="]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = sweep / "optima" / "seed-0.log"
@@ -171,7 +171,7 @@ def test_variants_file(tmp_path):
     assert variants[2] == Variant("fixed-image", ("distillation.policy = @fixed_policy", "fixed_policy.arm = 0"),
                                   (0, 1, 2))
     assert common == ("distillation.rounds = 4",) and seeds == (0, 1, 2, 3, 4)
-    sweep = Sweep("gin/quickstart.gin", variants, tmp_path / "s", common, seeds)
+    sweep = Sweep("tests/gin/tiny_ve.gin", variants, tmp_path / "s", common, seeds)
     assert [(j.label) for j in sweep.jobs()][-4:] == ["layerwise/seed-4", "fixed-image/seed-0",
                                                        "fixed-image/seed-1", "fixed-image/seed-2"]
     assert len(sweep.jobs()) == 13
@@ -205,23 +205,23 @@ def test_statistics_and_ties(tmp_path):
 
 
 def test_sweep_refuses_another_config_in_its_directory(tmp_path):
-    sweep = Sweep("gin/quickstart.gin", [Variant("a")], tmp_path / "s")
+    sweep = Sweep("tests/gin/tiny_ve.gin", [Variant("a")], tmp_path / "s")
     sweep.save_grid("optima sweep ...")
-    with pytest.raises(ConfigError, match="holds a sweep of gin/quickstart.gin"):
+    with pytest.raises(ConfigError, match="holds a sweep of tests/gin/tiny_ve.gin"):
         Sweep("gin/snlive_tiny6.gin", [Variant("a")], tmp_path / "s")
     with pytest.raises(ConfigError, match="common bindings"):
-        Sweep("gin/quickstart.gin", [Variant("a")], tmp_path / "s", ["distillation.rounds = 2"])
+        Sweep("tests/gin/tiny_ve.gin", [Variant("a")], tmp_path / "s", ["distillation.rounds = 2"])
     # seeds accumulate
-    assert Sweep("gin/quickstart.gin", [Variant("a", (), (1,))], tmp_path / "s").grid == [Variant("a", (), (0, 1))]
+    assert Sweep("tests/gin/tiny_ve.gin", [Variant("a", (), (1,))], tmp_path / "s").grid == [Variant("a", (), (0, 1))]
 
 
 def test_dry_run_lists_runs_and_commands(tmp_path):
-    result = CliRunner().invoke(app, ["sweep", "gin/quickstart.gin", "--variant", LAYERWISE, "--seeds", "0,3",
+    result = CliRunner().invoke(app, ["sweep", "tests/gin/tiny_ve.gin", "--variant", LAYERWISE, "--seeds", "0,3",
                                       "--sweep-dir", str(tmp_path / "s"), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "layerwise/seed-3" in result.output and "pending" in result.output
     assert not (tmp_path / "s").exists()
-    result = CliRunner().invoke(app, ["sweep", "gin/quickstart.gin", "--variants", str(tmp_path / "none.toml")])
+    result = CliRunner().invoke(app, ["sweep", "tests/gin/tiny_ve.gin", "--variants", str(tmp_path / "none.toml")])
     assert result.exit_code == 2 and "no such variants file" in result.output
 
 
