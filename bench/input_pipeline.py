@@ -68,30 +68,38 @@ def loader_rate(task, batch: int, workers: int, batches: int, warmup: int) -> tu
     """Images/s of a stream with `workers` workers after `warmup` batches, and the
     CPU time per image of the processes making them (this one, all its threads,
     and its workers) over the same batches: on a busy machine the rate also
-    depends on how many threads compete for the cores, the CPU time does not."""
+    depends on how much of the cores the scheduler gives this session, the CPU
+    time does not."""
     stream = BatchStream(task, "train", batch, 0, torch.device("cpu"), workers=workers)
     for _ in range(warmup):
         next(stream)
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    pids = [str(os.getpid()), *_children()]
+    cpu, start = _cpu_seconds(pids), time.perf_counter()
     for _ in range(batches):
         next(stream)
-    elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    elapsed, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu
     stream.close()
     return batches * batch / elapsed, cpu / (batches * batch) * 1e3
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live children (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    me = str(os.getpid())
-    total = 0.0
-    for pid in [me, *(p for p in os.listdir("/proc") if p.isdigit())]:
+def _children() -> list[str]:
+    """This process's children (its DataLoader workers), from /proc (Linux)."""
+    me, out = str(os.getpid()), []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == me:
+                out.append(pid)
         except OSError:
-            continue  # gone meanwhile
-        if pid == me or fields[1] == me:  # fields[1]: the parent's pid
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            continue
+    return out
+
+
+def _cpu_seconds(pids: list[str]) -> float:
+    """User + system CPU seconds of processes `pids` (each with all its threads)."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     return total
 
 
