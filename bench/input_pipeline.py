@@ -5,14 +5,15 @@ an OPTIMA distillation step fed by the loader against the same step on batches
 already in memory.
 
     python bench/input_pipeline.py                            # ~3 minutes on 2 cores
-    python bench/input_pipeline.py --workers 0 1 2 4 --out bench/results/input_pipeline.json
+    python bench/input_pipeline.py --workers 1 2 4 --out bench/results/input_pipeline.json
 
 Figures are ratios of things measured in the same run: `speedup_over_*` is a
 variant's images/s over a synchronous loader's (0 workers: the training
 process decodes, with the task's `load_threads` pool or serially, and
 transforms); `cpu_ms_per_image` is the CPU time all its processes and threads
-spent per image (on a busy machine wall-clock rates also depend on how many
-threads compete for the cores; CPU time does not); `*_ratio` is the step time
+spent per image, and `cores_used` the cores they got (rate x CPU time): on a
+shared machine the scheduler gives each session a share of the cores (Linux
+autogroups), which caps what more processes can add; `*_ratio` is the step time
 with the loader over the step time on batches in memory (1.0: the step never
 waits for data). On a machine whose cores also run the step (a CPU run),
 workers and step share the cores; on a GPU node the step runs on the GPU.
@@ -89,7 +90,7 @@ def _children() -> list[str]:
         try:
             if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == me:
                 out.append(pid)
-        except OSError:
+        except (OSError, IndexError):  # gone meanwhile
             continue
     return out
 
@@ -194,9 +195,12 @@ def main() -> None:
             rate = statistics.median(rates[name])
             loader[name] = {"workers": w, "decode_threads": threads if w == 0 else 1,
                             "images_per_s": round(rate, 1), "cpu_ms_per_image": round(statistics.median(cpu_ms[name]), 2),
+                            # cores its processes got: rate x CPU time per image (2.0 = both cores of an idle machine)
+                            "cores_used": round(rate * statistics.median(cpu_ms[name]) / 1e3, 2),
                             **{f"speedup_over_{b}": round(rate / r, 3) for b, r in baselines.items()},
                             "all_images_per_s": [round(r, 1) for r in rates[name]]}
-            print(f"loader, {name}: {rate:.1f} images/s, {statistics.median(cpu_ms[name]):.1f} CPU ms/image "
+            print(f"loader, {name}: {rate:.1f} images/s, {statistics.median(cpu_ms[name]):.1f} CPU ms/image, "
+                  f"{loader[name]['cores_used']} cores "
                   + " ".join(f"({rate / r:.2f}x {b})" for b, r in baselines.items()), flush=True)
         step = step_times(task, args.batch, args.width, [0, *args.workers], args.steps)
         for k, v in step.items():
@@ -233,7 +237,7 @@ def _busy_groups() -> int:
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
+        except (OSError, IndexError):  # gone meanwhile
             continue
         if state == "R":
             groups.add(_autogroup(pid))
