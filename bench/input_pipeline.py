@@ -5,14 +5,15 @@ an OPTIMA distillation step fed by the loader against the same step on batches
 already in memory.
 
     python bench/input_pipeline.py                            # ~3 minutes on 2 cores
-    python bench/input_pipeline.py --workers 0 1 2 4 --out bench/results/input_pipeline.json
+    python bench/input_pipeline.py --workers 1 2 4 --out bench/results/input_pipeline.json
 
 Figures are ratios of things measured in the same run: `speedup_over_*` is a
 variant's images/s over a synchronous loader's (0 workers: the training
 process decodes, with the task's `load_threads` pool or serially, and
 transforms); `cpu_ms_per_image` is the CPU time all its processes and threads
-spent per image (on a busy machine wall-clock rates also depend on how many
-threads compete for the cores; CPU time does not); `*_ratio` is the step time
+spent per image, and `cores_used` the cores they got (rate x CPU time): on a
+shared machine the scheduler gives each session a share of the cores (Linux
+autogroups), which caps what more processes can add; `*_ratio` is the step time
 with the loader over the step time on batches in memory (1.0: the step never
 waits for data). On a machine whose cores also run the step (a CPU run),
 workers and step share the cores; on a GPU node the step runs on the GPU.
@@ -68,30 +69,38 @@ def loader_rate(task, batch: int, workers: int, batches: int, warmup: int) -> tu
     """Images/s of a stream with `workers` workers after `warmup` batches, and the
     CPU time per image of the processes making them (this one, all its threads,
     and its workers) over the same batches: on a busy machine the rate also
-    depends on how many threads compete for the cores, the CPU time does not."""
+    depends on how much of the cores the scheduler gives this session, the CPU
+    time does not."""
     stream = BatchStream(task, "train", batch, 0, torch.device("cpu"), workers=workers)
     for _ in range(warmup):
         next(stream)
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    pids = [str(os.getpid()), *_children()]
+    cpu, start = _cpu_seconds(pids), time.perf_counter()
     for _ in range(batches):
         next(stream)
-    elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    elapsed, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu
     stream.close()
     return batches * batch / elapsed, cpu / (batches * batch) * 1e3
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live children (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    me = str(os.getpid())
-    total = 0.0
-    for pid in [me, *(p for p in os.listdir("/proc") if p.isdigit())]:
+def _children() -> list[str]:
+    """This process's children (its DataLoader workers), from /proc (Linux)."""
+    me, out = str(os.getpid()), []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if pid == me or fields[1] == me:  # fields[1]: the parent's pid
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == me:
+                out.append(pid)
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+    return out
+
+
+def _cpu_seconds(pids: list[str]) -> float:
+    """User + system CPU seconds of processes `pids` (each with all its threads)."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     return total
 
 
@@ -186,9 +195,12 @@ def main() -> None:
             rate = statistics.median(rates[name])
             loader[name] = {"workers": w, "decode_threads": threads if w == 0 else 1,
                             "images_per_s": round(rate, 1), "cpu_ms_per_image": round(statistics.median(cpu_ms[name]), 2),
+                            # cores its processes got: rate x CPU time per image (2.0 = both cores of an idle machine)
+                            "cores_used": round(rate * statistics.median(cpu_ms[name]) / 1e3, 2),
                             **{f"speedup_over_{b}": round(rate / r, 3) for b, r in baselines.items()},
                             "all_images_per_s": [round(r, 1) for r in rates[name]]}
-            print(f"loader, {name}: {rate:.1f} images/s, {statistics.median(cpu_ms[name]):.1f} CPU ms/image "
+            print(f"loader, {name}: {rate:.1f} images/s, {statistics.median(cpu_ms[name]):.1f} CPU ms/image, "
+                  f"{loader[name]['cores_used']} cores "
                   + " ".join(f"({rate / r:.2f}x {b})" for b, r in baselines.items()), flush=True)
         step = step_times(task, args.batch, args.width, [0, *args.workers], args.steps)
         for k, v in step.items():
@@ -225,7 +237,7 @@ def _busy_groups() -> int:
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
+        except (OSError, IndexError):  # gone meanwhile
             continue
         if state == "R":
             groups.add(_autogroup(pid))

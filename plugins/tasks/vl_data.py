@@ -133,6 +133,15 @@ def _decode_problem(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def _stacked(images: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack(images)`; in a DataLoader worker, into shared memory, where
+    the batch must go to reach the training process (saves copying it there)."""
+    if get_worker_info() is None:
+        return torch.stack(images)
+    out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype).share_memory_()
+    return torch.stack(images, out=out)
+
+
 # -- records and files ----------------------------------------------------
 
 
@@ -351,8 +360,8 @@ class VLTask(Task):
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return torch.stack([transform(im) for im in pil])
-        return torch.stack([self._transforms[1](im) for im in pil])
+                return _stacked([transform(im) for im in pil])
+        return _stacked([self._transforms[1](im) for im in pil])
 
     def _check_split(self, split: str) -> None:
         if split not in SPLITS:
