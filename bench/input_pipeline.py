@@ -224,9 +224,11 @@ def main() -> None:
     }
     text = json.dumps(result, indent=1)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    if args.out:  # a file, or a folder to hold input_pipeline.json
+        out = Path(args.out)
+        out = out / "input_pipeline.json" if out.is_dir() or not out.suffix else out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 def _busy_groups() -> int:

@@ -93,7 +93,8 @@ def site(tmp_path, monkeypatch):
 
 
 def _invoke(*args, env=None):
-    result = runner.invoke(app, list(args), env=env)
+    # a wide terminal: rich would otherwise shorten the dry run's table cells
+    result = runner.invoke(app, list(args), env={"COLUMNS": "200", **(env or {})})
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -103,7 +104,7 @@ def _plugins_json(*args, env=None):
 
 
 def _dry_run(*extra, env=None):
-    return _invoke("run", "gin/quickstart.gin", "--dry-run", *extra, env=env)
+    return _invoke("run", "tests/gin/tiny_ve.gin", "--dry-run", *extra, env=env)
 
 
 # -- optima plugins ------------------------------------------------------------
