@@ -1,0 +1,54 @@
+"""bench/synthetic_table.py, the evidence table's driver: what it keeps of a sweep
+(results with relative run directories, figures, the fixed arms' reward noise per
+round length) and the summary page it writes, on a tiny sweep of two fixed arms."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, TINY
+from optima.cli.main import app
+
+spec = importlib.util.spec_from_file_location("synthetic_table", ROOT / "bench" / "synthetic_table.py")
+table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(table)
+
+
+def test_a_piece_is_kept_with_its_reward_noise_and_summarised(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweeps" / "ve_tiny6"
+    variants = tmp_path / "variants.toml"
+    variants.write_text('[fixed-image]\nbindings = ["distillation.policy = @fixed_policy", "fixed_policy.arm = 0"]\n\n'
+                        '[fixed-text]\nbindings = ["distillation.policy = @fixed_policy", "fixed_policy.arm = 1"]\n')
+    bindings = [x for b in TINY + ["distillation.rounds = 10"] for x in ("-b", b)]
+    runner = CliRunner()
+    result = runner.invoke(app, ["sweep", "tests/gin/tiny_ve.gin", *bindings, "--variants", str(variants),
+                                 "--jobs", "2", "--sweep-dir", str(sweep)])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["report", str(sweep)]).exit_code == 0
+
+    out = tmp_path / "results"
+    meta = {"command": "optima sweep ...", "wall_s": 60.0, "started": "now", "load_average_before": [0.5, 0, 0],
+            "load_average_after": [1.5, 0, 0], "machine": table.machine()}
+    table.keep("ve_tiny6", sweep, meta, out=out)
+    kept = out / "ve_tiny6"
+    rows = (kept / "results.csv").read_text()
+    assert str(tmp_path) not in rows and "fixed-image/seed-0" in rows  # run directories relative to the sweep
+    assert (kept / "figures" / "student-accuracy-per-variant.png").exists()
+    noise = json.loads((kept / "reward_noise.json").read_text())["round_lengths"]
+    # 20 steps: rounds of 5 steps give 4 rounds (3 rewards) per arm; rounds of 10 give 1 reward, too few
+    assert list(noise) == ["5"] and noise["5"]["rounds"] == 4 and set(noise["5"]["arms"]) == {"image", "text"}
+    # the rewards recomputed for T = 2 are the ones the runs played with
+    run = sweep / "fixed-image" / "seed-0"
+    played = json.loads((run / "metrics.json").read_text())["stages"]["student"]["rewards"][1:]
+    recomputed = table.rewards_for(table.step_losses(run, "student"), 2)
+    assert recomputed == pytest.approx(played, abs=1e-6)
+
+    table.write_readme(out)
+    readme = (out / "README.md").read_text()
+    assert "| variant | ve_tiny6 (student/accuracy) |" in readme
+    assert "| fixed-image | " in readme and "| fixed-text | " in readme and "| teacher | " in readme
+    assert "`optima sweep ...` | 1.0 min | 0.5 / 1.5 |" in readme
