@@ -63,6 +63,6 @@ def test_each_task_end_to_end_at_tiny_sizes(task, tmp_path, monkeypatch):
     assert all(summary["metrics"][n][metric] >= 0 for n in ("teacher", "tiny6"))
     assert summary["params_M"]["tiny6"] < summary["params_M"]["teacher"]
     # a second run reuses every stage it shares
-    again = CliRunner().invoke(app, args[:3] + ["--run-dir", str(tmp_path / "again")] + args[5:])
+    again = CliRunner().invoke(app, args[:2] + ["--run-dir", str(tmp_path / "again")] + args[4:])
     out = " ".join(again.output.split())
     assert again.exit_code == 0 and "large: reusing" in out and "base: reusing" in out and "teacher: reusing" in out
