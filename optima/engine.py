@@ -429,7 +429,7 @@ class RoundOutcome:
 
 
 def round_outcome(reward: Reward, previous: RoundLosses | None, losses: RoundAccumulator,
-                  steps_per_round: int, arm: Sequence[str] = ()) -> RoundOutcome:
+                  steps_per_round: int, arm: Sequence[str] = (), probe: RoundLosses | None = None) -> RoundOutcome:
     """A finished round's losses and reward (what `Distiller` does at a round's end).
 
     `losses` holds the round's finite steps, played on the modules `arm`; if
@@ -437,7 +437,9 @@ def round_outcome(reward: Reward, previous: RoundLosses | None, losses: RoundAcc
     rounds stay comparable. The reward is `guarded_reward`'s: never NaN, inf or
     outside [0, 1]. The round becomes the next one's `previous` only if the
     values the reward reads are finite; otherwise the next round compares with
-    the last good one.
+    the last good one. With `probe` (the whole model's losses on the fixed probe
+    batches after the round, `distillation.reward_probe`), the reward compares
+    probes instead: `previous` is then the probe before the round.
     """
     totals, modules, finite_steps = losses.totals(), losses.per_module(), losses.steps
     if 0 < finite_steps < steps_per_round:
@@ -446,10 +448,11 @@ def round_outcome(reward: Reward, previous: RoundLosses | None, losses: RoundAcc
         modules = {m: {k: v * scale for k, v in terms.items()} for m, terms in modules.items()}
     current = RoundLosses(totals, modules, tuple(arm))
     if finite_steps == 0:
-        return RoundOutcome(current, None, "every step was skipped", previous)
-    value, note = guarded_reward(reward, previous, current)
-    usable = first_nonfinite(read_values(reward, current)) is None
-    return RoundOutcome(current, value, note, current if usable else previous)
+        return RoundOutcome(current, None, "every step was skipped", previous if probe is None else probe)
+    measured = current if probe is None else probe
+    value, note = guarded_reward(reward, previous, measured)
+    usable = first_nonfinite(read_values(reward, measured)) is None
+    return RoundOutcome(current, value, note, measured if usable else previous)
 
 
 @dataclass
@@ -544,7 +547,8 @@ class Distiller(_Loop):
                  stream: BatchStream, steps_per_round: int, device: torch.device, rounds: int | None = None,
                  grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Callback] = (),
                  name: str = "student", on_nonfinite: str = "stop", checkpoint_every: int = 5,
-                 keep_checkpoints: int = 2, binding: str = "distillation.on_nonfinite", compile: bool | str = False):
+                 keep_checkpoints: int = 2, binding: str = "distillation.on_nonfinite", compile: bool | str = False,
+                 probe: Sequence[Batch] = ()):
         self.name, self.rounds, self.binding = name, rounds, binding
         self.teacher, self.student, self.task, self.loss = teacher, student, task, loss
         self.arms, self.policy, self.reward = arms, policy, reward
@@ -565,7 +569,10 @@ class Distiller(_Loop):
         self.step = 0
         self.round = 0
         self.skipped = 0
-        self.previous: RoundLosses | None = None  # the last round with finite values
+        self.previous: RoundLosses | None = None  # the last round with finite values (or probe)
+        # Fixed batches on which the reward measures the whole model before and after
+        # each round (empty: the round's own training losses, the paper's reward).
+        self.probe = list(probe)
         self.history: list[RoundResult] = []
         self._open: _OpenRound | None = None
 
@@ -604,6 +611,31 @@ class Distiller(_Loop):
     def _reduce_gradients(self) -> None:
         distributed.average_gradients(self.loss.parameters())
 
+    def probe_losses(self) -> RoundLosses:
+        """The whole model's losses on the probe batches, summed (no gradient, the
+        student in eval mode). The same batches every round, so the difference
+        between two probes is the round's effect alone, without the sampling noise
+        of the round's own training batches. Every process evaluates the whole
+        probe with the same weights: the same values everywhere."""
+        sums = RoundAccumulator()
+        self.student.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.amp):
+                for batch in self.probe:
+                    t_logits = self.teacher_forward(batch)
+                    s_logits = self.trained(batch)
+                    mask = self.task.logit_mask(batch)
+                    losses = self.loss(Capture(s_logits, self.student_rec, mask),
+                                       Capture(t_logits, self.teacher_rec, mask),
+                                       self.task.loss(s_logits.float(), batch), frozenset(), self.need)
+                    sums.add({t: float(v) for t, v in losses.full.items()},
+                             {m: {t: float(v) for t, v in terms.items()} for m, terms in losses.per_module.items()})
+        finally:
+            self.student_rec.clear()
+            self.teacher_rec.clear()
+            self.student.train()
+        return RoundLosses(sums.totals(), sums.per_module(), ())
+
     @property
     def in_round(self) -> bool:
         """Whether a round was started and not finished (a mid-round checkpoint)."""
@@ -613,6 +645,8 @@ class Distiller(_Loop):
         """Play a round (or finish the one in progress): select an arm, `T` steps,
         reward, policy update. `after_step(self)` runs after every step."""
         if self._open is None:
+            if self.probe and self.round == 0:  # the probe before the first round: round 1 gets a reward too
+                self.previous = self.probe_losses()
             self.round += 1
             arm = self.policy.select()
             distributed.check_same(arm, f"the arm of {self.name}'s round {self.round}")
@@ -638,7 +672,7 @@ class Distiller(_Loop):
     def _finish_round(self) -> RoundResult:
         current = self._open
         outcome = round_outcome(self.reward, self.previous, current.losses, self.steps_per_round,
-                                self.arms.modules_of(current.arm))
+                                self.arms.modules_of(current.arm), self.probe_losses() if self.probe else None)
         if outcome.reward is not None:
             self.policy.update(current.arm, outcome.reward)
         self.previous = outcome.previous

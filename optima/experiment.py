@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -65,10 +66,10 @@ from optima.arms import ArmSpace, build_policy
 from optima.checkpoint import (Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_json_atomic,
                                write_text_atomic)
 from optima.config import TEACHER
-from optima.data import SkippedRecords, default_workers
+from optima.data import SkippedRecords, default_workers, to_device
 from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError, warning
-from optima.interfaces import batch_rows
+from optima.interfaces import Batch, batch_rows
 from optima.predictions import write as write_predictions
 from optima.reporting import Reporter, Reporters, RoundLog, TensorBoardReporter
 from optima.validation import validate_experiment
@@ -416,7 +417,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
                  loss: Callable = gin.REQUIRED, optimizer: Callable = gin.REQUIRED,
                  arms: Sequence[Sequence[str]] | None = None, arm_groups: Any = 1, head_lr: float | None = None,
                  warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False, compile: bool | str = False,
-                 checkpoint_every: int = 5, keep_checkpoints: int = 2, on_nonfinite: str = "stop") -> Distiller:
+                 checkpoint_every: int = 5, keep_checkpoints: int = 2, on_nonfinite: str = "stop",
+                 reward_probe: int = 0) -> Distiller:
     """Build the `Distiller` of one stage: `rounds` rounds of `steps_per_round` (T) steps.
 
     `checkpoint_every` (rounds) and `keep_checkpoints`: how often the stage is
@@ -429,10 +431,16 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
     `pretraining.compile`). `arm_groups` (default 1: whole modules, the paper)
     splits modules into layer groups, and the arms are sets of groups
     (`optima.arms.layer_groups`; `arms` then lists groups, e.g.
-    `[['image.1', 'text.2']]`)."""
+    `[['image.1', 'text.2']]`). `reward_probe` (batches; 0, the default, is the
+    paper's reward over the round's own training losses): the reward compares the
+    whole model's losses on these fixed training batches before and after each
+    round instead (`Distiller.probe_losses`, docs/method.md)."""
     for binding, value in (("rounds", rounds), ("steps_per_round", steps_per_round), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"distillation.{binding} must be an integer >= 1, got {value!r}")
+    if isinstance(reward_probe, bool) or not isinstance(reward_probe, int) or reward_probe < 0:
+        raise ConfigError(f"distillation.reward_probe must be an integer >= 0 (batches; 0: the round's own "
+                          f"losses), got {reward_probe!r}")
     arm_space = ArmSpace.of_model(student.model, arms, arm_groups)
     if arm_space.names != teacher.model.module_names():
         raise ConfigError(f"teacher modules {teacher.model.module_names()} differ from the student's {arm_space.names}")
@@ -448,7 +456,20 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         steps_per_round=steps_per_round,
         rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter],
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        compile=compile)
+        compile=compile, probe=probe_batches(task, batch_size, reward_probe, seed, device))
+
+
+def probe_batches(task, batch_size: int, count: int, seed: int, device: torch.device) -> list[Batch]:
+    """`count` training batches in an order of their own (seed + 2; the stream
+    uses seed + 1), on `device`: the reward's probe."""
+    if count == 0:
+        return []
+    batches = [to_device(b, device) for b in itertools.islice(
+        task.batches("train", batch_size, shuffle=True, seed=seed + 2), count)]
+    if len(batches) < count:
+        raise ConfigError(f"distillation.reward_probe = {count}: the training split holds only "
+                          f"{len(batches)} batch(es) of {batch_size}")
+    return batches
 
 
 @dataclass(frozen=True)
