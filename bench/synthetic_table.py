@@ -38,8 +38,8 @@ TASKS = ("ve", "vqa", "nlvr2", "captions")
 # (piece, config, variants file), in the order they run: the most informative first.
 PLAN = [
     ("ve_tiny6", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/baselines.toml"),
-    ("ve_tiny6-sensitivity", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/sensitivity.toml"),
     ("ve_tiny6-policies", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/policies.toml"),
+    ("ve_tiny6-sensitivity", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/sensitivity.toml"),
     *[(f"{t}_tiny6", f"gin/synthetic/{t}_tiny6.gin", "gin/sweeps/baselines.toml") for t in TASKS[1:]],
     *[(f"{t}_tiny12", f"gin/synthetic/{t}_tiny12.gin", "gin/sweeps/baselines.toml") for t in TASKS],
 ]
