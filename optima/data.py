@@ -4,10 +4,13 @@ step by `torch.utils.data.DataLoader` worker processes when the task can.
 - A task with a `batch_source` (`optima.interfaces.BatchSource`: batch k made
   alone) is read through one DataLoader per stream: the sampler yields
   `(epoch, k)` indices from the stream's position on, the workers make those
-  batches (decode, augmentation, tokenisation), `pin_memory` on CUDA, a few
-  batches prefetched per worker. Because batch k depends only on the pass's
-  seed and k, the batches are the same, in the same order, for any number of
-  workers, and a resumed stream starts at its batch without making earlier ones.
+  batches (decode, augmentation, tokenisation) in their packed form
+  (`BatchSource.packed_shard`: an image task's uint8 pixels), `pin_memory` on
+  CUDA, a few batches prefetched per worker; the training process moves each
+  to its device and unpacks it there (`BatchSource.unpack`: normalised
+  float32 images). Because batch k depends only on the pass's seed and k, the
+  batches are the same, in the same order, for any number of workers, and a
+  resumed stream starts at its batch without making earlier ones.
 - A task with only `batches` is read in the training process, as a generator
   (a resumed one through `Task.batches_from`).
 - In a run of several processes (`optima.distributed`), each process gets its
@@ -53,27 +56,28 @@ def to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
 
 class _Passes(Dataset):
     """Item `(epoch, k)`: this process's shard of batch k of the epoch's pass
-    (seed `seed + epoch`). Lives in the workers; keeps the last pass it built."""
+    (seed `seed + epoch`), packed. Lives in the workers and in the training
+    process (the sampler's lengths, `unpack`); keeps the last two passes it
+    built, as the sampler runs a few batches ahead into the next pass."""
 
     def __init__(self, task: Task, split: str, batch_size: int, shuffle: bool, seed: int, rank: int, world: int):
         self.task, self.split, self.batch_size, self.shuffle, self.seed = task, split, batch_size, shuffle, seed
         self.rank, self.world = rank, world
-        self._epoch: int | None = None
-        self._source: BatchSource | None = None
+        self._sources: dict[int, BatchSource] = {}
 
     def source(self, epoch: int) -> BatchSource:
-        if epoch != self._epoch:
-            self._source = self.task.batch_source(self.split, self.batch_size, shuffle=self.shuffle,
-                                                  seed=self.seed + epoch)
-            self._epoch = epoch
-        return self._source
+        if epoch not in self._sources:
+            self._sources = {e: s for e, s in self._sources.items() if e == epoch - 1}
+            self._sources[epoch] = self.task.batch_source(self.split, self.batch_size, shuffle=self.shuffle,
+                                                          seed=self.seed + epoch)
+        return self._sources[epoch]
 
     def __len__(self) -> int:  # DataLoader asks; the stream is endless
         return len(self.source(0))
 
     def __getitem__(self, index: tuple[int, int]) -> tuple[int, int, Batch]:
         epoch, k = index
-        return epoch, k, self.source(epoch).shard(k, self.rank, self.world)
+        return epoch, k, self.source(epoch).packed_shard(k, self.rank, self.world)
 
 
 class _Indices:
@@ -96,17 +100,20 @@ class _Indices:
 
 def loader(task: Task, split: str, batch_size: int, *, shuffle: bool, seed: int, device: torch.device,
            workers: int, prefetch: int = PREFETCH, epoch: int = 0, position: int = 0, endless: bool = False,
-           rank: int = 0, world: int = 1) -> DataLoader:
-    """A DataLoader over `task.batch_source` passes (which must exist): items
-    `(epoch, k, batch)` from batch `position` of `epoch` on. The loader draws
-    its seeds from its own generator, never from the global RNG."""
+           rank: int = 0, world: int = 1) -> Iterator[tuple[int, int, Batch]]:
+    """Batches of `task.batch_source` passes (which must exist) made by a
+    DataLoader, on `device` and unpacked: items `(epoch, k, batch)` from batch
+    `position` of `epoch` on. The loader draws its seeds from its own
+    generator, never from the global RNG; its workers stop when the iterator
+    is dropped."""
     passes = _Passes(task, split, batch_size, shuffle, seed, rank, world)
     options: dict[str, Any] = {}
     if workers > 0:
         options = {"prefetch_factor": prefetch, "persistent_workers": True}
-    return DataLoader(passes, batch_size=None, sampler=_Indices(passes, epoch, position, endless),
-                      num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_keep,
-                      generator=torch.Generator().manual_seed(seed), **options)
+    items = DataLoader(passes, batch_size=None, sampler=_Indices(passes, epoch, position, endless),
+                       num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_keep,
+                       generator=torch.Generator().manual_seed(seed), **options)
+    return ((e, k, passes.source(e).unpack(to_device(batch, device))) for e, k, batch in items)
 
 
 def _keep(item):
@@ -118,7 +125,7 @@ def eval_batches(task: Task, split: str, batch_size: int, device: torch.device, 
     if task.batch_source(split, batch_size, shuffle=False, seed=0) is None:
         return (to_device(b, device) for b in task.batches(split, batch_size, shuffle=False, seed=0))
     items = loader(task, split, batch_size, shuffle=False, seed=0, device=device, workers=workers)
-    return (to_device(batch, device) for _, _, batch in items)
+    return (batch for _, _, batch in items)
 
 
 class SkippedRecords:
@@ -193,10 +200,10 @@ class BatchStream:
     def _start(self) -> None:
         with preserved_rng():  # starting a stream draws nothing from the run's RNGs
             if self._mapped:
-                self._it = iter(loader(self.task, self.split, self.batch_size, shuffle=True, seed=self.seed,
+                self._it = loader(self.task, self.split, self.batch_size, shuffle=True, seed=self.seed,
                                        device=self.device, workers=self.workers, prefetch=self.prefetch,
                                        epoch=self.epoch, position=self.position, endless=True,
-                                       rank=self.rank, world=self.world))
+                                       rank=self.rank, world=self.world)
             else:
                 self._it = self._generated()
 
@@ -213,7 +220,7 @@ class BatchStream:
                 it = iter(self.task.batches(self.split, self.batch_size, shuffle=True, seed=seed))
             k = start - 1
             for k, batch in enumerate(it, start):
-                yield epoch, k, slice_rows(batch, self.rank, self.world)
+                yield epoch, k, to_device(slice_rows(batch, self.rank, self.world), self.device)
             if k < 0:
                 yield epoch, -1, None
             epoch, start = epoch + 1, 0
@@ -240,7 +247,7 @@ class BatchStream:
             if min(counts) == 0:  # nothing left (damaged files), or fewer rows than processes: passed over by all
                 continue
             self.share = rows / sum(counts)
-            return to_device(batch, self.device)
+            return batch
 
     def _check_rows(self) -> None:
         if self._rows == 0:

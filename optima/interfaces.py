@@ -163,6 +163,19 @@ class BatchSource(abc.ABC):
         slices it; override it to make only those rows (the image tasks do)."""
         return slice_rows(self.batch(k), rank, world)
 
+    def packed_shard(self, k: int, rank: int, world: int) -> Batch:
+        """`shard(k, rank, world)` in the form it travels in from a DataLoader
+        worker to the device that trains, where `unpack` finishes it:
+        `unpack(packed_shard(k, r, w))` equals `shard(k, r, w)`. This default is
+        the shard itself; the image tasks send uint8 pixels (a quarter of
+        float32's bytes through shared memory and the host-to-device copy) and
+        normalise them on the device."""
+        return self.shard(k, rank, world)
+
+    def unpack(self, batch: Batch) -> Batch:
+        """A `packed_shard`, already on its device, as the shard."""
+        return batch
+
 
 def shard_rows(n: int, rank: int, world: int) -> slice:
     """The rows of an `n`-row batch that process `rank` of `world` gets: contiguous,

@@ -72,6 +72,27 @@ def test_batches_are_the_same_for_any_number_of_workers(task):
     assert not torch.equal(runs[0][0]["image"], runs[0][6]["image"])  # epochs differ
 
 
+def test_images_travel_as_uint8_and_are_open_clips_transforms_bit_for_bit(task):
+    """Workers send uint8 pixels (`packed_shard`); unpacked, a batch's images are
+    exactly what open_clip's whole transforms (ToTensor and Normalize per image
+    included) give for the same random crops, on the train and the test split."""
+    import open_clip
+
+    packed = task.batch_source("train", 5, shuffle=True, seed=2).packed_shard(1, 0, 1)
+    assert packed["image"].dtype == torch.uint8 and packed["image"].shape == (5, 3, 32, 32)
+    for split, k, train in (("train", 1, True), ("test", 0, False)):
+        source = task.batch_source(split, 5, shuffle=train, seed=2)
+        transform = open_clip.image_transform(32, is_train=train, mean=vl_data.OPENAI_DATASET_MEAN,
+                                              std=vl_data.OPENAI_DATASET_STD)
+        pil = [vl_data._open_rgb(task.records(split)[i].images[0]) for i in source.order[5 * k:5 * k + 5].tolist()]
+        batch_generator = torch.Generator().manual_seed(int(source.seeds[k]))
+        with torch.random.fork_rng(devices=[]):  # the crops' seed, drawn as `transform_images` draws it
+            torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=batch_generator)))
+            expected = torch.stack([transform(im) for im in pil])
+        got = source.batch(k)["image"]
+        assert got.dtype == torch.float32 and torch.equal(got, expected), split
+
+
 def test_a_resumed_stream_starts_at_its_batch_without_opening_earlier_images(tmp_path, monkeypatch):
     """A stream restored at epoch 1, batch 3, with 2 workers: its batches are the
     uninterrupted stream's from there, and no worker opened an image of batches

@@ -94,9 +94,9 @@ def test_coco_captions_results_file_gives_the_cider(tmp_path):
             out[row, -1, tok([captions[int(key)]])[0][text.shape[1]]] = 1.0
         return out
 
-    class Tagged(CocoCaptions):  # each image's pixels hold its COCO id
-        def _collate(self, *args):
-            batch = super()._collate(*args)
+    class Tagged(CocoCaptions):  # each image's pixels hold its COCO id (once unpacked: uint8 cannot)
+        def unpack(self, batch):
+            batch = super().unpack(batch)
             batch["image"] = batch["image_id"].float()[:, None, None, None].expand_as(batch["image"]).clone()
             return batch
 

@@ -293,7 +293,7 @@ def test_nlvr2_pair_batches(nlvr2_dir):
     assert not torch.equal(b["image"][0, 0], b["image"][0, 1])  # img0 and img1 differ
     images, why = task.read_record(task.records("val")[0])
     assert why is None and len(images) == 2
-    single = task.transform_images(images[1:], False, torch.Generator())
+    single = vl_data.normalize_images(task.transform_images(images[1:], False, torch.Generator()))
     assert torch.equal(b["image"][0, 1], single[0])  # slot 1 holds img1
 
 

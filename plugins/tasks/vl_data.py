@@ -11,6 +11,12 @@
   (no workers) files are decoded in a small thread pool (`load_threads`). The
   transforms run in order in the process that makes the batch, which keeps
   them deterministic.
+- The transforms' PIL stages (resize, crop) run where the batch is made and
+  give uint8 pixels; their last two stages, ToTensor and Normalize, run on the
+  whole batch where it is used (`normalize_images`, bit for bit the same
+  values), on the device that trains: a batch crosses from a worker process
+  through shared memory, pinning and the host-to-device copy as a quarter of
+  float32's bytes (`VLPass.packed_shard`, `VLPass.unpack`).
 - Text goes through open_clip's bundled BPE tokenizer (`SimpleTokenizer`: the
   vocabulary ships inside the package, nothing is fetched): start-of-text,
   tokens, end-of-text, zero padding, truncated to `context_length` (the last
@@ -42,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -103,12 +110,33 @@ def simple_tokenize(text: str) -> str:
 
 
 def image_transforms(image_size: int):
-    """open_clip's (train, eval) transforms with the OpenAI mean/std CoCa uses."""
+    """open_clip's (train, eval) transforms with the OpenAI mean/std CoCa uses,
+    each without its last two stages, ToTensor and Normalize: those are
+    `normalize_images`, done on whole batches where they are used."""
     import open_clip
+    from torchvision.transforms import Compose, Normalize, ToTensor
 
-    kw = dict(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
-    return (open_clip.image_transform(image_size, is_train=True, **kw),
-            open_clip.image_transform(image_size, is_train=False, **kw))
+    out = []
+    for is_train in (True, False):
+        transform = open_clip.image_transform(image_size, is_train=is_train, mean=OPENAI_DATASET_MEAN,
+                                              std=OPENAI_DATASET_STD)
+        *pil_stages, to_tensor, normalize = transform.transforms
+        if not (isinstance(to_tensor, ToTensor) and isinstance(normalize, Normalize)
+                and tuple(normalize.mean) == tuple(OPENAI_DATASET_MEAN)
+                and tuple(normalize.std) == tuple(OPENAI_DATASET_STD)):
+            raise RuntimeError(f"open_clip's image transform no longer ends in ToTensor, Normalize (OpenAI "
+                               f"mean/std), which vl_data.normalize_images stands for: {transform}")
+        out.append(Compose(pil_stages))
+    return tuple(out)
+
+
+def normalize_images(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels `(..., 3, H, W)` -> float32 normalised with the OpenAI mean/std,
+    on the tensor's device: open_clip's ToTensor and Normalize, the same
+    operations in the same order (the same values on the CPU), on a whole batch."""
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 def _open_rgb(path: str):
@@ -116,6 +144,11 @@ def _open_rgb(path: str):
 
     with Image.open(path) as im:
         return im.convert("RGB")  # convert() reads the pixels, so the file can close
+
+
+def _chw(image) -> torch.Tensor:
+    """An RGB PIL image as a `(3, H, W)` uint8 tensor (a view of a copy of its pixels)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 #: What PIL raises for a file it cannot decode (not an image, truncated, corrupt).
@@ -131,15 +164,6 @@ def _decode_problem(e: BaseException) -> str:
     if isinstance(e, UnidentifiedImageError):
         return "not an image format PIL knows"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _stacked(images: list[torch.Tensor]) -> torch.Tensor:
-    """`torch.stack(images)`; in a DataLoader worker, into shared memory, where
-    the batch must go to reach the training process (saves copying it there)."""
-    if get_worker_info() is None:
-        return torch.stack(images)
-    out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype).share_memory_()
-    return torch.stack(images, out=out)
 
 
 # -- records and files ----------------------------------------------------
@@ -245,10 +269,10 @@ class VLTask(Task):
         return (source.batch(k) for k in range(start, len(source)))
 
     def make_batch(self, records: Sequence[Record], split: str, generator: torch.Generator) -> Batch:
-        """The batch of `records`: each record's images read (`read_record`), a
-        record with an unreadable image left out and its reason listed under
-        `batch["skipped_records"]`, then `_collate`. Every record may be left out:
-        the batch then has no rows."""
+        """The batch of `records`, packed (its `image` uint8 pixels, see `unpack`):
+        each record's images read (`read_record`), a record with an unreadable image
+        left out and its reason listed under `batch["skipped_records"]`, then
+        `_collate`. Every record may be left out: the batch then has no rows."""
         # in a DataLoader worker the workers are the parallelism: read in order
         if self.load_threads > 1 and len(records) > 1 and get_worker_info() is None:
             if self._pool is None:
@@ -263,6 +287,10 @@ class VLTask(Task):
         if skipped:
             batch[SKIPPED_RECORDS] = skipped
         return batch
+
+    def unpack(self, batch: Batch) -> Batch:
+        """A packed batch (`make_batch`), on any device, with its images normalised."""
+        return {**batch, "image": normalize_images(batch["image"])}
 
     def read_record(self, record: Record) -> tuple[list, str | None]:
         """`(images, None)`: the record's images decoded (RGB PIL images); or `([],
@@ -349,19 +377,27 @@ class VLTask(Task):
             raise ConfigError(f"{binding}={value}: missing {path}; download {self.dataset} and set {binding}")
 
     def transform_images(self, pil: Sequence[Any], train: bool, generator: torch.Generator) -> torch.Tensor:
-        """Decoded images -> `(N, 3, image_size, image_size)` float32, normalised;
-        on the train split with `augment`, a random crop seeded from `generator`."""
+        """Decoded images -> `(N, 3, image_size, image_size)` uint8 pixels (the
+        transforms' PIL stages; `normalize_images` does the rest); on the train
+        split with `augment`, a random crop seeded from `generator`."""
         if self._transforms is None:
             self._transforms = image_transforms(self.image_size)
+        out = torch.empty(len(pil), 3, self.image_size, self.image_size, dtype=torch.uint8)
         if not pil:
-            return torch.zeros(0, 3, self.image_size, self.image_size)
+            return out
+        if get_worker_info() is not None:  # made in shared memory, where it must go to reach the training process
+            out.share_memory_()
         if train and self.augment:
             transform = self._transforms[0]
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return _stacked([transform(im) for im in pil])
-        return _stacked([self._transforms[1](im) for im in pil])
+                for i, im in enumerate(pil):
+                    out[i] = _chw(transform(im))
+            return out
+        for i, im in enumerate(pil):
+            out[i] = _chw(self._transforms[1](im))
+        return out
 
     def _check_split(self, split: str) -> None:
         if split not in SPLITS:
@@ -402,14 +438,19 @@ class VLPass(BatchSource):
         return [records[i] for i in self.order[k * self.batch_size:(k + 1) * self.batch_size].tolist()]
 
     def batch(self, k: int) -> Batch:
-        return self.task.make_batch(self._records(k), self.split, torch.Generator().manual_seed(int(self.seeds[k])))
+        return self.unpack(self.packed_shard(k, 0, 1))
 
     def shard(self, k: int, rank: int, world: int) -> Batch:
-        if world == 1:
-            return self.batch(k)
-        records = self._records(k)
-        mine = records[shard_rows(len(records), rank, world)]
-        return self.task.make_batch(mine, self.split, torch.Generator().manual_seed(int(self.seeds[k]) + rank))
+        return self.unpack(self.packed_shard(k, rank, world))
+
+    def packed_shard(self, k: int, rank: int, world: int) -> Batch:
+        records, seed = self._records(k), int(self.seeds[k])
+        if world > 1:
+            records, seed = records[shard_rows(len(records), rank, world)], seed + rank
+        return self.task.make_batch(records, self.split, torch.Generator().manual_seed(seed))
+
+    def unpack(self, batch: Batch) -> Batch:
+        return self.task.unpack(batch)
 
 
 # -- json -----------------------------------------------------------------
