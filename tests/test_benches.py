@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -35,3 +37,45 @@ def test_gpu_step_runs_at_small_shapes_on_the_cpu(tmp_path):
     else:
         assert result["reference"]["tiny12.step_hidden_attn"]["samples_per_s"] > 0
         assert result["goals"]["tiny12"]["optima_over_reference_samples_per_s"] > 0
+
+
+def _input_pipeline(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "bench/input_pipeline.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_input_pipeline_runs_its_cpu_mode_and_its_gpu_mode_at_tiny_shapes(tmp_path):
+    """`bench/input_pipeline.py` on the CPU, tiny: the loader's variants and the
+    small step fed by each (`--device cpu`); the GPU mode's code (`--smoke`: the
+    paper-shape step code at gpu_step's tiny shapes, the arms in turn, fed by a
+    worker vs batches in memory); `--out` a folder."""
+    done = _input_pipeline("--device", "cpu", "--images", "6", "--batch", "4", "--batches", "1", "--repeats", "1",
+                           "--steps", "1", "--width", "32", "--workers", "1", "--load-threads", "2",
+                           "--out", str(tmp_path / "cpu"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "cpu" / "input_pipeline.json").read_text())
+    assert result["data"]["images"] == 8  # rounded up to whole batches
+    assert set(result["loader"]) == {"0_workers_2_threads", "0_workers_serial", "1_workers"}
+    # (CPU time is counted in clock ticks, 10 ms: one batch of 4 images may show none)
+    assert all(v["images_per_s"] > 0 and v["cpu_ms_per_image"] >= 0 for v in result["loader"].values())
+    assert result["step"]["device"] == "cpu" and result["step"]["1_workers_ratio"] > 0
+
+    done = _input_pipeline("--smoke", "--repeats", "1", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "input_pipeline_smoke.json").read_text())
+    assert result["data"]["batch"] == 4 and result["data"]["images"] == 8 and result["step"]["smoke"]
+    assert set(result["loader"]) == {"0_workers_serial", "1_workers"}
+    step = result["step"]
+    assert step["in_memory_ms"] > 0 and step["1_workers_ratio"] == pytest.approx(
+        step["1_workers_ms"] / step["in_memory_ms"], abs=2e-3)
+    assert set(result["goal_ratio_at_most_1.05"]) == {"1_workers"}
+
+
+def test_input_pipeline_cuda_without_a_gpu_is_a_one_line_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    done = _input_pipeline("--device", "cuda")
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "input_pipeline.py: --device cuda, but torch finds no GPU here; --device cpu or --smoke run on the CPU"]

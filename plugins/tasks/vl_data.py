@@ -40,6 +40,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import os
@@ -134,9 +135,16 @@ def normalize_images(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels `(..., 3, H, W)` -> float32 normalised with the OpenAI mean/std,
     on the tensor's device: open_clip's ToTensor and Normalize, the same
     operations in the same order (the same values on the CPU), on a whole batch."""
-    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+    mean, std = _mean_std(pixels.device)
     return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OpenAI mean and std as `(3, 1, 1)` tensors on `device`, made once (a
+    tensor made from a list on a GPU is a blocking copy)."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device)
+                 for v in (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
 
 
 def _open_rgb(path: str):
