@@ -138,7 +138,10 @@ def reward_noise(sweep_dir: Path) -> dict:
     the arms apart)."""
     runs: dict[str, list[Path]] = {}
     for metrics in sorted(sweep_dir.glob("fixed-*/seed-*/metrics.json")):
-        runs.setdefault(metrics.parent.parent.name.removeprefix("fixed-"), []).append(metrics.parent)
+        run = metrics.parent
+        # a student stage reused from the cache has no step log of its own in this run
+        if (run / "tensorboard" / _student_stage(run)).is_dir():
+            runs.setdefault(run.parent.name.removeprefix("fixed-"), []).append(run)
     if len(runs) < 2:
         return {}
     logs = {arm: [step_losses(d, _student_stage(d)) for d in dirs] for arm, dirs in runs.items()}
