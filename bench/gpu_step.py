@@ -12,17 +12,24 @@ bf16 8192^3 matmul measured in the same process.
 
 - `optima`: `Distiller.train_step` on each of the 7 arms in turn (mean): the
   played arm's layer losses back-propagated, the others computed without
-  gradient for the reward (what a run does);
+  gradient for the reward (what a run does); with `amp` on a GPU the teacher
+  runs as a bf16 copy outside autocast (`optima.engine.teacher_copy`);
 - `layerwise`: every layer's losses back-propagated, none for a reward (the
   layerwise baseline);
-- levers, on the OPTIMA step: `optima_fused_adamw` (AdamW(fused=True)),
-  `optima_teacher_bf16` (teacher weights in bf16, as the reference holds them),
-  `optima_compile` (`--compile`: `distillation.compile = True`; the first steps
-  compile, they are not timed);
+- levers, on the OPTIMA step: `optima_teacher_autocast` (the teacher's float32
+  weights under autocast, as before the bf16 copy), `optima_fused_adamw`
+  (AdamW(fused=True); GPU only), `optima_compile` (`--compile`:
+  `distillation.compile = True`; the first steps compile, they are not timed);
 - `reference`: the reference's own figures (`step_hidden_attn` is the
-  comparable step: hidden states and attention maps of every layer).
+  comparable step: hidden states and attention maps of every layer), its FLOPs
+  counted like ours (`CompleteFlopCounter`).
 
-    python bench/gpu_step.py --out bench/results/            # a GPU: about 5 minutes, ~60 GB
+`--only tiny12,reference` and `--rows optima,layerwise` choose what runs; the
+JSON is rewritten after every row (`"complete": false` until the end), so a
+call cut short keeps what it measured. `--profile` adds a torch.profiler table
+of one OPTIMA round per student.
+
+    python bench/gpu_step.py --out bench/results/            # a GPU: about 2 minutes, ~30 GB
     python bench/gpu_step.py --cpu-smoke --out /tmp/smoke    # CPU, tiny shapes, seconds (CI)
 
 Goals (issue 10): OPTIMA >= 1.6x the reference's samples/s, OPTIMA step time
@@ -33,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import gc
 import importlib.util
 import json
 import os
@@ -42,7 +51,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -102,13 +111,45 @@ def matmul_tflops(device: torch.device) -> float | None:
     return 10 * 2 * 8192 ** 3 / (time.perf_counter() - start) / 1e12
 
 
+class CompleteFlopCounter:
+    """`torch.utils.flop_counter.FlopCounterMode` with `nn.MultiheadAttention`'s
+    fast path off while it counts (same spelling: `with CompleteFlopCounter() as c:
+    ...; c.get_total_flops()`).
+
+    In eval mode without grad or autocast, MHA runs one fused op
+    (`_native_multi_head_attention`) that the counter sees but has no formula for,
+    so its projections and attention count 0. The reference's bf16 teacher takes
+    that path in its ViT blocks (not in the text blocks: float masks rule it out),
+    so its counted teacher forward missed 7.5 of 27.4 TFLOP at the paper's shapes.
+    With the path off while counting, every step is counted alike; the timed
+    steps are left as they are."""
+
+    def __init__(self, display: bool = False):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.counter = FlopCounterMode(display=display)
+
+    def get_total_flops(self) -> int:
+        return self.counter.get_total_flops()
+
+    def __enter__(self) -> "CompleteFlopCounter":
+        self.was = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        self.counter.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            return self.counter.__exit__(*exc)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(self.was)
+
+
 def measure(steps: list[Callable[[], None]], device: torch.device, repeats: int, peak: float | None,
             batch: int) -> dict:
     """Time `steps` (one call each, `repeats` rounds after one warm-up round), then
-    count one round's FLOPs; per step: ms, samples/s, TFLOP, achieved TFLOP/s,
-    peak memory and the fraction of the matmul peak."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    count one round's FLOPs (`CompleteFlopCounter`); per step: ms, samples/s, TFLOP,
+    achieved TFLOP/s, peak memory and the fraction of the matmul peak."""
     for step in steps:
         step()
     if device.type == "cuda":
@@ -124,8 +165,7 @@ def measure(steps: list[Callable[[], None]], device: torch.device, repeats: int,
     out = {"ms": seconds * 1e3, "samples_per_s": batch / seconds}
     if device.type == "cuda":
         out["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    counter = FlopCounterMode(display=False)
-    with counter:
+    with CompleteFlopCounter() as counter:
         for step in steps:
             step()
     out["tflop_per_step"] = counter.get_total_flops() / len(steps) / 1e12
@@ -135,9 +175,16 @@ def measure(steps: list[Callable[[], None]], device: torch.device, repeats: int,
     return out
 
 
+#: The project's rows, in the order they run (see the module doc).
+ROWS = ("optima", "layerwise", "optima_teacher_autocast", "optima_fused_adamw", "optima_compile")
+
+
 def project_rows(shapes: Shapes, teacher_cfg: dict, layers: tuple[int, int, int], device: torch.device,
-                 repeats: int, peak: float | None, compile_lever: bool) -> dict:
-    """The project's steps for one student (see the module doc)."""
+                 repeats: int, peak: float | None, rows: Sequence[str], done: Callable[[str, dict], None],
+                 profile_to: Path | None = None) -> dict:
+    """The project's `rows` for one student (see the module doc); `done(name, row)`
+    after each (the caller saves what it has). `profile_to`: also write a
+    torch.profiler table of one OPTIMA round (one step per arm) there."""
     from optima.align import pair_layouts
     from optima.arms import ArmSpace
     from optima.engine import BatchStream, Distiller, Network
@@ -160,62 +207,71 @@ def project_rows(shapes: Shapes, teacher_cfg: dict, layers: tuple[int, int, int]
              "text": torch.randint(1, 49000, (shapes.batch, shapes.ctx), generator=g).to(device),
              "label": torch.randint(0, N_CLASSES, (shapes.batch,), generator=g).to(device)}
 
-    def distiller(fused: bool = False, how: bool | str = False) -> Distiller:
+    def distiller(row: str) -> Distiller:
         loss = optima_loss(s_model.distill_modules(), t_model.distill_modules(),
                            **pair_layouts(s_model, t_model)).to(device)
         opt = torch.optim.AdamW([*student.parameters(), *loss.parameters()], lr=1e-5,
-                                **({"fused": True} if fused else {}))
+                                **({"fused": True} if row == "optima_fused_adamw" else {}))
         arms = ArmSpace(s_model.module_names())
-        return Distiller(teacher=teacher, student=student, task=task, loss=loss, arms=arms,
-                         policy=FixedPolicy(len(arms)), reward=combined_reward(), optimizer=opt,
-                         scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                         stream=BatchStream(task, "train", shapes.batch, 0, device), steps_per_round=1, rounds=1,
-                         device=device, amp=device.type == "cuda", compile=how)
+        d = Distiller(teacher=teacher, student=student, task=task, loss=loss, arms=arms,
+                      policy=FixedPolicy(len(arms)), reward=combined_reward(), optimizer=opt,
+                      scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                      stream=BatchStream(task, "train", shapes.batch, 0, device), steps_per_round=1, rounds=1,
+                      device=device, amp=device.type == "cuda", compile=row == "optima_compile",
+                      teacher_dtype=torch.float32 if row == "optima_teacher_autocast" else None)
+        if row == "layerwise":  # every layer's losses back-propagated, none for a reward
+            every_layer = d.arm_layers(len(d.arms) - 1)
+            d.need = frozenset()
+            d.bench_steps = [lambda: d.train_step(batch, every_layer)]
+        else:  # one step per arm
+            d.bench_steps = [functools.partial(d.train_step, batch, d.arm_layers(k)) for k in range(len(d.arms))]
+        return d
 
-    def optima_steps(d: Distiller) -> list[Callable[[], None]]:
-        def step(arm: int) -> Callable[[], None]:
-            layers_of_arm = d.arm_layers(arm)
-            return lambda: d.train_step(batch, layers_of_arm)
-        d.need = frozenset(d.reward.terms)
-        return [step(k) for k in range(len(d.arms))]
-
-    def layerwise_steps(d: Distiller) -> list[Callable[[], None]]:
-        every_layer = d.arm_layers(len(d.arms) - 1)
-        d.need = frozenset()
-        return [lambda: d.train_step(batch, every_layer)]
-
-    rows: dict[str, dict] = {}
-    variants = [("optima", lambda: optima_steps(distiller())), ("layerwise", lambda: layerwise_steps(distiller()))]
-    if device.type == "cuda":
-        variants.append(("optima_fused_adamw", lambda: optima_steps(distiller(fused=True))))
-    variants.append(("optima_teacher_bf16", None))
-    if compile_lever:
-        variants.append(("optima_compile", lambda: optima_steps(distiller(how=True))))
-    for name, make in variants:
+    out: dict[str, dict] = {"params_M": {"student": sum(p.numel() for p in s_model.parameters()) / 1e6}}
+    for name in rows:
+        if name == "optima_fused_adamw" and device.type != "cuda":
+            continue  # fused AdamW is a GPU kernel
+        d = None
         try:
-            if name == "optima_teacher_bf16":
-                if device.type != "cuda":
-                    continue  # bf16 weights are a GPU lever (autocast runs on CUDA only)
-                teacher.to(torch.bfloat16)
-                steps = optima_steps(distiller())
-            else:
-                steps = make()
+            d = distiller(name)
             if name == "optima_compile":
-                for step in steps:  # compile outside the timing
+                for step in d.bench_steps:  # compile outside the timing
                     step()
-            rows[name] = measure(steps, device, repeats, peak, shapes.batch)
+            out[name] = measure(d.bench_steps, device, repeats, peak, shapes.batch)
+            if name == "optima" and profile_to is not None:
+                out[name]["profile"] = profile(d.bench_steps, device, profile_to)
         except Exception as e:  # a lever that fails here is reported, the others still run
-            rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                          "where": traceback.format_exc(limit=-3)}
+            out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                         "where": traceback.format_exc(limit=-3)}
         finally:
-            if name == "optima_teacher_bf16":
-                teacher.float()
+            if d is not None:
+                d.close()  # its hooks off the shared student
+            del d
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[name].items()
+        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out[name].items()
                                 if k != "where"}), flush=True)
-    rows["params_M"] = {"student": sum(p.numel() for p in s_model.parameters()) / 1e6}
-    return rows
+        done(name, out)
+    return out
+
+
+def profile(steps: list[Callable[[], None]], device: torch.device, path: Path) -> str:
+    """One call of each step under torch.profiler; the table of the ops with the
+    most device (else CPU) time, written to `path`; returns the path."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profiler(activities=activities) as prof:
+        for step in steps:
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"one OPTIMA round ({len(steps)} steps, one per arm), ops by {key}\n"
+                    + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60) + "\n")
+    return path.name
 
 
 def run_reference(path: Path, smoke: bool, batch: int) -> dict:
@@ -229,6 +285,7 @@ def run_reference(path: Path, smoke: bool, batch: int) -> dict:
         spec = importlib.util.spec_from_file_location("naive_distill_step", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        module.FlopCounterMode = CompleteFlopCounter  # its timings untouched, its FLOPs all counted
         module.main()
         return json.loads(Path(out, "naive_distill_step.json").read_text())
 
@@ -250,15 +307,40 @@ def goals(result: dict) -> dict:
     return out
 
 
+SECTIONS = ("tiny12", "tiny6", "reference")
+STUDENTS = {"tiny12": (4, 4, 4), "tiny6": (2, 2, 2)}
+
+
+def names(given: str | None, known: Sequence[str], flag: str) -> list[str]:
+    """A comma-separated selection from `known` (all of them if not given), in `known`'s order."""
+    if given is None:
+        return list(known)
+    chosen = [n.strip() for n in given.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in known]
+    if unknown or not chosen:
+        sys.exit(f"gpu_step.py: {flag} {given!r}: choose from {', '.join(known)}")
+    return [n for n in known if n in chosen]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, one timed round (CI)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (a round: one step per arm)")
-    p.add_argument("--compile", action="store_true", help="also time the OPTIMA step under torch.compile")
+    p.add_argument("--only", help=f"sections to run, comma-separated (default: all of {', '.join(SECTIONS)})")
+    p.add_argument("--rows", help=f"the project's rows, comma-separated (default: all of {', '.join(ROWS)} "
+                                  "but optima_compile)")
+    p.add_argument("--compile", action="store_true", help="also the optima_compile row")
+    p.add_argument("--profile", action="store_true",
+                   help="also write a torch.profiler table of one OPTIMA round per student (gpu_step_profile_*.txt)")
     p.add_argument("--reference", help=f"the reference step (default: ../{REFERENCE} beside the checkout)")
-    p.add_argument("--out", help="folder for gpu_step.json (or gpu_step_<card>.json on a GPU)")
+    p.add_argument("--out", help="folder for gpu_step.json (or gpu_step_<card>.json on a GPU), "
+                                 "written after every row: a run cut short keeps what it measured")
     args = p.parse_args()
+    sections = names(args.only, SECTIONS, "--only")
+    rows = names(args.rows, ROWS, "--rows") if args.rows else [r for r in ROWS if r != "optima_compile"]
+    if args.compile and "optima_compile" not in rows:
+        rows.append("optima_compile")
 
     if args.cpu_smoke:
         device = torch.device("cpu")
@@ -274,34 +356,51 @@ def main() -> None:
     result: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})",
         "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.cpu_smoke,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.cpu_smoke, "complete": False,
         "shapes": {"batch": shapes.batch, "image_size": shapes.res, "patch": shapes.patch, "context": shapes.ctx,
                    "teacher": "coca_ViT-L-14", "students": "coca_ViT-B-32 layout at the teacher's patch size",
-                   "precision": "bf16 autocast" if device.type == "cuda" else "float32"},
+                   "precision": "bf16 autocast, bf16 teacher copy" if device.type == "cuda" else "float32"},
+        "flops": "torch.utils.flop_counter with nn.MultiheadAttention's fast path off while counting "
+                 "(CompleteFlopCounter): every step counted alike",
         "matmul_tflops": peak,
     }
+    suffix = "" if device.type != "cuda" else \
+        "_" + "".join(c if c.isalnum() else "_" for c in result["device"]).strip("_")
+    out = Path(args.out) if args.out else None
+
+    def save() -> None:
+        result["goals"] = goals(result)
+        result["seconds"] = round(time.time() - started, 1)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".gpu_step{suffix}.json.tmp"
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            tmp.replace(out / f"gpu_step{suffix}.json")  # whole or not at all
+
     teacher_cfg = shapes.coca("coca_ViT-L-14")
-    for student, layers in (("tiny12", (4, 4, 4)), ("tiny6", (2, 2, 2))):
+    for student in [s for s in sections if s in STUDENTS]:
         print(f"== {student}", flush=True)
-        result[student] = project_rows(shapes, teacher_cfg, layers, device, repeats, peak, args.compile)
-    path = reference_path(args.reference)
-    if path is None:
-        result["reference"] = {"error": f"not found (../{REFERENCE} beside the checkout, or --reference)"}
-    else:
-        print(f"== reference {path}", flush=True)
-        try:
-            result["reference"] = run_reference(path, args.cpu_smoke, shapes.batch)
-        except Exception as e:
-            result["reference"] = {"error": f"{type(e).__name__}: {e}", "where": traceback.format_exc(limit=-3)}
-    result["goals"] = goals(result)
-    result["seconds"] = round(time.time() - started, 1)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        name = "gpu_step.json" if device.type != "cuda" else \
-            "gpu_step_" + "".join(c if c.isalnum() else "_" for c in result["device"]).strip("_") + ".json"
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, name).write_text(text + "\n")
+        table = out / f"gpu_step_profile_{student}{suffix}.txt" if args.profile and out else None
+
+        def done(_name: str, rows_so_far: dict, student: str = student) -> None:
+            result[student] = rows_so_far
+            save()
+
+        result[student] = project_rows(shapes, teacher_cfg, STUDENTS[student], device, repeats, peak, rows, done,
+                                       table)
+    if "reference" in sections:
+        path = reference_path(args.reference)
+        if path is None:
+            result["reference"] = {"error": f"not found (../{REFERENCE} beside the checkout, or --reference)"}
+        else:
+            print(f"== reference {path}", flush=True)
+            try:
+                result["reference"] = run_reference(path, args.cpu_smoke, shapes.batch)
+            except Exception as e:
+                result["reference"] = {"error": f"{type(e).__name__}: {e}", "where": traceback.format_exc(limit=-3)}
+    result["complete"] = True
+    save()
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

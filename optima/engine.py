@@ -11,6 +11,7 @@ Both loops (`Finetuner`, `Distiller`) can be saved and restored at any step
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -55,6 +56,19 @@ def compiled(module: nn.Module, how: bool | str) -> nn.Module:
     if how is False:
         return module
     return torch.compile(module, **({} if how is True else {"backend": how}))
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def teacher_copy(teacher: Network, dtype: torch.dtype | None) -> Network:
+    """`teacher` itself, or a frozen copy of it in `dtype` (a frozen network needs no
+    float32 master weights: a bf16 copy halves its reads and skips autocast's
+    casts). A copy leaves `teacher` as it was: the caller may evaluate or save it."""
+    if dtype is None or dtype == _dtype_of(teacher):
+        return teacher
+    return copy.deepcopy(teacher).to(dtype).eval().requires_grad_(False)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -540,6 +554,10 @@ class Distiller(_Loop):
     and is not compared with (the next round compares with the last good one).
     `checkpoint_every` (rounds) and `keep_checkpoints` are read by whoever
     checkpoints the run (`optima.experiment`); the engine writes nothing.
+
+    `amp` runs the student under bf16 autocast on a GPU, and the frozen teacher
+    as a bf16 copy outside autocast (`teacher_dtype`, default: bf16 with `amp` on
+    a GPU, else the teacher's own; `teacher_copy`).
     """
 
     def __init__(self, *, teacher: Network, student: Network, task: Task, loss: Loss, arms: ArmSpace,
@@ -548,7 +566,7 @@ class Distiller(_Loop):
                  grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Callback] = (),
                  name: str = "student", on_nonfinite: str = "stop", checkpoint_every: int = 5,
                  keep_checkpoints: int = 2, binding: str = "distillation.on_nonfinite", compile: bool | str = False,
-                 probe: Sequence[Batch] = ()):
+                 probe: Sequence[Batch] = (), teacher_dtype: torch.dtype | None = None):
         self.name, self.rounds, self.binding = name, rounds, binding
         self.teacher, self.student, self.task, self.loss = teacher, student, task, loss
         self.arms, self.policy, self.reward = arms, policy, reward
@@ -562,9 +580,15 @@ class Distiller(_Loop):
         # DistributedDataParallel in a run of several processes; the loss's parameters
         # (projections) are averaged by `_reduce_gradients`
         self.trained = compiled(distributed.wrap(student, device), compile)
-        self.teacher_forward = compiled(teacher, compile)  # `compile`: see `compiled`
-        self.teacher_rec = Recorder(teacher.model.distill_modules())
-        self.student_rec = Recorder(student.model.distill_modules())
+        if teacher_dtype is None:
+            teacher_dtype = torch.bfloat16 if amp and device.type == "cuda" else None
+        #: the network the teacher's forward runs: `teacher`, or a copy of it in
+        #: `teacher_dtype`, run outside autocast (see `_teacher_logits`)
+        self.teacher_run = teacher_copy(teacher, teacher_dtype)
+        self.teacher_forward = compiled(self.teacher_run, compile)  # `compile`: see `compiled`
+        # recording only this loop's own forwards (see `Recorder`'s `always`)
+        self.teacher_rec = Recorder(self.teacher_run.model.distill_modules(), always=False)
+        self.student_rec = Recorder(student.model.distill_modules(), always=False)
         self.need = frozenset(reward.terms)
         self.step = 0
         self.round = 0
@@ -589,10 +613,11 @@ class Distiller(_Loop):
         non-finite value. `share`: this process's part of the batch (see `_optimizer_step`)."""
         self.student.train()
         try:
+            with self.teacher_rec.recording():
+                t_logits = self._teacher_logits(batch)
             with autocast(self.device, self.amp):
-                with torch.no_grad():
-                    t_logits = self.teacher_forward(batch)
-                s_logits = self.trained(batch)
+                with self.student_rec.recording():
+                    s_logits = self.trained(batch)
                 task_loss = self.task.loss(s_logits.float(), batch)
                 mask = self.task.logit_mask(batch)
                 losses = self.loss(Capture(s_logits, self.student_rec, mask),
@@ -608,6 +633,20 @@ class Distiller(_Loop):
         return StepLosses(losses.objective, {t: read[t] for t in losses.full},
                           {m: {t: read[f"{t}[{m}]"] for t in terms} for m, terms in losses.per_module.items()})
 
+    @torch.no_grad()
+    def _teacher_logits(self, batch: Batch) -> torch.Tensor:
+        """The teacher's forward (its recorder keeps the layers). A teacher in its own
+        dtype runs under the student's autocast; a copy in a lower dtype runs as it
+        is, on inputs of its dtype, outside autocast: no per-step weight casts, and
+        attention blocks take `nn.MultiheadAttention`'s fused inference path."""
+        dtype = _dtype_of(self.teacher_run)
+        if dtype == _dtype_of(self.teacher):
+            with autocast(self.device, self.amp):
+                return self.teacher_forward(batch)
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        with torch.autocast(self.device.type, enabled=False):
+            return self.teacher_forward(batch)
+
     def _reduce_gradients(self) -> None:
         distributed.average_gradients(self.loss.parameters())
 
@@ -622,8 +661,10 @@ class Distiller(_Loop):
         try:
             with torch.no_grad(), autocast(self.device, self.amp):
                 for batch in self.probe:
-                    t_logits = self.teacher_forward(batch)
-                    s_logits = self.trained(batch)
+                    with self.teacher_rec.recording():
+                        t_logits = self._teacher_logits(batch)
+                    with self.student_rec.recording():
+                        s_logits = self.trained(batch)
                     mask = self.task.logit_mask(batch)
                     losses = self.loss(Capture(s_logits, self.student_rec, mask),
                                        Capture(t_logits, self.teacher_rec, mask),

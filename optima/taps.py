@@ -7,7 +7,8 @@ probabilities are computed from them only for the layers a loss asks for.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +57,19 @@ class Recorder:
 
     Attention probabilities are computed on demand (with gradients if the caller
     has them enabled) and cached per forward; `clear()` drops the references.
+
+    `always=False`: record only the forwards run inside `with recorder.recording():`,
+    which starts from nothing. The distillation loop records so: under
+    torch.compile the hooks are traced into the graph, which guards on what they
+    touch; a recorder that kept an earlier forward's tensors (an evaluation pass,
+    another loop's recorder on the same network) would make the next compiled
+    forward a new graph, recompiled (the GPU benchmark's compiled steps, run
+    beside such recorders, turned NaN at that step; on the CPU they recompile
+    there but stay finite).
     """
 
-    def __init__(self, modules: Sequence[Module]):
+    def __init__(self, modules: Sequence[Module], *, always: bool = True):
+        self.always, self.on = always, always
         self.modules = {m.name: m for m in modules}
         self._hidden: dict[LayerKey, torch.Tensor] = {}
         self._attn_inputs: dict[tuple[LayerKey, int], tuple] = {}
@@ -71,13 +82,26 @@ class Recorder:
                     self._handles.append(mha.register_forward_pre_hook(
                         self._keep_attn_inputs(((m.name, i), j)), with_kwargs=True))
 
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["Recorder"]:
+        """Record the forwards run inside, starting from nothing (`clear()`)."""
+        self.clear()
+        self.on = True
+        try:
+            yield self
+        finally:
+            self.on = self.always
+
     def _keep_hidden(self, key: LayerKey):
         def hook(_module, _args, output):
-            self._hidden[key] = output[0] if isinstance(output, tuple) else output
+            if self.on:
+                self._hidden[key] = output[0] if isinstance(output, tuple) else output
         return hook
 
     def _keep_attn_inputs(self, key):
         def hook(_module, args, kwargs):
+            if not self.on:
+                return
             names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
             bound = dict(zip(names, args)) | kwargs
             self._attn_inputs[key] = (bound["query"], bound["key"], bound.get("attn_mask"),

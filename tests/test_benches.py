@@ -25,9 +25,9 @@ def test_gpu_step_runs_at_small_shapes_on_the_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_step.json").read_text())
-    assert result["smoke"] and result["shapes"]["batch"] == 4
+    assert result["smoke"] and result["complete"] and result["shapes"]["batch"] == 4
     for student in ("tiny12", "tiny6"):
-        for row in ("optima", "layerwise"):
+        for row in ("optima", "layerwise", "optima_teacher_autocast"):
             figures = result[student][row]
             assert figures["samples_per_s"] > 0 and figures["tflop_per_step"] > 0, figures
         assert set(result["goals"][student]) == {"optima_over_reference_samples_per_s", "optima_at_least_1.6x_reference",
@@ -79,3 +79,28 @@ def test_input_pipeline_cuda_without_a_gpu_is_a_one_line_error():
     done = _input_pipeline("--device", "cuda")
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         "input_pipeline.py: --device cuda, but torch finds no GPU here; --device cpu or --smoke run on the CPU"]
+
+
+def test_the_flop_count_includes_attention_on_the_fused_inference_path():
+    """In eval mode without grad, `nn.MultiheadAttention` runs one fused op that
+    torch's FLOP counter has no formula for (the reference's teacher took it, so
+    its count missed the teacher's attention); `CompleteFlopCounter` counts it."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from gpu_step import CompleteFlopCounter
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    mha = torch.nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x = torch.randn(2, 10, 64)
+    projections = 2 * 2 * 10 * 64 * (3 * 64 + 64)  # in (q, k, v) and out, batch 2
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as plain:
+            mha(x, x, x, need_weights=False)
+        with CompleteFlopCounter() as complete:
+            mha(x, x, x, need_weights=False)
+    assert plain.get_total_flops() == 0  # the fused op, uncounted
+    assert complete.get_total_flops() >= projections
+    assert torch.backends.mha.get_fastpath_enabled()  # switched back on

@@ -59,7 +59,7 @@ class Cycle(Policy):
         self.selected = int(state["selected"])
 
 
-def distiller(reward: Reward, policy=None, rounds=3, callbacks=()) -> Distiller:
+def distiller(reward: Reward, policy=None, rounds=3, callbacks=(), **options) -> Distiller:
     torch.manual_seed(0)
     task = SyntheticVisualEntailment(image_size=32, context_length=12, train_size=32, val_size=0, test_size=8)
     t_model, s_model = coca_model(TINY_COCA), coca_model(TINY_COCA, layers=(1, 1, 1))
@@ -72,7 +72,7 @@ def distiller(reward: Reward, policy=None, rounds=3, callbacks=()) -> Distiller:
                      policy=policy or FixedPolicy(len(arms), arm=1), reward=reward, optimizer=opt,
                      scheduler=linear_warmup_decay(opt, 2 * rounds),
                      stream=BatchStream(task, "train", 8, 1, torch.device("cpu")), steps_per_round=2, rounds=rounds,
-                     device=torch.device("cpu"), callbacks=list(callbacks))
+                     device=torch.device("cpu"), callbacks=list(callbacks), **options)
 
 
 def test_a_reward_gets_each_rounds_losses_per_module_and_the_played_arm():
@@ -225,3 +225,69 @@ def test_a_compiled_step_computes_what_an_eager_one_does():
         assert got.full == pytest.approx(want.full, rel=1e-4)  # decomposed ops round differently
         assert got.per_module.keys() == want.per_module.keys()
     assert type(fast.trained).__name__ == "OptimizedModule"
+
+
+
+def test_a_compiled_step_is_not_recompiled_by_forwards_outside_the_loop():
+    """The recorders' hooks are traced into the compiled graphs, which guard on
+    what the hooks touch. Forwards outside `train_step` (an evaluation pass,
+    another loop's recorder on the same networks) must leave nothing there that
+    makes the next compiled step a new graph (the GPU benchmark's compiled steps,
+    beside recorders left open, turned NaN at the step that recompiled). Counted
+    with a backend that records each graph it is given."""
+    from optima.engine import compiled
+
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()  # Network.forward's compiled code is shared by every test
+    d = distiller(combined_reward())
+    other = Distiller(teacher=d.teacher, student=d.student, task=d.task, loss=d.loss, arms=d.arms, policy=d.policy,
+                      reward=d.reward, optimizer=d.optimizer, scheduler=d.scheduler, stream=d.stream,
+                      steps_per_round=2, device=torch.device("cpu"))  # left open: its hooks stay
+    d.trained, d.teacher_forward = compiled(d.trained, backend), compiled(d.teacher_run, backend)
+    batch, layers = next(d.stream), d.arm_layers(0)
+    d.train_step(batch, layers)
+    compiled_once = len(graphs)
+    assert compiled_once >= 2  # the teacher's and the student's forwards
+    for _ in range(2):
+        other.train_step(batch, layers)
+        with torch.no_grad():
+            d.student.eval()(batch)  # an evaluation pass: the hooks fire outside any step
+        assert d.train_step(batch, layers) is not None
+    assert len(graphs) == compiled_once
+
+
+def test_a_bf16_teacher_copy_runs_the_fused_attention_path_and_leaves_the_teacher_alone():
+    """`Distiller(teacher_dtype=torch.bfloat16)` (the default with `amp` on a GPU):
+    the teacher's forward runs a bf16 copy outside autocast, so its self-attention
+    blocks take `nn.MultiheadAttention`'s fused inference op (`_native_multi_head_attention`)
+    while the recorder still reads every layer; the caller's teacher keeps its
+    float32 weights, and the losses are the float32 teacher's to bf16 precision."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FusedCalls(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            FusedCalls.calls += "_native_multi_head_attention" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    full, half = distiller(combined_reward()), distiller(combined_reward(), teacher_dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in half.teacher.state_dict().items()}
+    batch, layers = next(full.stream), full.arm_layers(0)
+    for _ in range(2):
+        want = full.train_step(batch, layers)
+        with FusedCalls():
+            got = half.train_step(batch, layers)
+        assert got.full.keys() == want.full.keys() == {"task", "kd", "hidden", "attn"}
+        for term in want.full:
+            assert got.full[term] == pytest.approx(want.full[term], rel=0.05, abs=1e-3), term
+    assert FusedCalls.calls == 2 * len(half.teacher.model.coca.visual.transformer.resblocks)
+    assert half.teacher_run is not half.teacher and next(half.teacher_run.parameters()).dtype == torch.bfloat16
+    assert all(torch.equal(v, half.teacher.state_dict()[k]) and v.dtype == torch.float32 for k, v in before.items())
+    on_cpu = distiller(combined_reward(), amp=True)
+    assert on_cpu.teacher_run is on_cpu.teacher  # bf16 by default only with amp on a GPU
