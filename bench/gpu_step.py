@@ -24,12 +24,14 @@ bf16 8192^3 matmul measured in the same process.
   comparable step: hidden states and attention maps of every layer), its FLOPs
   counted like ours (`CompleteFlopCounter`).
 
-`--only tiny12,reference` and `--rows optima,layerwise` choose what runs; the
-JSON is rewritten after every row (`"complete": false` until the end), so a
-call cut short keeps what it measured. `--profile` adds a torch.profiler table
-of one OPTIMA round per student.
+Sections run in the order reference, tiny12, tiny6; `--only tiny12,reference`
+and `--rows optima,layerwise` choose what runs. The JSON is rewritten after
+every section and row (`"complete": false` until the end), so a call cut short
+keeps what it measured. `--profile` adds a torch.profiler table of one OPTIMA
+round per student (`gpu_step_profile_<student>_<card>.txt`).
 
     python bench/gpu_step.py --out bench/results/            # a GPU: about 2 minutes, ~30 GB
+    python bench/gpu_step.py --compile --profile --out DIR   # and torch.compile: about 5 minutes
     python bench/gpu_step.py --cpu-smoke --out /tmp/smoke    # CPU, tiny shapes, seconds (CI)
 
 Goals (issue 10): OPTIMA >= 1.6x the reference's samples/s, OPTIMA step time
@@ -307,7 +309,8 @@ def goals(result: dict) -> dict:
     return out
 
 
-SECTIONS = ("tiny12", "tiny6", "reference")
+#: in the order they run: the reference first, so that a call cut short has it
+SECTIONS = ("reference", "tiny12", "tiny6")
 STUDENTS = {"tiny12": (4, 4, 4), "tiny6": (2, 2, 2)}
 
 
@@ -377,6 +380,17 @@ def main() -> None:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
             tmp.replace(out / f"gpu_step{suffix}.json")  # whole or not at all
 
+    if "reference" in sections:
+        path = reference_path(args.reference)
+        if path is None:
+            result["reference"] = {"error": f"not found (../{REFERENCE} beside the checkout, or --reference)"}
+        else:
+            print(f"== reference {path}", flush=True)
+            try:
+                result["reference"] = run_reference(path, args.cpu_smoke, shapes.batch)
+            except Exception as e:
+                result["reference"] = {"error": f"{type(e).__name__}: {e}", "where": traceback.format_exc(limit=-3)}
+        save()
     teacher_cfg = shapes.coca("coca_ViT-L-14")
     for student in [s for s in sections if s in STUDENTS]:
         print(f"== {student}", flush=True)
@@ -388,16 +402,6 @@ def main() -> None:
 
         result[student] = project_rows(shapes, teacher_cfg, STUDENTS[student], device, repeats, peak, rows, done,
                                        table)
-    if "reference" in sections:
-        path = reference_path(args.reference)
-        if path is None:
-            result["reference"] = {"error": f"not found (../{REFERENCE} beside the checkout, or --reference)"}
-        else:
-            print(f"== reference {path}", flush=True)
-            try:
-                result["reference"] = run_reference(path, args.cpu_smoke, shapes.batch)
-            except Exception as e:
-                result["reference"] = {"error": f"{type(e).__name__}: {e}", "where": traceback.format_exc(limit=-3)}
     result["complete"] = True
     save()
     print(json.dumps(result, indent=1))
