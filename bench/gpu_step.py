@@ -396,6 +396,9 @@ def main() -> None:
                 result["reference"] = run_reference(path, args.cpu_smoke, shapes.batch)
             except Exception as e:
                 result["reference"] = {"error": f"{type(e).__name__}: {e}", "where": traceback.format_exc(limit=-3)}
+        gc.collect()  # its models (held in cycles by their hooks) off the GPU before our rows' peak memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         save()
     teacher_cfg = shapes.coca("coca_ViT-L-14")
     for student in [s for s in sections if s in STUDENTS]:
