@@ -64,7 +64,7 @@ def eval_command(config: str, checkpoint: str, *, stage: str | None, split: str,
 
     dev = resolve_device(spec.device)
     task = spec.task()
-    network = spec.network(stage, task, dev, pretrained)
+    network = spec.network(stage, task, dev, pretrained, complete=weights is not None)
     if weights is not None:
         load_network_weights(network, weights)
     bs = batch_size or spec.eval_batch_size

@@ -493,16 +493,18 @@ class Declared:
         return [TEACHER, *self.stages]
 
     def network(self, stage: str, task, device: torch.device,
-                pretrained: Mapping[str, str] | None = None) -> Network:
+                pretrained: Mapping[str, str] | None = None, complete: bool = False) -> Network:
         """The stage's network (model + head) as the run builds it, in the stage's
         gin scope. `pretrained`: the run's pretraining checkpoints by stage name
-        (its `metrics.json`), for a config whose models start from one."""
+        (its `metrics.json`), for a config whose models start from one.
+        `complete`: the caller loads every weight next (an export, a saved
+        network), so the starting checkpoint is not needed."""
         if stage not in self.stage_names():
             raise ConfigError(f"no stage {stage!r}; the config's stages are {', '.join(self.stage_names())}")
         binding, source = ("pretrained", self.teacher_pretrained) if stage == TEACHER \
             else ("init_from", self.students_init_from)
         weights = {}
-        if source is not None:
+        if source is not None and not complete:
             path = (pretrained or {}).get(source)
             if not path:
                 raise ConfigError(f"the config's {stage} starts from the pretraining stage {source!r}, whose "

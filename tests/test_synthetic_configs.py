@@ -66,3 +66,11 @@ def test_each_task_end_to_end_at_tiny_sizes(task, tmp_path, monkeypatch):
     again = CliRunner().invoke(app, args[:2] + ["--run-dir", str(tmp_path / "again")] + args[4:])
     out = " ".join(again.output.split())
     assert again.exit_code == 0 and "large: reusing" in out and "base: reusing" in out and "teacher: reusing" in out
+    if task == "ve":  # the student's export evaluates alone: it does not need BASE's checkpoint to start from
+        export = tmp_path / "export"
+        assert CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(export)]).exit_code == 0
+        ev = CliRunner().invoke(app, ["eval", f"gin/synthetic/{task}_tiny6.gin", "--checkpoint", str(export),
+                                      "--out", str(tmp_path / "eval"), *args[4:]])
+        assert ev.exit_code == 0, ev.output
+        evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        assert evaluated["stage"] == "tiny6" and evaluated["metrics"] == summary["metrics"]["tiny6"]
