@@ -222,10 +222,14 @@ def write_readme(out: Path = OUT) -> None:
         lines += [f"| {v} | {fmt(s)} |" for v, s in rows.items()] + [""]
     lines += ["## How each piece was made", "", "| piece | command | wall time | load before/after | started |",
               "|---|---|---:|---|---|"]
+    notes = []
     for p in done:
         m = json.loads((out / p / "meta.json").read_text())
+        if m.get("note"):  # how a piece was made when not in one pass of this script
+            notes.append(f"- {p}: {m['note']}")
         lines.append(f"| {p} | `{m['command']}` | {m['wall_s'] / 60:.1f} min | "
                      f"{m['load_average_before'][0]} / {m['load_average_after'][0]} | {m['started']} |")
+    lines += [""] + notes if notes else []
     if done:
         m = json.loads((out / done[0] / "meta.json").read_text())["machine"]
         lines += ["", f"Machine: {m['cpu']}, {m['cores_available']} cores available, {m['platform']}, "
