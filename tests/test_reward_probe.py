@@ -1,41 +1,24 @@
 """`distillation.reward_probe`: the reward measured on fixed probe batches before
-and after each round (docs/method.md, "Reward noise and the probe")."""
+and after each round (docs/method.md, "Reward of a round", the probe)."""
 from __future__ import annotations
 
 import copy
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from conftest import TINY, TINY_COCA
-from optima.arms import ArmSpace, build_policy
+from conftest import TINY
+from optima.arms import build_policy
 from optima.checkpoint import rng_state, set_rng_state
 from optima.cli.main import app
-from optima.engine import BatchStream, Distiller, Network, guarded_reward
-from optima.experiment import linear_warmup_decay, param_groups, probe_batches
-from optima.plugins.heads.vl_heads import attentional_pooler_head
-from optima.plugins.losses.optima_loss import optima_loss
-from optima.plugins.models.coca import coca_model
+from optima.engine import Distiller, guarded_reward
 from optima.plugins.policies.paper import ThompsonPolicy
 from optima.plugins.rewards.loss_decrement import combined_reward
-from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
+from test_round_losses import distiller
 
 
 def _distiller(probe: int, lr: float = 1e-3, rounds: int = 4) -> Distiller:
-    torch.manual_seed(0)
-    task = SyntheticVisualEntailment(image_size=32, context_length=12, train_size=64, val_size=0, test_size=8)
-    t_model, s_model = coca_model(TINY_COCA), coca_model(TINY_COCA, layers=(2, 2, 2))
-    teacher = Network(t_model, attentional_pooler_head(t_model, task))
-    student = Network(s_model, attentional_pooler_head(s_model, task))
-    loss = optima_loss(s_model.distill_modules(), t_model.distill_modules())
-    arms = ArmSpace.of_model(s_model, None)
-    opt = torch.optim.AdamW(param_groups([student.model], [student.head, loss], None), lr=lr)
-    cpu = torch.device("cpu")
-    return Distiller(teacher=teacher, student=student, task=task, loss=loss, arms=arms,
-                     policy=build_policy(ThompsonPolicy, len(arms), 0), reward=combined_reward(), optimizer=opt,
-                     scheduler=linear_warmup_decay(opt, 2 * rounds), stream=BatchStream(task, "train", 8, 1, cpu),
-                     steps_per_round=2, rounds=rounds, device=cpu, probe=probe_batches(task, 8, probe, 0, cpu))
+    return distiller(combined_reward(), policy=build_policy(ThompsonPolicy, 3, 0), rounds=rounds, lr=lr, probe=probe)
 
 
 def test_the_reward_compares_the_probe_before_and_after_each_round():
