@@ -40,6 +40,8 @@ PLAN = [
     ("ve_tiny6", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/baselines.toml"),
     ("ve_tiny6-policies", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/policies.toml"),
     ("ve_tiny6-sensitivity", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/sensitivity.toml"),
+    # 3 passes of distillation instead of 1: where the layer losses start to pay off
+    ("ve_tiny6-long", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/baselines.toml"),
     *[(f"{t}_tiny6", f"gin/synthetic/{t}_tiny6.gin", "gin/sweeps/baselines.toml") for t in TASKS[1:]],
     *[(f"{t}_tiny12", f"gin/synthetic/{t}_tiny12.gin", "gin/sweeps/baselines.toml") for t in TASKS],
 ]
@@ -205,7 +207,8 @@ def write_readme(out: Path = OUT) -> None:
              "Per piece: `results.md` (mean, std, ties), `results.csv` (every run), `figures/`, "
              "`reward_noise.json` and `meta.json` (command, machine, load, time).", ""]
     done = [p for p, *_ in PLAN if (out / p / "results.csv").exists()]
-    baseline_pieces = [p for p in done if "-" not in p]
+    # the paper's comparison: the pieces run with the baselines' variants, side by side
+    baseline_pieces = [p for p, _, variants in PLAN if p in done and variants.endswith("baselines.toml")]
     if baseline_pieces:
         tables = {p: summary_rows(out / p) for p in baseline_pieces}
         variants = list(dict.fromkeys(v for _, rows, _ in tables.values() for v in rows))
@@ -216,7 +219,7 @@ def write_readme(out: Path = OUT) -> None:
         for v in variants:
             lines.append(f"| {v} | " + " | ".join(fmt(tables[p][1].get(v)) for p in baseline_pieces) + " |")
         lines.append("")
-    for p in (p for p in done if "-" in p):
+    for p in (p for p in done if p not in baseline_pieces):
         student, rows, teacher = summary_rows(out / p)
         lines += [f"## {p}", "", f"| variant | {student} |", "|---|---:|"]
         lines += [f"| {v} | {fmt(s)} |" for v, s in rows.items()] + [""]
