@@ -39,9 +39,9 @@ TASKS = ("ve", "vqa", "nlvr2", "captions")
 PLAN = [
     ("ve_tiny6", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/baselines.toml"),
     ("ve_tiny6-policies", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/policies.toml"),
-    ("ve_tiny6-sensitivity", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/sensitivity.toml"),
-    # 3 passes of distillation instead of 1: where the layer losses start to pay off
+    # 3 passes of distillation instead of 1: where the layer losses pay off and the arms differ
     ("ve_tiny6-long", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/baselines.toml"),
+    ("ve_tiny6-long-sensitivity", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/sensitivity.toml"),
     *[(f"{t}_tiny6", f"gin/synthetic/{t}_tiny6.gin", "gin/sweeps/baselines.toml") for t in TASKS[1:]],
     *[(f"{t}_tiny12", f"gin/synthetic/{t}_tiny12.gin", "gin/sweeps/baselines.toml") for t in TASKS],
 ]
