@@ -1,6 +1,7 @@
 """The evidence table (issue 9) in one command: the paper's comparison on every
-synthetic task x student, OPTIMA's sensitivity and the policy comparison on
-VE/Tiny6, with the figures, into `results/synthetic/`.
+synthetic task x student, and VE/Tiny6 with three passes of distillation (where
+the arms matter) with OPTIMA's sensitivity and the policy comparison, with the
+figures, into `results/synthetic/`.
 
     python bench/synthetic_table.py --jobs 2                  # everything (results/synthetic/README.md: time)
     python bench/synthetic_table.py --jobs 2 --only ve_tiny6  # one piece
@@ -38,10 +39,10 @@ TASKS = ("ve", "vqa", "nlvr2", "captions")
 # (piece, config, variants file), in the order they run: the most informative first.
 PLAN = [
     ("ve_tiny6", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/baselines.toml"),
-    ("ve_tiny6-policies", "gin/synthetic/ve_tiny6.gin", "gin/sweeps/policies.toml"),
     # 3 passes of distillation instead of 1: where the layer losses pay off and the arms differ
     ("ve_tiny6-long", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/baselines.toml"),
     ("ve_tiny6-long-sensitivity", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/sensitivity.toml"),
+    ("ve_tiny6-long-policies", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/policies.toml"),
     *[(f"{t}_tiny6", f"gin/synthetic/{t}_tiny6.gin", "gin/sweeps/baselines.toml") for t in TASKS[1:]],
     *[(f"{t}_tiny12", f"gin/synthetic/{t}_tiny12.gin", "gin/sweeps/baselines.toml") for t in TASKS],
 ]
@@ -232,6 +233,9 @@ def write_readme(out: Path = OUT) -> None:
             notes.append(f"- {p}: {m['note']}")
         lines.append(f"| {p} | `{m['command']}` | {m['wall_s'] / 60:.1f} min | "
                      f"{m['load_average_before'][0]} / {m['load_average_after'][0]} | {m['started']} |")
+    if done:
+        total = sum(json.loads((out / p / "meta.json").read_text())["wall_s"] for p in done)
+        lines.append(f"| all {len(done)} of {len(PLAN)} pieces | | {total / 60:.1f} min | | |")
     lines += [""] + notes if notes else []
     if done:
         m = json.loads((out / done[0] / "meta.json").read_text())["machine"]

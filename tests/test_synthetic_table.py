@@ -52,3 +52,4 @@ def test_a_piece_is_kept_with_its_reward_noise_and_summarised(tmp_path, monkeypa
     assert "| variant | ve_tiny6 (student/accuracy) |" in readme
     assert "| fixed-image | " in readme and "| fixed-text | " in readme and "| teacher | " in readme
     assert "`optima sweep ...` | 1.0 min | 0.5 / 1.5 |" in readme
+    assert f"| all 1 of {len(table.PLAN)} pieces | | 1.0 min |" in readme  # the whole table's time
