@@ -226,15 +226,15 @@ def write_readme(out: Path = OUT) -> None:
         lines += [f"| {v} | {fmt(s)} |" for v, s in rows.items()] + [""]
     lines += ["## How each piece was made", "", "| piece | command | wall time | load before/after | started |",
               "|---|---|---:|---|---|"]
-    notes = []
+    notes, total = [], 0.0
     for p in done:
         m = json.loads((out / p / "meta.json").read_text())
         if m.get("note"):  # how a piece was made when not in one pass of this script
             notes.append(f"- {p}: {m['note']}")
+        total += m["wall_s"]
         lines.append(f"| {p} | `{m['command']}` | {m['wall_s'] / 60:.1f} min | "
                      f"{m['load_average_before'][0]} / {m['load_average_after'][0]} | {m['started']} |")
     if done:
-        total = sum(json.loads((out / p / "meta.json").read_text())["wall_s"] for p in done)
         lines.append(f"| all {len(done)} of {len(PLAN)} pieces | | {total / 60:.1f} min | | |")
     lines += [""] + notes if notes else []
     if done:
