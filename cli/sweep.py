@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
@@ -137,7 +138,7 @@ class SweepDisplay(SweepObserver):
             for job in running:
                 if job.label in self.rows:
                     last = (_log_lines(job.log, 1) or [""])[0]
-                    self.progress.update(self.rows[job.label], status=_cut(last, self._status_width()))
+                    self.progress.update(self.rows[job.label], status=escape(_cut(last, self._status_width())))
         elif time.monotonic() - self.last_line >= self.interval_s:
             now = time.monotonic()
             runs = ", ".join(f"{j.label} {_duration(now - self.running.get(j.label, now))}" for j in running)
@@ -161,11 +162,12 @@ class SweepDisplay(SweepObserver):
             self.print(f"{where}[green]done[/] {job.label} ({_duration(took)})  {metrics}")
         else:
             colour = "yellow" if job.status == "interrupted" else "red"
-            self.print(f"{where}[{colour}]{job.status}[/] {job.label} ({_duration(took)}): {job.error}")
+            self.print(f"{where}[{colour}]{job.status}[/] {job.label} ({_duration(took)}): "
+                       f"{escape(job.error or '')}")
             if job.status == "failed":  # the tail of its log
                 for line in _log_lines(job.log, 4):
-                    self.print(f"[dim]  | {line}[/]")
-                self.print(f"[dim]  log: {job.log}[/]")
+                    self.print(f"[dim]  | {escape(line)}[/]")
+                self.print(f"[dim]  log: {escape(str(job.log))}[/]")
 
     def on_stopping(self, running: Sequence[Job]) -> None:
         self.print(f"[yellow]stopping[/]: {len(running)} running run(s) save a checkpoint and stop (Ctrl-C "
@@ -341,7 +343,7 @@ def _explain_end(sweep: Sweep, job: Job, job_id: str) -> None:
     if job.status == "done" or recorded:
         return
     state = slurm.ended_state(sweep.dir, job_id)
-    job.status = "failed" if job.status == "pending" else "interrupted"
+    job.status = "failed" if state in ("FAILED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL") else "interrupted"
     job.error = (f"Slurm job {job_id} ended ({state or 'cancelled, timed out or killed'}) before its run "
                  "recorded how it ended; rerun the sweep to resume it")
 

@@ -483,7 +483,12 @@ def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, observer: SweepObse
                 todo.remove(job)
                 started_seeds.add(job.seed)
                 # a run of a killed sweep may still be saving its checkpoint: let it end, then resume it
-                wait_for_run_dir(job.run_dir, lambda: observer.on_wait(job))
+                if wait_for_run_dir(job.run_dir, lambda: observer.on_wait(job)):
+                    refresh(job)
+                    if job.status == "done":  # it finished meanwhile
+                        write_results(sweep)
+                        observer.on_finish(job)
+                        continue
                 running.append(start_run(job, sweep.command(job), env, new_session=True))
                 observer.on_start(job, "--resume" in running[-1].process.args)
             if signals and running and not announced:
@@ -528,22 +533,22 @@ def run_environment(threads: int) -> dict[str, str]:
 RUN_DIR_LOCK = ".optima.lock"
 
 
-def wait_for_run_dir(run_dir: Path, on_wait=None, poll_s: float = 0.2) -> None:
+def wait_for_run_dir(run_dir: Path, on_wait=None, poll_s: float = 0.2) -> bool:
     """Return once no process holds the run directory's lock (an `optima run`
     still saving its checkpoint after its sweep was killed); `on_wait()` is
-    called once if it has to wait."""
+    called once if it has to wait. Whether it waited."""
     import fcntl
 
     lock = Path(run_dir) / RUN_DIR_LOCK
     if not lock.exists():
-        return
+        return False
     fd = os.open(lock, os.O_RDONLY)
     try:
         waited = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
+                return waited
             except BlockingIOError:
                 if not waited and on_wait is not None:
                     on_wait()
@@ -638,22 +643,26 @@ def _hparam_value(text: str) -> float | str:
 
 def hparams_of(jobs: Sequence[Job]) -> tuple[dict[str, dict[str, Any]], dict[str, list]]:
     """{run label: {hparam: value}} of the finished runs (variant, seed and each
-    binding a variant sets; a key a variant leaves to the config reads
-    '(config)'), and the values of each string hparam (the dashboard's filters)."""
+    binding a variant sets: a number where every value set is one, the run
+    left out where its variant leaves it to the config; else text, '(config)'
+    where left to the config), and the values of each text hparam (the
+    dashboard's filters)."""
     done = [j for j in jobs if j.status == "done"]
     keys = binding_columns(done)
     bound = {j.label: {binding_key(b): b.split("=", 1)[1].strip() for b in j.variant_bindings} for j in done}
-    numeric = {k: all(k in bound[j.label] and isinstance(_hparam_value(bound[j.label][k]), float) for j in done)
-               for k in keys}
+    numeric = {k: all(isinstance(_hparam_value(b[k]), float) for b in bound.values() if k in b) for k in keys}
     out = {}
     for j in done:
         values: dict[str, Any] = {"variant": j.variant, "seed": j.seed}
         for k in keys:
             text = bound[j.label].get(k)
-            values[k] = _hparam_value(text) if numeric[k] else (text if text is not None else "(config)")
+            if numeric[k]:
+                if text is not None:
+                    values[k] = _hparam_value(text)
+            else:
+                values[k] = text if text is not None else "(config)"
         out[j.label] = values
-    discrete = {k: sorted({v[k] for v in out.values()}) for k in ("variant", *keys)
-                if out and isinstance(next(iter(out.values()))[k], str)}
+    discrete = {k: sorted({v[k] for v in out.values()}) for k in ("variant", *keys) if not numeric.get(k, False)}
     return out, discrete
 
 
@@ -714,7 +723,10 @@ def write_hparams(directory: Path, jobs: Sequence[Job]) -> None:
             writer.add_event(Event(wall_time=time.time(), step=0, summary=summary))
         writer.close()
 
-    write(fresh, _hparams_summaries(next(iter(values.values())), metrics, discrete)[0])
+    every: dict[str, Any] = {}  # each hparam with a value of its kind, in order
+    for run in values.values():
+        every.update({k: v for k, v in run.items() if k not in every})
+    write(fresh, _hparams_summaries(every, metrics, discrete)[0])
     for job in jobs:
         if job.label in values:
             _, start, end = _hparams_summaries(values[job.label], metrics, discrete)

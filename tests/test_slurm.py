@@ -57,14 +57,17 @@ def slurm():
         pytest.skip(message)
 
 
-def _optima(*args: str, **popen) -> subprocess.Popen:
+def _optima(*args: str, cache: Path | None = None) -> subprocess.Popen:
+    """`optima ARGS` at 80 columns; `cache`: its stage cache (and its Slurm jobs', which inherit it)."""
     env = {**os.environ, "COLUMNS": "80", "OPTIMA_PROGRESS_INTERVAL": "5"}
+    if cache is not None:
+        env["OPTIMA_CACHE"] = str(cache)
     return subprocess.Popen([sys.executable, "-m", "optima.cli.main", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _run(*args: str, timeout: float = 600) -> tuple[int, str]:
-    process = _optima(*args)
+def _run(*args: str, timeout: float = 1800, cache: Path | None = None) -> tuple[int, str]:
+    process = _optima(*args, cache=cache)
     out, _ = process.communicate(timeout=timeout)
     return process.returncode, out
 
@@ -74,7 +77,7 @@ def _rows(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _wait_for_jobs(*sweep_dirs: Path, timeout: float = 600) -> None:
+def _wait_for_jobs(*sweep_dirs: Path, timeout: float = 1800) -> None:
     """Until no job of these sweeps is queued or running."""
     ids = [j["job_id"] for d in sweep_dirs for j in read_jobs(d).values()]
     deadline = time.monotonic() + timeout
@@ -144,15 +147,16 @@ def test_bad_slurm_options_are_one_line_before_anything_is_submitted(slurm, tmp_
 
 
 @pytest.mark.slow
-def test_slurm_sweep_gives_the_local_results_and_hparams(slurm, tmp_path, monkeypatch):
-    """2 variants x 2 seeds: the same results.csv as the local launcher (the
-    teachers cached by the local sweep are reused); --status shows the jobs at
-    80 columns; every finished run is an HParams session."""
-    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+def test_slurm_sweep_gives_the_local_results_and_hparams(slurm, tmp_path):
+    """2 variants x 2 seeds: the same results.csv as the local launcher (each
+    with a stage cache of its own, so that nothing one trained is reused by the
+    other); --status shows the jobs at 80 columns; every finished run is an
+    HParams session."""
     grid = [CONFIG, *COMMON, "--variant", "optima=", "--variant", LAYERWISE, "--seeds", "0,1"]
-    code, out = _run("sweep", *grid, "--sweep-dir", tmp_path / "local", "--jobs", "2")
+    code, out = _run("sweep", *grid, "--sweep-dir", tmp_path / "local", "--jobs", "2", cache=tmp_path / "cache-local")
     assert code == 0, out
-    code, out = _run("sweep", *grid, "--sweep-dir", tmp_path / "slurm", "--launcher", "slurm", "--slurm-time", "10")
+    code, out = _run("sweep", *grid, "--sweep-dir", tmp_path / "slurm", "--launcher", "slurm", "--slurm-time", "10",
+                     cache=tmp_path / "cache-slurm")
     assert code == 0, out
     assert "submitted 4 run(s) to Slurm" in out and "[4/4 done, ETA 0s]" in out
     assert all(len(line) <= 80 for line in out.splitlines()), out
@@ -205,24 +209,31 @@ def _student(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_cancelled_and_timed_out_jobs_resume_bit_exact(slurm, tmp_path, monkeypatch):
+def test_cancelled_and_timed_out_jobs_resume_bit_exact(slurm, tmp_path):
     """One job scancelled mid-run (`optima sweep --cancel`), one stopped by
     Slurm's SIGTERM at its time limit (`--slurm-signal` before it): each saves
     a checkpoint, and rerunning its sweep resumes it to the weights and metrics
-    of an uninterrupted run of the same config and seed."""
-    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
-    # long enough (about 50 s of CPU) to be running when Slurm's time-limit check comes (every 30 s): with
-    # --slurm-signal 45 and --slurm-time 1, SIGTERM comes 15 to 45 s after the start, past the teacher
-    grid = [CONFIG, *COMMON, "-b", "distillation.rounds = 250", "--variant", "optima=", "--launcher", "slurm"]
+    of an uninterrupted run of the same config and seed. Each sweep has a stage
+    cache of its own: with one, the runs would reuse each other's stages."""
+    # 200 rounds: still running 30 s after round 2 (Slurm checks time limits every 30 s)
+    grid = [CONFIG, *COMMON, "-b", "distillation.rounds = 200", "--variant", "optima=", "--launcher", "slurm"]
     cancelled, timed, reference = tmp_path / "cancelled", tmp_path / "timed", tmp_path / "reference"
-    for sweep_dir, options in ((cancelled, ["--slurm-time", "10"]), (timed, ["--slurm-time", "1", "--slurm-signal",
-                                                                               "45"]),
-                               (reference, ["--slurm-time", "10"])):
-        code, out = _run("sweep", *grid, "--sweep-dir", sweep_dir, *options, "--no-wait")
-        assert code == 0 and "submitted 1 run(s) to Slurm" in out, out
-    _wait_for_text(cancelled / "optima" / "seed-0.log", "student: round 2 ")
-    code, out = _run("sweep", "--cancel", cancelled)
+    submitting = [_optima("sweep", *grid, "--sweep-dir", sweep_dir, *options, "--no-wait",
+                          cache=sweep_dir.with_name(sweep_dir.name + "-cache"))
+                  for sweep_dir, options in ((cancelled, ["--slurm-time", "10"]),
+                                             (timed, ["--slurm-time", "10", "--slurm-signal", "45"]),
+                                             (reference, ["--slurm-time", "10"]))]
+    for process in submitting:
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0 and "submitted 1 run(s) to Slurm" in out, out
+    _wait_for_text(cancelled / "optima" / "seed-0.log", "student: round 2 ", timeout=1200)
+    code, out = _run("sweep", "--cancel", cancelled)  # Slurm's SIGTERM, mid-distillation
     assert code == 0 and "cancelled 1 Slurm job(s): optima/seed-0" in out, out
+    # the time limit: at round 2 the job's limit becomes 1 minute (a user may lower their job's limit), so that
+    # Slurm sends its SIGTERM (45 s before the limit, or at it) at its next check, whatever the machine's speed
+    _wait_for_text(timed / "optima" / "seed-0.log", "student: round 2 ", timeout=1200)
+    job_id = read_jobs(timed)["optima/seed-0"]["job_id"]
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True)
     _wait_for_jobs(cancelled, timed, reference)
 
     for sweep_dir in (cancelled, timed):
@@ -236,9 +247,10 @@ def test_cancelled_and_timed_out_jobs_resume_bit_exact(slurm, tmp_path, monkeypa
     assert code == 0 and re.search(r"optima/seed-0\s+│\s+interrupted", out), out
 
     # rerun both (the timed one with time to finish): they resume from their checkpoints
-    reruns = [_optima("sweep", *grid, "--sweep-dir", d, "--slurm-time", "10") for d in (cancelled, timed)]
+    reruns = [_optima("sweep", *grid, "--sweep-dir", d, "--slurm-time", "10", cache=d.with_name(d.name + "-cache"))
+              for d in (cancelled, timed)]
     for process in reruns:
-        out, _ = process.communicate(timeout=600)
+        out, _ = process.communicate(timeout=1800)
         assert process.returncode == 0, out
     expected = json.loads((reference / "optima" / "seed-0" / "metrics.json").read_text())["metrics"]
     weights = _student(reference / "optima" / "seed-0")
@@ -255,16 +267,15 @@ def test_cancelled_and_timed_out_jobs_resume_bit_exact(slurm, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_two_jobs_of_one_seed_started_together_train_the_teacher_once(slurm, tmp_path, monkeypatch):
+def test_two_jobs_of_one_seed_started_together_train_the_teacher_once(slurm, tmp_path):
     """Two sweeps sharing a stage cache submit a run of seed 0 each at the same
     moment: one job trains the teacher while the other waits on the cache's
     lock (in another process, as on another node) and reuses it."""
-    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
     grid = [CONFIG, *COMMON, "-b", "teacher_training.steps = 100", "--launcher", "slurm", "--no-wait"]
-    first = _optima("sweep", *grid, "--variant", "optima=", "--sweep-dir", tmp_path / "a")
-    second = _optima("sweep", *grid, "--variant", LAYERWISE, "--sweep-dir", tmp_path / "b")
+    first = _optima("sweep", *grid, "--variant", "optima=", "--sweep-dir", tmp_path / "a", cache=tmp_path / "cache")
+    second = _optima("sweep", *grid, "--variant", LAYERWISE, "--sweep-dir", tmp_path / "b", cache=tmp_path / "cache")
     for process in (first, second):
-        out, _ = process.communicate(timeout=120)
+        out, _ = process.communicate(timeout=300)
         assert process.returncode == 0, out
     _wait_for_jobs(tmp_path / "a", tmp_path / "b")
     logs = [(tmp_path / "a" / "optima" / "seed-0.log").read_text(),

@@ -36,7 +36,7 @@ def _sweep(tmp_path, *args, env=None):
     output, its lines as wrapped (each within 80 columns) joined by single spaces."""
     result = CliRunner().invoke(app, ["sweep", "tests/gin/tiny_ve.gin", *COMMON, "--sweep-dir", str(tmp_path / "sweep"),
                                       *args], env={"COLUMNS": "80", **(env or {})})
-    too_wide = [line for line in result.output.splitlines() if len(line) > 80]
+    too_wide = [line for line in result.output.splitlines() if len(line) > 80 and not line.startswith("optima: error:")]
     assert not too_wide, result.output
     return result.exit_code, " ".join(result.output.split())
 
@@ -416,3 +416,22 @@ def test_live_display_fits_80_columns_on_a_terminal(tmp_path):
     assert any(re.search(r" 1/2 .*ETA \d+m\d\ds", line) for line in bars), bars
     assert any(re.match(r"(optima|layerwise)/seed-0 .*(student: round|teacher|starting)", line) for line in lines)
     assert any(line.startswith("done optima/seed-0") for line in lines)
+
+
+def test_hparams_of_finished_runs(tmp_path):
+    """The HParams entries: variant, seed and the variants' bindings, numbers where they are numbers."""
+    from optima.sweep import hparams_of
+
+    def job(variant, seed, bindings, status="done"):
+        j = Job(variant, seed, bindings, (), tmp_path, tmp_path)
+        j.status, j.metrics = status, {"student/accuracy": 0.5}
+        return j
+
+    values, discrete = hparams_of([
+        job("optima", 0, ()), job("fast", 0, ("optima_policy.gamma = 0.5", "distillation.policy = @x")),
+        job("slow", 1, ("optima_policy.gamma = 0.9",)), job("broken", 0, ("optima_policy.gamma = 'a'",), "failed")])
+    assert values == {
+        "optima/seed-0": {"variant": "optima", "seed": 0, "distillation.policy": "(config)"},
+        "fast/seed-0": {"variant": "fast", "seed": 0, "optima_policy.gamma": 0.5, "distillation.policy": "@x"},
+        "slow/seed-1": {"variant": "slow", "seed": 1, "optima_policy.gamma": 0.9, "distillation.policy": "(config)"}}
+    assert discrete == {"variant": ["fast", "optima", "slow"], "distillation.policy": ["(config)", "@x"]}

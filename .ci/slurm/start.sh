@@ -69,6 +69,8 @@ ReturnToService=2
 MinJobAge=10
 KillWait=10
 SchedulerParameters=sched_interval=2
+# a job runs at the nice value of the process that submitted it
+PropagatePrioProcess=1
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 $node
