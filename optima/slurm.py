@@ -35,9 +35,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 

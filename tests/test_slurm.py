@@ -28,7 +28,6 @@ from optima.slurm import SlurmOptions, parse_sbatch_line, queue_states, read_job
 CONFIG = "tests/gin/tiny_ve.gin"
 COMMON = [x for b in TINY for x in ("-b", b)]
 LAYERWISE = "layerwise=distillation.policy = @layerwise_policy"
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _unreachable() -> str | None:
@@ -84,13 +83,6 @@ def _wait_for_jobs(*sweep_dirs: Path, timeout: float = 1800) -> None:
     while queue_states(ids):
         assert time.monotonic() < deadline, f"Slurm jobs {ids} still queued or running after {timeout} s"
         time.sleep(1)
-
-
-def _wait_for_text(path: Path, text: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and text in path.read_text()):
-        assert time.monotonic() < deadline, f"{path} never said {text!r}"
-        time.sleep(0.2)
 
 
 # --- without Slurm ------------------------------------------------------------------
@@ -218,22 +210,34 @@ def test_cancelled_and_timed_out_jobs_resume_bit_exact(slurm, tmp_path):
     # 200 rounds: still running 30 s after round 2 (Slurm checks time limits every 30 s)
     grid = [CONFIG, *COMMON, "-b", "distillation.rounds = 200", "--variant", "optima=", "--launcher", "slurm"]
     cancelled, timed, reference = tmp_path / "cancelled", tmp_path / "timed", tmp_path / "reference"
-    submitting = [_optima("sweep", *grid, "--sweep-dir", sweep_dir, *options, "--no-wait",
-                          cache=sweep_dir.with_name(sweep_dir.name + "-cache"))
-                  for sweep_dir, options in ((cancelled, ["--slurm-time", "10"]),
-                                             (timed, ["--slurm-time", "10", "--slurm-signal", "45"]),
-                                             (reference, ["--slurm-time", "10"]))]
-    for process in submitting:
-        out, _ = process.communicate(timeout=300)
-        assert process.returncode == 0 and "submitted 1 run(s) to Slurm" in out, out
-    _wait_for_text(cancelled / "optima" / "seed-0.log", "student: round 2 ", timeout=1200)
-    code, out = _run("sweep", "--cancel", cancelled)  # Slurm's SIGTERM, mid-distillation
-    assert code == 0 and "cancelled 1 Slurm job(s): optima/seed-0" in out, out
-    # the time limit: at round 2 the job's limit becomes 1 minute (a user may lower their job's limit), so that
-    # Slurm sends its SIGTERM (45 s before the limit, or at it) at its next check, whatever the machine's speed
-    _wait_for_text(timed / "optima" / "seed-0.log", "student: round 2 ", timeout=1200)
-    job_id = read_jobs(timed)["optima/seed-0"]["job_id"]
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True)
+
+    def submit(*sweeps: tuple[Path, list[str]]) -> None:
+        processes = [_optima("sweep", *grid, "--sweep-dir", d, *options, "--no-wait",
+                             cache=d.with_name(d.name + "-cache")) for d, options in sweeps]
+        for process in processes:
+            out, _ = process.communicate(timeout=300)
+            assert process.returncode == 0 and "submitted 1 run(s) to Slurm" in out, out
+
+    submit((cancelled, ["--slurm-time", "10"]), (timed, ["--slurm-time", "10", "--slurm-signal", "45"]))
+    submit((reference, ["--slurm-time", "10"]))  # it starts when one of the others has ended (2 CPUs)
+    # at round 2: the first job is cancelled (`optima sweep --cancel`: scancel, Slurm's SIGTERM); the second's
+    # time limit becomes 1 minute (as a user may lower their job's), so that Slurm sends its SIGTERM (45 s
+    # before the limit, or at it) at its next check, at most 30 s later, whatever the machine's speed
+    todo = {cancelled, timed}
+    deadline = time.monotonic() + 1200
+    while todo:
+        for sweep_dir in list(todo):
+            log = sweep_dir / "optima" / "seed-0.log"
+            if log.exists() and "student: round 2 " in log.read_text():
+                todo.remove(sweep_dir)
+                if sweep_dir == cancelled:
+                    code, out = _run("sweep", "--cancel", cancelled)
+                    assert code == 0 and "cancelled 1 Slurm job(s): optima/seed-0" in out, out
+                else:
+                    job_id = read_jobs(timed)["optima/seed-0"]["job_id"]
+                    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True)
+        assert time.monotonic() < deadline, f"{todo} never reached round 2"
+        time.sleep(0.2)
     _wait_for_jobs(cancelled, timed, reference)
 
     for sweep_dir in (cancelled, timed):
