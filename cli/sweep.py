@@ -70,6 +70,7 @@ class SweepDisplay(SweepObserver):
 
     def __init__(self, console: Console, total: int, done: int, parallel: int, interval_s: float | None = None):
         self.console, self.total, self.done, self.parallel = console, total, done, max(1, parallel)
+        self.ended = done  # finished or not: what the ETA counts
         self.started = time.monotonic()
         self.walls: list[float] = []  # of the runs finished by this invocation
         self.running: dict[str, float] = {}  # label -> when it started here
@@ -105,7 +106,7 @@ class SweepDisplay(SweepObserver):
 
     def _eta(self) -> str:
         """The runs left times the mean time of a run finished here, `parallel` at a time."""
-        left = self.total - self.done
+        left = self.total - self.ended
         if left == 0:
             return "ETA 0s"
         if not self.walls:
@@ -148,6 +149,7 @@ class SweepDisplay(SweepObserver):
     def on_finish(self, job: Job) -> None:
         started = self.running.pop(job.label, None)
         took = job.attempts[-1]["wall_s"] if job.attempts else (time.monotonic() - started if started else 0.0)
+        self.ended += 1
         if job.status == "done":
             self.done += 1
             self.walls.append(took)

@@ -105,7 +105,7 @@ class SlurmOptions:
     nodes: int = 1  # nodes per run (> 1: torchrun on each node through srun)
     sbatch: tuple[str, ...] = ()  # further sbatch options, e.g. '--account=proj', '--qos=high'
     array_parallelism: int = 64  # array tasks running at once
-    signal_s: int = 120  # SIGTERM this many seconds before the time limit (checkpoint time)
+    signal_s: int = 120  # SIGTERM this many seconds (>= 10) before the time limit (checkpoint time)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str) -> "SlurmOptions":
@@ -137,7 +137,7 @@ class SlurmOptions:
     def checked(self, where: str = "Slurm options") -> "SlurmOptions":
         """Refuses what Slurm would refuse later or what cannot work, one line each."""
         time_minutes(self.time)
-        for name, least in (("gpus", 0), ("cpus", 1), ("nodes", 1), ("array_parallelism", 1), ("signal_s", 0)):
+        for name, least in (("gpus", 0), ("cpus", 1), ("nodes", 1), ("array_parallelism", 1), ("signal_s", 10)):
             if getattr(self, name) < least:
                 raise ConfigError(f"{where}: --slurm-{name.replace('_', '-')} must be >= {least}, got "
                                   f"{getattr(self, name)}")
@@ -250,7 +250,7 @@ def _executor(sweep_dir: Path, options: SlurmOptions, name: str):
         **({"partition": options.partition} if options.partition else {}),
         **({"gpus_per_node": options.gpus} if options.gpus else {}),
         # SIGTERM (which every process of the job gets) rather than submitit's USR2: `optima run` saves on it
-        additional_parameters={**extra, "signal": f"TERM@{options.signal_s}"} if options.signal_s else extra)
+        additional_parameters={**extra, "signal": f"TERM@{options.signal_s}"})
     return executor
 
 

@@ -207,8 +207,8 @@ def test_cancelled_and_timed_out_jobs_resume_bit_exact(slurm, tmp_path):
     a checkpoint, and rerunning its sweep resumes it to the weights and metrics
     of an uninterrupted run of the same config and seed. Each sweep has a stage
     cache of its own: with one, the runs would reuse each other's stages."""
-    # 200 rounds: still running 30 s after round 2 (Slurm checks time limits every 30 s)
-    grid = [CONFIG, *COMMON, "-b", "distillation.rounds = 200", "--variant", "optima=", "--launcher", "slurm"]
+    # 250 rounds: still running a minute after round 2 (Slurm checks time limits every 30 s)
+    grid = [CONFIG, *COMMON, "-b", "distillation.rounds = 250", "--variant", "optima=", "--launcher", "slurm"]
     cancelled, timed, reference = tmp_path / "cancelled", tmp_path / "timed", tmp_path / "reference"
 
     def submit(*sweeps: tuple[Path, list[str]]) -> None:
@@ -221,8 +221,9 @@ def test_cancelled_and_timed_out_jobs_resume_bit_exact(slurm, tmp_path):
     submit((cancelled, ["--slurm-time", "10"]), (timed, ["--slurm-time", "10", "--slurm-signal", "45"]))
     submit((reference, ["--slurm-time", "10"]))  # it starts when one of the others has ended (2 CPUs)
     # at round 2: the first job is cancelled (`optima sweep --cancel`: scancel, Slurm's SIGTERM); the second's
-    # time limit becomes 1 minute (as a user may lower their job's), so that Slurm sends its SIGTERM (45 s
-    # before the limit, or at it) at its next check, at most 30 s later, whatever the machine's speed
+    # time limit is lowered (as a user may lower their job's) to end 50 to 110 s later, so that Slurm sends
+    # its SIGTERM (--slurm-signal 45 s before the limit) at one of its next checks (every 30 s), whatever the
+    # machine's speed; the limit itself comes later, so that one SIGTERM stops the run
     todo = {cancelled, timed}
     deadline = time.monotonic() + 1200
     while todo:
@@ -235,7 +236,11 @@ def test_cancelled_and_timed_out_jobs_resume_bit_exact(slurm, tmp_path):
                     assert code == 0 and "cancelled 1 Slurm job(s): optima/seed-0" in out, out
                 else:
                     job_id = read_jobs(timed)["optima/seed-0"]["job_id"]
-                    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True)
+                    elapsed = subprocess.run(["squeue", "--noheader", "--job", job_id, "--format=%M"],
+                                             capture_output=True, text=True, check=True).stdout.strip()
+                    seconds = sum(int(x) * 60 ** i for i, x in enumerate(reversed(re.split("[:-]", elapsed))))
+                    limit = -(-(seconds + 50) // 60)  # whole minutes, rounded up
+                    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit}"], check=True)
         assert time.monotonic() < deadline, f"{todo} never reached round 2"
         time.sleep(0.2)
     _wait_for_jobs(cancelled, timed, reference)

@@ -306,15 +306,17 @@ def test_shipped_variants_files_are_valid_quickstart_variants(path):
 
 # --- a killed sweep, plugin files, the live display ---------------------------------------
 
-def _processes_running(run_dir: Path) -> list[int]:
-    """The pids of `optima run` processes of `run_dir`."""
+def _processes_running(run_dir: Path, parent: int | None = None) -> list[int]:
+    """The pids of the processes of `optima run ... run_dir` (its data loader's workers
+    too, unless `parent`: only the children of that process)."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if b"optima.cli.main" in cmdline and str(run_dir).encode() in cmdline:
+        if b"optima.cli.main" in cmdline and str(run_dir).encode() in cmdline and parent in (None, ppid):
             pids.append(int(proc.name))
     return pids
 
@@ -340,13 +342,13 @@ def test_a_killed_sweep_takes_its_runs_with_it_and_the_rerun_resumes(tmp_path, m
     while not (log.exists() and "student: round 2 " in log.read_text()):
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
         time.sleep(0.1)
-    (run,) = _processes_running(run_dir)
+    (run,) = _processes_running(run_dir, parent=process.pid)
     process.kill()
     process.wait()
     code, out = _sweep(tmp_path, *long_run, "--variant", "optima=")  # at once: the run may still be saving
     assert code == 0, out
     assert not _processes_running(run_dir) and not Path(f"/proc/{run}").exists()
-    first, second = log.read_text().split("\n# ")[1:]
+    first, second = ("\n" + log.read_text()).split("\n# ")[1:]
     assert "interrupted by SIGTERM" in first and "checkpoint saved" in first, first
     assert "--resume" in second.splitlines()[0] and "student: resumed from" in second
     row, = _rows(sweep)
