@@ -111,13 +111,17 @@ def plugins(
 
 @app.command()
 def sweep(
-    config: str = typer.Argument(..., help="Experiment gin file, e.g. gin/quickstart.gin."),
+    config: Optional[str] = typer.Argument(
+        None, metavar="CONFIG|SWEEP_DIR",
+        help="Experiment gin file (a path or package:path), e.g. gin/quickstart.gin; with --status or --cancel "
+             "the sweep directory."),
     variant: Optional[List[str]] = typer.Option(
         None, "--variant", metavar="NAME='BINDING; BINDING'",
         help="A variant: its name and gin bindings, repeatable: --variant layerwise='distillation.policy = "
              "@layerwise_policy' (no bindings: the config as it is)."),
     variants: Optional[str] = typer.Option(
-        None, "--variants", metavar="FILE.toml", help="A TOML file of variants (docs/sweeps.md)."),
+        None, "--variants", metavar="FILE.toml",
+        help="A TOML file of variants (a path or package:path; docs/sweeps.md)."),
     seeds: Optional[str] = typer.Option(
         None, "--seeds", help="Seeds of the variants that do not set their own, e.g. 0,1,2 (default: the "
                               "variants file's, else 0)."),
@@ -125,18 +129,53 @@ def sweep(
         None, "--binding", "-b", help="A gin binding for every run, repeatable (before the variant's)."),
     sweep_dir: Optional[str] = typer.Option(
         None, "--sweep-dir", help="Where the runs go (default sweeps/<config>-<time>); pass it again to resume."),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at a time (each an `optima run` process)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Local launcher: runs at a time (each an `optima run` process)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads per run (OMP_NUM_THREADS)."),
     no_plugins: bool = typer.Option(False, "--no-plugins", help="Runs load built-in plugins only."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, their status and commands; run nothing."),
+    launcher: str = typer.Option("local", "--launcher", help="local (subprocesses here) or slurm (a job per run)."),
+    slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Slurm: the partition."),
+    slurm_time: Optional[str] = typer.Option(
+        None, "--slurm-time", help="Slurm: time limit of a run, e.g. 90 (minutes), 4:00:00, 1-12:00:00 (default 60)."),
+    slurm_gpus: Optional[int] = typer.Option(
+        None, "--slurm-gpus", help="Slurm: GPUs per node of a run (> 1: torchrun, a process per GPU; default 0)."),
+    slurm_cpus: Optional[int] = typer.Option(None, "--slurm-cpus", help="Slurm: CPUs per node of a run (default 1)."),
+    slurm_nodes: Optional[int] = typer.Option(
+        None, "--slurm-nodes", help="Slurm: nodes per run (> 1: torchrun on each, through srun; default 1)."),
+    slurm_sbatch: Optional[List[str]] = typer.Option(
+        None, "--slurm-sbatch", metavar="--OPTION=VALUE",
+        help="Slurm: a further #SBATCH line, repeatable: --slurm-sbatch=--account=proj --slurm-sbatch=--qos=high."),
+    slurm_array_parallelism: Optional[int] = typer.Option(
+        None, "--slurm-array-parallelism", help="Slurm: runs (array tasks) running at once (default 64)."),
+    slurm_signal: Optional[int] = typer.Option(
+        None, "--slurm-signal", metavar="SECONDS",
+        help="Slurm: SIGTERM this long before the time limit, to save a checkpoint (default 120)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Slurm: submit and return (watch with --status)."),
+    status: bool = typer.Option(False, "--status", help="Show each run of SWEEP_DIR: queued, running, done, "
+                                                        "failed, with Slurm job ids; rewrite its results."),
+    cancel: bool = typer.Option(False, "--cancel", help="Cancel SWEEP_DIR's queued and running Slurm jobs "
+                                                        "(running runs save a checkpoint; a rerun resumes them)."),
 ) -> None:
     """Run variants x seeds of a config, each run in SWEEP_DIR/<variant>/seed-<k>/ (finished runs are
-    skipped, interrupted ones resumed); write results.csv and results.md."""
+    skipped, interrupted ones resumed), here or on Slurm; write results.csv, results.md and TensorBoard
+    HParams entries."""
     with user_errors():
-        from optima.cli.sweep import sweep_command
+        from optima.cli.sweep import cancel_command, status_command, sweep_command
+        from optima.errors import ConfigError
 
+        if status or cancel:
+            target = config or sweep_dir
+            if target is None or (status and cancel):
+                raise ConfigError("usage: optima sweep --status SWEEP_DIR, or optima sweep --cancel SWEEP_DIR")
+            raise typer.Exit(status_command(target) if status else cancel_command(target))
+        if config is None:
+            raise ConfigError("optima sweep needs a CONFIG (a gin file), e.g. optima sweep gin/quickstart.gin "
+                              "--variants gin/sweeps/baselines.toml")
+        slurm = {"partition": slurm_partition, "time": slurm_time, "gpus": slurm_gpus, "cpus": slurm_cpus,
+                 "nodes": slurm_nodes, "sbatch": slurm_sbatch, "array_parallelism": slurm_array_parallelism,
+                 "signal_s": slurm_signal}
         code = sweep_command(config, variant or [], variants, seeds, binding or [], sweep_dir, jobs, threads,
-                             no_plugins, dry_run)
+                             no_plugins, dry_run, launcher=launcher, slurm=slurm, wait=not no_wait)
     raise typer.Exit(code)
 
 

@@ -124,25 +124,45 @@ def _seeds_value(value: Any, where: str) -> tuple[int, ...]:
 def _bindings_value(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(b, str) for b in value):
         raise ConfigError(f"{where}: bindings must be a list of strings, e.g. "
-                          "[\"distillation.policy = @layerwise_policy\"], got {value!r}")
+                          f"[\"distillation.policy = @layerwise_policy\"], got {value!r}")
     return tuple(b.strip() for b in value if b.strip())
 
 
-def load_variants_file(path: str) -> tuple[list[Variant], tuple[str, ...], tuple[int, ...] | None]:
-    """The variants, common bindings and default seeds of a TOML variants file."""
+def _read_toml(path: str) -> dict[str, Any]:
     import tomllib
 
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such variants file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not a TOML variants file ({e})") from None
+
+
+#: the variants file's table of Slurm options (`optima.slurm.SlurmOptions`), not a variant
+SLURM_TABLE = "slurm"
+
+
+def load_slurm_table(path: str) -> dict[str, Any]:
+    """The `[slurm]` table of a variants file (empty if it has none)."""
+    table = _read_toml(path).get(SLURM_TABLE, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {SLURM_TABLE} must be a table of Slurm options, e.g. [slurm] with "
+                          "partition = \"gpu\"")
+    return table
+
+
+def load_variants_file(path: str) -> tuple[list[Variant], tuple[str, ...], tuple[int, ...] | None]:
+    """The variants, common bindings and default seeds of a TOML variants file
+    (the CLI resolves `package:path` first); its `[slurm]` table is read by `load_slurm_table`."""
+    data = _read_toml(path)
     common: tuple[str, ...] = ()
     seeds = None
     variants = []
     for key, value in data.items():
+        if key == SLURM_TABLE:
+            continue
         if isinstance(value, dict):
             where = f"{path}: [{key}]"
             unknown = sorted(set(value) - {"bindings", "seeds"})
@@ -226,8 +246,11 @@ class Sweep:
 
     def __init__(self, config: str, variants: Sequence[Variant], sweep_dir: str | os.PathLike,
                  common_bindings: Sequence[str] = (), seeds: Sequence[int] | None = None,
-                 no_plugins: bool = False):
-        if not os.path.isfile(config):
+                 no_plugins: bool = False, config_file: str | None = None):
+        """`config` as `optima run` takes it (a path or `package:path`), `config_file` the
+        file it names (default: `config`, a path)."""
+        self.config_file = config_file or config
+        if not os.path.isfile(self.config_file):
             raise ConfigError(f"{config}: no such gin file")
         names = [v.name for v in variants]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -264,6 +287,7 @@ class Sweep:
             raise ConfigError(f"{grid}: unreadable ({e})") from None
         sweep = cls.__new__(cls)
         sweep.config, sweep.dir, sweep.common, sweep.no_plugins = config, Path(sweep_dir), tuple(common), False
+        sweep.config_file = stored.get("config_file", config)
         sweep.variants = sweep.grid = variants
         sweep.live = {}
         return sweep
@@ -284,7 +308,8 @@ class Sweep:
             old = [Variant(v["name"], tuple(v["bindings"]), tuple(v["seeds"])) for v in stored["variants"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{self.grid_file}: unreadable ({e}); pass another --sweep-dir") from None
-        if os.path.realpath(stored["config"]) != os.path.realpath(self.config):
+        stored_file = stored.get("config_file", stored["config"])
+        if os.path.realpath(stored_file) != os.path.realpath(self.config_file):
             raise ConfigError(f"{self.dir} holds a sweep of {stored['config']}, not {self.config}; "
                               "pass another --sweep-dir")
         if tuple(stored.get("bindings", ())) != self.common:
@@ -324,7 +349,8 @@ class Sweep:
 
     def save_grid(self, command: str) -> None:
         write_json_atomic(self.grid_file, {
-            "config": self.config, "bindings": list(self.common), "command": command,
+            "config": self.config, "config_file": self.config_file, "bindings": list(self.common),
+            "command": command,
             "variants": [{"name": v.name, "bindings": list(v.bindings), "seeds": list(v.seeds)} for v in self.grid],
         }, indent=1)
 
@@ -401,6 +427,7 @@ class SweepObserver:
     def on_poll(self, running: Sequence[Job]) -> None: ...
     def on_finish(self, job: Job) -> None: ...
     def on_stopping(self, running: Sequence[Job]) -> None: ...
+    def on_wait(self, job: Job) -> None: ...  # its run directory is still in use by an earlier process
 
 
 class SweepInterrupted(Exception):
@@ -425,7 +452,8 @@ def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, observer: SweepObse
     results after each; returns every job of the grid. On SIGINT/SIGTERM no run
     starts, each running one gets one SIGINT (it saves a checkpoint and stops;
     a second signal stops them at once) and `SweepInterrupted` is raised once
-    they have ended."""
+    they have ended. The runs die with the sweep: should it be killed (SIGKILL),
+    each gets SIGTERM and saves a checkpoint."""
     observer = observer or SweepObserver()
     sweep.dir.mkdir(parents=True, exist_ok=True)
     todo = [j for j in sweep.jobs(only_current=True) if j.status != "done"]
@@ -434,8 +462,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, observer: SweepObse
     warm = {j.seed for j in sweep.jobs() if j.status == "done"}
     started_seeds: set[int] = set()
     running: list[_Running] = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONUNBUFFERED": "1", "COLUMNS": os.environ.get("COLUMNS", "120")}
+    env = run_environment(threads)
     signals: list[int] = []
 
     def on_signal(signum, frame):
@@ -455,7 +482,15 @@ def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, observer: SweepObse
             while not signals and len(running) < jobs and (job := next_job()) is not None:
                 todo.remove(job)
                 started_seeds.add(job.seed)
-                running.append(_start(sweep, job, env, observer))
+                # a run of a killed sweep may still be saving its checkpoint: let it end, then resume it
+                if wait_for_run_dir(job.run_dir, lambda: observer.on_wait(job)):
+                    refresh(job)
+                    if job.status == "done":  # it finished meanwhile
+                        write_results(sweep)
+                        observer.on_finish(job)
+                        continue
+                running.append(start_run(job, sweep.command(job), env, new_session=True))
+                observer.on_start(job, "--resume" in running[-1].process.args)
             if signals and running and not announced:
                 observer.on_stopping([r.job for r in running])
                 announced = True
@@ -463,7 +498,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, observer: SweepObse
             observer.on_poll([r.job for r in running])
             for r in [r for r in running if r.process.poll() is not None]:
                 running.remove(r)
-                _finish(sweep, r, stopped=bool(signals))
+                finish_run(sweep, r, stopped=bool(signals))
                 warm.add(r.job.seed)  # finished or not, its teacher stage has ended
                 write_results(sweep)
                 observer.on_finish(r.job)
@@ -473,7 +508,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, observer: SweepObse
         for r in running:  # only after an error in this loop: never leave a run behind
             _signal(r.process, signal.SIGTERM)
             r.process.wait()
-            _finish(sweep, r, stopped=True)
+            finish_run(sweep, r, stopped=True)
     all_jobs = write_results(sweep)
     if signals:
         raise SweepInterrupted(signals[0])
@@ -488,22 +523,79 @@ def _signal(process: subprocess.Popen, signum: int) -> None:
             pass
 
 
-def _start(sweep: Sweep, job: Job, env: Mapping[str, str], observer: SweepObserver) -> _Running:
-    cmd = sweep.command(job)
+def run_environment(threads: int) -> dict[str, str]:
+    """The environment of a run: `threads` torch threads, unbuffered output."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1", "COLUMNS": os.environ.get("COLUMNS", "120")}
+
+
+#: the file `optima run` locks in its run directory while it runs (`optima.cli.run`)
+RUN_DIR_LOCK = ".optima.lock"
+
+
+def wait_for_run_dir(run_dir: Path, on_wait=None, poll_s: float = 0.2) -> bool:
+    """Return once no process holds the run directory's lock (an `optima run`
+    still saving its checkpoint after its sweep was killed); `on_wait()` is
+    called once if it has to wait. Whether it waited."""
+    import fcntl
+
+    lock = Path(run_dir) / RUN_DIR_LOCK
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return waited
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                time.sleep(poll_s)
+    finally:
+        os.close(fd)
+
+
+def _die_with_parent() -> None:
+    """In a run's process before it starts: SIGTERM when its parent (the sweep,
+    or the Slurm job's wrapper) dies, however it dies (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+
+
+def start_run(job: Job, cmd: Sequence[str], env: Mapping[str, str], note: str = "",
+              new_session: bool = False) -> _Running:
+    """Start `cmd` (the run `job`) with its output appended to the job's log."""
     job.log.parent.mkdir(parents=True, exist_ok=True)
     log = open(job.log, "a", encoding="utf-8")
-    log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} optima {shlex.join(cmd[3:])}\n")
+    args = cmd[cmd.index("optima.cli.main") + 1:] if "optima.cli.main" in cmd else cmd
+    log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} optima {shlex.join(args)}" + (f" ({note})" if note else "")
+              + "\n")
     log.flush()
-    # own session: a Ctrl-C reaches the sweep only, which forwards one SIGINT per run
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(env),
-                               start_new_session=True)
-    resumed = "--resume" in cmd
+    parent = os.getpid()
+
+    def before_exec() -> None:
+        _die_with_parent()
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # own session (local sweep): a Ctrl-C reaches the sweep only, which forwards one SIGINT per run
+    process = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env=dict(env), start_new_session=new_session, preexec_fn=before_exec)
     job.status = "running"
-    observer.on_start(job, resumed)
     return _Running(job, process, time.monotonic(), log)
 
 
-def _finish(sweep: Sweep, r: _Running, stopped: bool) -> None:
+def finish_run(sweep: Sweep, r: _Running, stopped: bool, **attempt: Any) -> None:
+    """Record how the run `r` ended in its job and its `job.json`; `stopped`:
+    the sweep (or Slurm) asked it to stop; `attempt`: more to record."""
     job, code = r.job, r.process.returncode
     r.log_file.close()
     wall = time.monotonic() - r.started
@@ -515,7 +607,7 @@ def _finish(sweep: Sweep, r: _Running, stopped: bool) -> None:
         job.status = "interrupted" if interrupted else "failed"
         job.error = error_line(job.log, code)
     job.attempts.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - wall)),
-                         "wall_s": round(wall, 1), "exit_code": code, "status": job.status})
+                         "wall_s": round(wall, 1), "exit_code": code, "status": job.status, **attempt})
     job.wall_s = sum(a["wall_s"] for a in job.attempts)
     _write_record(job, sweep.config)
 
@@ -523,11 +615,130 @@ def _finish(sweep: Sweep, r: _Running, stopped: bool) -> None:
 # --- results --------------------------------------------------------------------------
 
 def write_results(sweep: Sweep) -> list[Job]:
-    """`results.csv` and `results.md` of the whole grid, from the run directories."""
-    jobs = sweep.jobs()
-    write_text_atomic(sweep.dir / "results.csv", results_csv(jobs))
-    write_text_atomic(sweep.dir / "results.md", results_markdown(sweep, jobs))
+    """`results.csv`, `results.md` and the HParams entries of the whole grid,
+    from the run directories. Serialised by a lock in the sweep directory
+    (Slurm jobs write them as they end): the last writer has seen every run."""
+    import fcntl
+
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sweep.dir / ".results.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        jobs = sweep.jobs()
+        write_text_atomic(sweep.dir / "results.csv", results_csv(jobs))
+        write_text_atomic(sweep.dir / "results.md", results_markdown(sweep, jobs))
+        write_hparams(sweep.dir / "tensorboard" / "hparams", jobs)
+    finally:
+        os.close(fd)
     return jobs
+
+
+def _hparam_value(text: str) -> float | str:
+    """A binding's value as the HParams dashboard sorts it: a number where it is one."""
+    try:
+        return float(text.replace("_", ""))
+    except ValueError:
+        return text
+
+
+def hparams_of(jobs: Sequence[Job]) -> tuple[dict[str, dict[str, Any]], dict[str, list]]:
+    """{run label: {hparam: value}} of the finished runs (variant, seed and each
+    binding a variant sets: a number where every value set is one, the run
+    left out where its variant leaves it to the config; else text, '(config)'
+    where left to the config), and the values of each text hparam (the
+    dashboard's filters)."""
+    done = [j for j in jobs if j.status == "done"]
+    keys = binding_columns(done)
+    bound = {j.label: {binding_key(b): b.split("=", 1)[1].strip() for b in j.variant_bindings} for j in done}
+    numeric = {k: all(isinstance(_hparam_value(b[k]), float) for b in bound.values() if k in b) for k in keys}
+    out = {}
+    for j in done:
+        values: dict[str, Any] = {"variant": j.variant, "seed": j.seed}
+        for k in keys:
+            text = bound[j.label].get(k)
+            if numeric[k]:
+                if text is not None:
+                    values[k] = _hparam_value(text)
+            else:
+                values[k] = text if text is not None else "(config)"
+        out[j.label] = values
+    discrete = {k: sorted({v[k] for v in out.values()}) for k in ("variant", *keys) if not numeric.get(k, False)}
+    return out, discrete
+
+
+def _hparams_summaries(values: Mapping[str, Any], metrics: Sequence[str],
+                       discrete: Mapping[str, list]) -> tuple[Any, Any, Any]:
+    """The HParams plugin's three summaries (TensorBoard's protos, no TensorFlow
+    or torch needed): the experiment (which hparams and metrics exist), a
+    session's start (its hparam values) and end."""
+    from google.protobuf import struct_pb2
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    def summary(tag: str, **data: Any) -> Summary:
+        content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **data)
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
+                                                                      content=content.SerializeToString()))
+        return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+    start = plugin_data_pb2.SessionStartInfo()
+    infos = []
+    for name, value in values.items():
+        if isinstance(value, str):
+            start.hparams[name].string_value = value
+            kind = api_pb2.DATA_TYPE_STRING
+            domain = struct_pb2.ListValue(values=[struct_pb2.Value(string_value=v) for v in discrete.get(name, ())])
+        else:
+            start.hparams[name].number_value = float(value)
+            kind, domain = api_pb2.DATA_TYPE_FLOAT64, None
+        infos.append(api_pb2.HParamInfo(name=name, type=kind, domain_discrete=domain if discrete.get(name) else None))
+    experiment = api_pb2.Experiment(hparam_infos=infos,
+                                    metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metrics])
+    return (summary(metadata.EXPERIMENT_TAG, experiment=experiment),
+            summary(metadata.SESSION_START_INFO_TAG, session_start_info=start),
+            summary(metadata.SESSION_END_INFO_TAG,
+                    session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)))
+
+
+def write_hparams(directory: Path, jobs: Sequence[Job]) -> None:
+    """TensorBoard's HParams dashboard for the sweep: one session per finished
+    run (`<directory>/<variant>/seed-<k>`) with its hparams (`hparams_of`) and
+    its test metrics as scalars; rewritten whole (swapped in when complete)."""
+    import shutil
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    values, discrete = hparams_of(jobs)
+    if not values:
+        return
+    metrics = metric_columns([j for j in jobs if j.status == "done"])
+    fresh = directory.with_name(directory.name + ".new")
+    shutil.rmtree(fresh, ignore_errors=True)
+
+    def write(run: Path, *summaries: Summary) -> None:
+        writer = EventFileWriter(str(run))
+        for summary in summaries:
+            writer.add_event(Event(wall_time=time.time(), step=0, summary=summary))
+        writer.close()
+
+    every: dict[str, Any] = {}  # each hparam with a value of its kind, in order
+    for run in values.values():
+        every.update({k: v for k, v in run.items() if k not in every})
+    write(fresh, _hparams_summaries(every, metrics, discrete)[0])
+    for job in jobs:
+        if job.label in values:
+            _, start, end = _hparams_summaries(values[job.label], metrics, discrete)
+            scalars = Summary(value=[Summary.Value(tag=m, simple_value=v) for m, v in job.metrics.items()
+                                     if math.isfinite(v)])
+            write(fresh / job.variant / f"seed-{job.seed}", start, end, scalars)
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    fresh.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def binding_columns(jobs: Iterable[Job]) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,11 +31,14 @@ COMMON = [x for b in TINY for x in ("-b", b)]
 LAYERWISE = "layerwise=distillation.policy = @layerwise_policy"
 
 
-def _sweep(tmp_path, *args):
-    """`optima sweep` in this process (its runs are subprocesses): exit code and output."""
+def _sweep(tmp_path, *args, env=None):
+    """`optima sweep` in this process (its runs are subprocesses), at 80 columns: exit code and
+    output, its lines as wrapped (each within 80 columns) joined by single spaces."""
     result = CliRunner().invoke(app, ["sweep", "tests/gin/tiny_ve.gin", *COMMON, "--sweep-dir", str(tmp_path / "sweep"),
-                                      *args], env={"COLUMNS": "200"})
-    return result.exit_code, result.output
+                                      *args], env={"COLUMNS": "80", **(env or {})})
+    too_wide = [line for line in result.output.splitlines() if len(line) > 80 and not line.startswith("optima: error:")]
+    assert not too_wide, result.output
+    return result.exit_code, " ".join(result.output.split())
 
 
 def _rows(sweep_dir: Path) -> list[dict]:
@@ -53,8 +57,12 @@ def test_sweep_rows_teacher_per_seed_failure_and_rerun(tmp_path, monkeypatch):
                         '[broken]\nbindings = ["distillation.rounds = 0"]\nseeds = [1]\n')
     # 3 jobs: without the seed's first run going alone (or the stage lock), a layerwise run would
     # train the teacher its seed's optima run is training
-    code, out = _sweep(tmp_path, "--variants", str(variants), "--seeds", "0,1", "--jobs", "3")
+    code, out = _sweep(tmp_path, "--variants", str(variants), "--seeds", "0,1", "--jobs", "3",
+                       env={"OPTIMA_PROGRESS_INTERVAL": "1"})
     assert code == 1, out  # a run failed; the others finished
+    # not on a terminal: a line per run start and end, and one per interval, each saying where the sweep stands
+    assert "[0/5 done, ETA ?] starting optima/seed-0" in out and "[4/5 done, ETA 0s]" in out
+    assert re.search(r"\[\d/5 done, ETA [^]]+\] \d running: \S+/seed-\d \d+m\d\ds", out), out
     sweep = tmp_path / "sweep"
     rows = _rows(sweep)
     assert [(r["variant"], r["seed"]) for r in rows] == [
@@ -73,6 +81,7 @@ def test_sweep_rows_teacher_per_seed_failure_and_rerun(tmp_path, monkeypatch):
     assert broken["error"].startswith("optima: error:") and "distillation.rounds" in broken["error"]
     assert "distillation.rounds" in (sweep / "broken" / "seed-1.log").read_text()
     assert "failed broken/seed-1" in out
+    assert "| optima: error:" in out and f"log: {sweep / 'broken' / 'seed-1.log'}" in out  # its log's tail
     # each run directory holds its bindings; the grid is in sweep.json
     job = json.loads((sweep / "layerwise" / "seed-1" / "job.json").read_text())
     assert job["bindings"][-2:] == ["distillation.policy = @layerwise_policy", "experiment.seed = 1"]
@@ -293,3 +302,138 @@ def test_shipped_variants_files_are_valid_quickstart_variants(path):
     for v in variants:
         cfg.parse(["gin/quickstart.gin"], [*common, *v.bindings])
         experiment(None, validate_only=True)
+
+
+# --- a killed sweep, plugin files, the live display ---------------------------------------
+
+def _processes_running(run_dir: Path, parent: int | None = None) -> list[int]:
+    """The pids of the processes of `optima run ... run_dir` (its data loader's workers
+    too, unless `parent`: only the children of that process)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"optima.cli.main" in cmdline and str(run_dir).encode() in cmdline and parent in (None, ppid):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_takes_its_runs_with_it_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """SIGKILL of `optima sweep`: its running `optima run` gets SIGTERM (it saves a
+    checkpoint and ends), and a rerun started at once waits for it, then resumes
+    it. Not on a terminal, the sweep's lines come as they happen (flushed)."""
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweep"
+    long_run = ["-b", "distillation.rounds = 30", "-b", "distillation.checkpoint_every = 1000"]
+    cmd = [sys.executable, "-m", "optima.cli.main", "sweep", "tests/gin/tiny_ve.gin", *COMMON, *long_run,
+           "--sweep-dir", str(sweep), "--variant", "optima="]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "COLUMNS": "80"})
+    lines = [process.stdout.readline()]  # the header, then the run's start, while it runs
+    while "starting optima/seed-0" not in lines[-1] and len(lines) < 6:
+        lines.append(process.stdout.readline())
+    assert "[0/1 done, ETA ?] starting optima/seed-0" in lines[-1] and process.poll() is None, lines
+    log, run_dir = sweep / "optima" / "seed-0.log", sweep / "optima" / "seed-0"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "student: round 2 " in log.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.1)
+    (run,) = _processes_running(run_dir, parent=process.pid)
+    process.kill()
+    process.wait()
+    code, out = _sweep(tmp_path, *long_run, "--variant", "optima=")  # at once: the run may still be saving
+    assert code == 0, out
+    assert not _processes_running(run_dir) and not Path(f"/proc/{run}").exists()
+    first, second = ("\n" + log.read_text()).split("\n# ")[1:]
+    assert "interrupted by SIGTERM" in first and "checkpoint saved" in first, first
+    assert "--resume" in second.splitlines()[0] and "student: resumed from" in second
+    row, = _rows(sweep)
+    assert row["status"] == "done"
+
+
+def test_sweep_takes_package_files_for_config_and_variants(tmp_path, monkeypatch):
+    """`package:path` names a plugin's shipped gin file and variants file, as for `optima run`."""
+    package = tmp_path / "optima_sweep_example"
+    (package / "gin").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "gin" / "tiny.gin").write_text((ROOT / "tests" / "gin" / "tiny_ve.gin").read_text())
+    (package / "variants.toml").write_text('seeds = 2\n[layerwise]\nbindings = ["distillation.policy = '
+                                           '@layerwise_policy"]\n[slurm]\npartition = "gpu"\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(app, ["sweep", "optima_sweep_example:gin/tiny.gin", "--variants",
+                                      "optima_sweep_example:variants.toml", "--sweep-dir", str(tmp_path / "s"),
+                                      "--dry-run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "1 variant(s), 2 run(s)" in out and "layerwise/seed-1" in out  # [slurm] is not a variant
+    assert "optima run optima_sweep_example:gin/tiny.gin" in out
+    sweep = Sweep("optima_sweep_example:gin/tiny.gin", [Variant("a")], tmp_path / "s",
+                  config_file=str(package / "gin" / "tiny.gin"))
+    sweep.save_grid("optima sweep ...")  # a rerun with the same package file is the same sweep
+    Sweep("optima_sweep_example:gin/tiny.gin", [Variant("a")], tmp_path / "s", config_file=str(package / "gin" / "tiny.gin"))
+    for args, says in ((["optima_sweep_example:gin/none.gin"], "has no file gin/none.gin"),
+                       (["tests/gin/tiny_ve.gin", "--variants", "optima_sweep_example:none.toml"],
+                        "has no file none.toml")):
+        result = CliRunner().invoke(app, ["sweep", *args, "--dry-run"], env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and says in result.output, result.output
+
+
+@pytest.mark.slow
+def test_live_display_fits_80_columns_on_a_terminal(tmp_path):
+    """In a terminal 80 columns wide: the sweep's bar with runs done/total, its
+    ETA and each running run's last line, every line within 80 columns."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = {**os.environ, "COLUMNS": "80", "LINES": "24", "TERM": "xterm", "OPTIMA_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "optima.cli.main", "sweep", "tests/gin/tiny_ve.gin", *COMMON,
+           "--sweep-dir", str(tmp_path / "sweep"), "--variant", "optima=", "--variant", LAYERWISE]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the sweep in a pseudo-terminal
+        os.chdir(ROOT)
+        os.execve(sys.executable, cmd, env)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child has ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    lines = re.split(r"\r\n|\r|\n", out)
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+    bars = [line for line in lines if line.startswith("runs ")]
+    assert any(re.search(r"━+.* 0/2 .*ETA \?", line) for line in bars), bars
+    assert any(re.search(r" 1/2 .*ETA \d+m\d\ds", line) for line in bars), bars
+    assert any(re.match(r"(optima|layerwise)/seed-0 .*(student: round|teacher|starting)", line) for line in lines)
+    assert any(line.startswith("done optima/seed-0") for line in lines)
+
+
+def test_hparams_of_finished_runs(tmp_path):
+    """The HParams entries: variant, seed and the variants' bindings, numbers where they are numbers."""
+    from optima.sweep import hparams_of
+
+    def job(variant, seed, bindings, status="done"):
+        j = Job(variant, seed, bindings, (), tmp_path, tmp_path)
+        j.status, j.metrics = status, {"student/accuracy": 0.5}
+        return j
+
+    values, discrete = hparams_of([
+        job("optima", 0, ()), job("fast", 0, ("optima_policy.gamma = 0.5", "distillation.policy = @x")),
+        job("slow", 1, ("optima_policy.gamma = 0.9",)), job("broken", 0, ("optima_policy.gamma = 'a'",), "failed")])
+    assert values == {
+        "optima/seed-0": {"variant": "optima", "seed": 0, "distillation.policy": "(config)"},
+        "fast/seed-0": {"variant": "fast", "seed": 0, "optima_policy.gamma": 0.5, "distillation.policy": "@x"},
+        "slow/seed-1": {"variant": "slow", "seed": 1, "optima_policy.gamma": 0.9, "distillation.policy": "(config)"}}
+    assert discrete == {"variant": ["fast", "optima", "slow"], "distillation.policy": ["(config)", "@x"]}
