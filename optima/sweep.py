@@ -124,7 +124,7 @@ def _seeds_value(value: Any, where: str) -> tuple[int, ...]:
 def _bindings_value(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(b, str) for b in value):
         raise ConfigError(f"{where}: bindings must be a list of strings, e.g. "
-                          "[\"distillation.policy = @layerwise_policy\"], got {value!r}")
+                          f"[\"distillation.policy = @layerwise_policy\"], got {value!r}")
     return tuple(b.strip() for b in value if b.strip())
 
 

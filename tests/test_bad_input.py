@@ -414,7 +414,32 @@ def _run_dir_read_only(tmp_path: Path, monkeypatch) -> list[str]:
     return ["tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "ro" / "run")]
 
 
+SECRET = "root:$6$SECRETHASH:19000:0:99999:7:::\n"  # the first line of an /etc/shadow
+
+
+def _includes_a_text_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "shadow").write_text(SECRET)
+    (tmp_path / "model.gin").write_text(f"include '{tmp_path}/shadow'\n")
+    return [str(tmp_path / "model.gin")]
+
+
+def _includes_a_binary_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (tmp_path / "model.gin").write_text(f"include '{tmp_path}/image.png'\n")
+    return [str(tmp_path / "model.gin")]
+
+
+def _given_a_text_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "shadow").write_text(SECRET)
+    return [str(tmp_path / "shadow")]
+
+
 BAD_PATHS = [
+    (_includes_a_text_file, "{tmp}/shadow:1: not a gin file (gin cannot parse it); it is included from "
+                            "{tmp}/model.gin: include .gin files only"),
+    (_includes_a_binary_file, "{tmp}/image.png: not a gin file (not UTF-8 text); it is included from "
+                              "{tmp}/model.gin:1: include .gin files only"),
+    (_given_a_text_file, "{tmp}/shadow:1: not a gin file (gin cannot parse it); pass the experiment's .gin file"),
     (_binary, "{tmp}/model.gin:2: not a gin file (not UTF-8 text: byte 0x89); pass the experiment's .gin file"),
     (_run_dir_is_a_file, "--run-dir {tmp}/taken: it is a file, not a directory; pass a directory that can be "
                          "written"),
@@ -431,3 +456,42 @@ def test_a_bad_path_is_one_line(make, expected, tmp_path, monkeypatch):
     assert (code, lines) == (2, [f"optima: error: {expected.format(tmp=tmp_path)}"])
     if make is _run_dir_is_a_file:
         assert (tmp_path / "taken").read_text() == "notes"  # untouched
+    assert "SECRET" not in lines[0]  # nothing of a file that is not gin is quoted
+
+
+# -- messages ----------------------------------------------------------------------
+
+#: `{name}` placeholders that messages print on purpose: the documented fields of
+#: the image-path patterns (`nlvr2_task.image_pattern`, `vqa_task.image_pattern`).
+PATTERN_FIELDS = {"split", "directory", "stem", "identifier", "i", "image_id"}
+
+
+def test_no_message_prints_a_placeholder_for_want_of_an_f_prefix(tmp_path):
+    """A string piece without its `f` prints `{value!r}` literally: the variants
+    file's bindings message did. Every string of a `raise` or a warning in the
+    code is scanned for `{name}` pieces that are not f-string fields."""
+    import ast
+    import re
+
+    from optima.errors import ConfigError
+    from optima.sweep import load_variants_file
+
+    path = tmp_path / "variants.toml"
+    path.write_text("[x]\nbindings = 'a.b = 1'\n")
+    with pytest.raises(ConfigError) as e:
+        load_variants_file(str(path))
+    assert str(e.value).endswith("got 'a.b = 1'"), str(e.value)
+
+    field = re.compile(r"\{([A-Za-z_]\w*)(?:![rsa])?(?::[^{}]*)?\}")
+    found = []
+    for root in ("optima", "cli", "plugins"):
+        for source in sorted(Path(root).rglob("*.py")):
+            for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+                message = isinstance(node, ast.Raise) or (
+                    isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+                    in ("warning", "warn"))
+                for sub in ast.walk(node) if message else ():
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                        found += [f"{source}:{sub.lineno}: {{{name}}}" for name in field.findall(sub.value)
+                                  if name not in PATTERN_FIELDS]
+    assert found == []
