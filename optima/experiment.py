@@ -605,6 +605,8 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
     tb = TensorBoardReporter(os.path.join(run_dir, "tensorboard")) if distributed.is_main() else None
     rounds = RoundLog(os.path.join(run_dir, "rounds")) if distributed.is_main() else None
     reporter = Reporters([tb, rounds, *reporters]) if tb is not None else Reporter()
+    if rounds is not None:
+        rounds.warn = reporter.on_message
     keeper = RunKeeper(run_dir, interrupts, reporter.on_message)
     summary: dict[str, Any] = {"metrics": {}, "params_M": {}, "stages": {}}
     try:

@@ -32,7 +32,8 @@ with `round`, `step`, `arm` (index), `arm_label`, `reward` (null when none),
 `policy` (the policy's diagnostics: a list per arm, in the header's order, a
 list per unit for a `unit_*` statistic, in the order of the header's `units`,
 or a number) and `losses` (`total`, `arm` and `module` sums, as the `round/` tags).
-A resumed stage drops the rounds logged after its checkpoint; a stage reused
+A resumed stage drops the rounds logged after its checkpoint, and a reader
+drops a last line cut short by a crash, with one warning; a stage reused
 from the cache brings its log along (`optima.experiment`).
 
 A resumed run writes new event files beside the old ones. Each stage's writer
@@ -45,11 +46,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from optima.checkpoint import finite_json, write_text_atomic
 from optima.engine import RoundResult
-from optima.errors import WARNING_PREFIX
+from optima.errors import WARNING_PREFIX, ConfigError, warning
 
 
 class Reporter:
@@ -173,8 +174,9 @@ class RoundLog(Reporter):
     """Each distillation stage's rounds as JSON lines in `log_dir/<stage>.jsonl`
     (format in the module doc), appended as rounds end."""
 
-    def __init__(self, log_dir: str | os.PathLike):
+    def __init__(self, log_dir: str | os.PathLike, warn: Callable[[str], None] = print):
         self.dir = Path(log_dir)
+        self.warn = warn  # where a torn last line is reported on resume
         self.arm_labels: dict[str, list[str]] = {}
         self.unit_labels: dict[str, list[str]] = {}
 
@@ -192,7 +194,7 @@ class RoundLog(Reporter):
             return
         kept = []
         if start > 0 and self.path(stage).exists():  # resumed: keep the rounds up to the checkpoint
-            kept = [r for r in read_round_log(self.path(stage))[1] if r["step"] <= start]
+            kept = [r for r in read_round_log(self.path(stage), self.warn)[1] if r["step"] <= start]
         lines = [{"arms": self.arm_labels[stage], "units": self.unit_labels.get(stage, [])}, *kept]
         write_text_atomic(self.path(stage), "".join(json.dumps(finite_json(x)) + "\n" for x in lines))
 
@@ -209,10 +211,28 @@ class RoundLog(Reporter):
             f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
 
-def read_round_log(path: str | os.PathLike) -> tuple[list[str], list[dict[str, Any]]]:
-    """A `RoundLog` file: the arm labels and the rounds."""
-    with open(path, encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    if not lines or "arms" not in lines[0]:
-        raise ValueError(f"{path} is not a round log (its first line lacks 'arms')")
-    return list(lines[0]["arms"]), lines[1:]
+def read_round_log(path: str | os.PathLike, warn: Callable[[str], None] = print
+                   ) -> tuple[list[str], list[dict[str, Any]]]:
+    """A `RoundLog` file: the arm labels and the rounds. A last line cut short
+    (the run died while appending it: lines are appended, not written
+    atomically) is dropped with one warning through `warn`; the checkpoints know
+    how far the run got. Any other line that is not a JSON record is a
+    `ConfigError` naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i == len(lines) - 1 and i > 0 and not line.endswith("\n"):
+            warn(warning(f"{path}: its last line ({n}) was cut short (the run stopped while writing it); "
+                         "dropped it"))
+        else:
+            raise ConfigError(f"{path}:{n}: not a JSON record; the round log is damaged")
+    if not records or "arms" not in records[0]:
+        raise ConfigError(f"{path} is not a round log (its first line lacks 'arms')")
+    return list(records[0]["arms"]), records[1:]
