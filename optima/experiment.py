@@ -63,8 +63,8 @@ import torch
 from optima import distributed
 from optima.align import pair_layouts
 from optima.arms import ArmSpace, build_policy
-from optima.checkpoint import (Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_json_atomic,
-                               write_text_atomic)
+from optima.checkpoint import (Interrupts, RunKeeper, failed_writes, fault_point, is_operational, write_atomic,
+                               write_json_atomic, write_text_atomic)
 from optima.config import TEACHER
 from optima.data import SkippedRecords, default_workers, to_device
 from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
@@ -244,8 +244,9 @@ def _lock_stage(path: Path, stage: str, reporter: Reporter, keeper: RunKeeper | 
     lock = path.parent / ".locks" / f"{path.name}.lock"
     if lock in _held_locks or not distributed.is_main():  # one rank of a torchrun run makes the stages
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    with failed_writes(lambda: None, lambda why: f"could not write {lock}: {why}"):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     waiting = False
     while True:
         try:
@@ -662,8 +663,13 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
         summary["skipped_records"] = list(dict.fromkeys([*reasons, *unreadable]))  # one line per damaged file
         if tb is not None:
             tb.add_text("config/operative_config.gin", gin.operative_config_str())
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            reporter.close()
+        raise
+    else:
+        reporter.close()  # a log write that fails here stops the run like any other write
     finally:
-        reporter.close()
         _release_stage_locks()
     for name in stages:
         _save_atomic(networks[name], Path(run_dir) / f"{name}.safetensors")

@@ -295,6 +295,82 @@ def test_a_full_disk_stops_cleanly_with_the_resume_command(what, where, expected
         assert json.loads((run / "metrics.json").read_text())["stages"]["student"]["resumed_from_step"] == 1
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # no thread's traceback
+def test_a_full_disk_at_a_tensorboard_write_stops_cleanly_with_the_resume_command(tmp_path, monkeypatch):
+    """The disk fills right after the student's first checkpoint and the first
+    write to fail is an event file's (TensorBoard writes them in a thread, which
+    keeps the error for a later call): one line naming the log folder, the resume
+    command, exit 1; after freeing space the resume finishes and TensorBoard
+    shows every student step once."""
+    import errno
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
+
+    from optima.cli.run import command_line
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    monkeypatch.setenv("OPTIMA_CACHE", str(cache))
+    real = LocalFileSystem._write
+    failed = []
+
+    def write(fs, filename, content, mode):
+        full = (run / "checkpoints" / "student" / "step-000000001").exists()
+        if full and b"/tensorboard/student/" in bytes(filename):
+            failed.append(filename)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fs, filename, content, mode)
+
+    bindings = [a for b in QUICK for a in ("-b", b)]
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalFileSystem, "_write", write)
+        code, lines = run_cli("tests/gin/tiny_ve.gin", "--run-dir", str(run), *bindings)
+    assert failed, lines
+    resume = command_line("tests/gin/tiny_ve.gin", QUICK, "--resume", str(run))
+    assert (code, [line for line in lines if line.startswith("optima: error")]) == (1, [
+        f"optima: error: could not write the TensorBoard log {run}/tensorboard: {FULL}; the checkpoints are "
+        f"intact; resume with: {resume}"]), lines
+    assert lines[-1].startswith("optima: error")
+
+    code, lines = run_cli("tests/gin/tiny_ve.gin", *bindings, "--resume", str(run))
+    assert code == 0, lines
+    events = EventAccumulator(str(run / "tensorboard" / "student"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total/task")] == [1, 2]
+
+
+def test_a_round_log_append_the_os_refuses_is_one_line_and_cut_off(tmp_path):
+    """Not injected: a file size limit (EFBIG) stops the append of a round's line;
+    the error is one line naming the log and the half-written line is removed."""
+    import resource
+    import signal
+
+    from optima.checkpoint import CheckpointWriteError
+    from optima.engine import RoundResult
+    from optima.interfaces import RoundLosses
+    from optima.reporting import RoundLog, read_round_log
+
+    log = RoundLog(tmp_path)
+    log.on_arms("student", ["image", "text"])
+    log.on_stage("student", 4, "step")
+    result = RoundResult(round=1, step=2, arm=0, arm_label="image", reward=None,
+                         losses=RoundLosses({"task": 0.5, "kd": 0.25}, {"image": {"hidden": 1.0}}, ("image",)))
+    log.on_round("student", result)
+    before = log.path("student").read_bytes()
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 20, hard))
+    try:
+        with pytest.raises(CheckpointWriteError) as e:
+            log.on_round("student", result)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(e.value) == f"could not write {log.path('student')}: File too large"
+    assert log.path("student").read_bytes() == before
+    assert len(read_round_log(log.path("student"))[1]) == 1
+
+
 def test_a_write_the_os_refuses_inside_safetensors_is_understood(tmp_path):
     """Not injected: the OS refuses the write (a file size limit, EFBIG) inside
     safetensors' Rust code, and its error is read as the file system's."""
