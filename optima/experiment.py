@@ -66,7 +66,7 @@ from optima.arms import ArmSpace, build_policy
 from optima.checkpoint import (Interrupts, RunKeeper, failed_writes, fault_point, is_operational, write_atomic,
                                write_json_atomic, write_text_atomic)
 from optima.config import TEACHER
-from optima.data import SkippedRecords, default_workers, to_device
+from optima.data import SkippedRecords, default_workers, to_device, worker_died
 from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError, warning
 from optima.interfaces import Batch, batch_rows
@@ -586,10 +586,16 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
         return dry_run_plan(task, teacher, head, stages, seed, pretrain)
 
     with Interrupts() as interrupts:
-        return _run(run_dir, reporters, interrupts, task=task, teacher=teacher, head=head, stages=stages, seed=seed,
-                    device=device, eval_batch_size=eval_batch_size, cache_dir=cache_dir,
-                    workers=default_workers() if data_workers is None else data_workers, pretrain=pretrain,
-                    teacher_pretrained=teacher_pretrained, students_init_from=students_init_from)
+        try:
+            return _run(run_dir, reporters, interrupts, task=task, teacher=teacher, head=head, stages=stages,
+                        seed=seed, device=device, eval_batch_size=eval_batch_size, cache_dir=cache_dir,
+                        workers=default_workers() if data_workers is None else data_workers, pretrain=pretrain,
+                        teacher_pretrained=teacher_pretrained, students_init_from=students_init_from)
+        except RuntimeError as e:  # torch raises a dead worker's error wherever the run is (SIGCHLD)
+            died = worker_died(e)
+            if died is None:
+                raise
+            raise died from None
 
 
 def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *, task: Callable, teacher: Callable,
