@@ -26,6 +26,12 @@ for a student stage every binding outside the teacher's and the other
 stages' scopes). A rerun, or a second experiment that shares a stage, reuses it;
 a stage is locked while it is made (`.locks/` in the cache), so a parallel run
 that needs the same stage (a sweep's) waits and then reuses it.
+A stage built from a third-party plugin's components (a model, task, policy...
+that `@name` references) is also keyed on that code: the plugin distribution's
+version and installed files, and the source of the component's module
+(`plugin_code`), so a reinstalled or edited plugin makes the stage again.
+`OPTIMA_FRESH=1` (or `OPTIMA_FRESH=teacher,tiny6`) makes every (those) stage(s)
+again whatever the cache holds, replacing the cache entries.
 Bindings that only decide how a run is kept alive (`checkpoint_every`,
 `keep_checkpoints`, `on_nonfinite`, `experiment.cache_dir`,
 `experiment.data_workers`) are left out of the keys.
@@ -51,6 +57,7 @@ import itertools
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +167,70 @@ def _bindings(stage: str, stages: Sequence[str]) -> str:
 
 def stage_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+#: `OPTIMA_FRESH=1` (or `all`): no stage is reused from the cache, each is made
+#: again and its cache entry replaced; `OPTIMA_FRESH=teacher,tiny6`: those stages.
+FRESH_ENV = "OPTIMA_FRESH"
+
+
+def fresh(stage: str) -> bool:
+    """Whether `OPTIMA_FRESH` asks for `stage` to be made again rather than reused."""
+    value = os.environ.get(FRESH_ENV, "").strip()
+    if value.lower() in ("", "0", "false", "no"):
+        return False
+    return value.lower() in ("1", "all", "true", "yes") or stage in {v.strip() for v in value.split(",")}
+
+
+def _source_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def plugin_code(config_text: str) -> dict[str, str]:
+    """The code of the third-party components `config_text` references
+    (`@name`), for a stage's cache key: per distribution that provides one, its
+    version and a digest of its installed files' record; per module of such a
+    component, a digest of its source (an editable install's edits too). Empty
+    when every component is this project's, so their keys do not change."""
+    import importlib.metadata as metadata
+    import inspect
+    import sys
+
+    from optima.registry import DISTRIBUTION
+
+    providers = metadata.packages_distributions()
+    code: dict[str, str] = {}
+    for name in sorted(set(re.findall(r"@([\w./]+)", config_text))):
+        try:
+            configurable = gin.config._REGISTRY.get_match(name.rsplit("/", 1)[-1])
+        except Exception:  # noqa: BLE001 (not a configurable gin knows: nothing to key on)
+            configurable = None
+        module = sys.modules.get(getattr(getattr(configurable, "wrapped", None), "__module__", None) or "")
+        if module is None:
+            continue
+        dists = [d for d in providers.get(module.__name__.split(".")[0], []) if d != DISTRIBUTION]
+        for dist in dists:
+            try:
+                record = metadata.distribution(dist).read_text("RECORD") or ""
+                code[dist] = f"{metadata.version(dist)} {hashlib.sha256(record.encode()).hexdigest()[:16]}"
+            except metadata.PackageNotFoundError:
+                continue
+        source = inspect.getsourcefile(module) if dists else None
+        if source and os.path.isfile(source):
+            code[module.__name__] = _source_digest(source)
+    return code
+
+
+def _plugin_key(stage_bindings: str) -> dict[str, Any]:
+    """The `plugins` part of a stage's key (none for this project's components alone)."""
+    code = plugin_code(stage_bindings + "\n" + _experiment_statements())
+    return {"plugins": code} if code else {}
+
+
+def _experiment_statements() -> str:
+    """`experiment.*` bindings: the task, head and models every stage is built from."""
+    return "\n".join(s for s in _statements(gin.config_str()) if s.startswith("experiment."))
 
 
 def _save_atomic(network: torch.nn.Module, path: Path) -> None:
@@ -283,13 +354,14 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     the newest one. `on_nonfinite`: 'stop' or 'skip' a step whose loss is NaN or inf."""
     if steps < 0 or batch_size < 1:
         raise ConfigError(f"teacher_training.steps must be >= 0 and .batch_size >= 1, got {steps}, {batch_size}")
-    key = stage_key(weights=_weights_digest(network), task=task.fingerprint(), seed=seed,
-                    bindings=_bindings(TEACHER, ()))
+    bindings = _bindings(TEACHER, ())
+    key = stage_key(weights=_weights_digest(network), task=task.fingerprint(), seed=seed, bindings=bindings,
+                    **_plugin_key(bindings))
     if steps == 0:
         return {"key": key, "cached": False, "trained": False}
     path = cache / f"teacher-{key}.safetensors"
     _lock_stage(path, TEACHER, reporter, keeper)  # parallel runs train a teacher once
-    if _reuse(network, path, device, reporter):
+    if not fresh(TEACHER) and _reuse(network, path, device, reporter):
         reporter.on_message(f"teacher: reusing {path}")
         return {"key": key, "cached": True, "path": str(path)}
     opt = optimizer(param_groups([network.model], [network.head], head_lr))
@@ -352,12 +424,14 @@ def pretraining(name: str, factory: Callable, device: torch.device, reporter: Re
     seed_everything(seed)
     model = factory().to(device)
     data = corpus()
-    key = stage_key(weights=_weights_digest(model), corpus=data.fingerprint(), seed=seed,
-                    bindings=_pretraining_bindings(name))
+    bindings = _pretraining_bindings(name)
+    key = stage_key(weights=_weights_digest(model), corpus=data.fingerprint(), seed=seed, bindings=bindings,
+                    **_plugin_key(bindings))
     path = cache / f"pretrained-{key}.safetensors"
     _lock_stage(path, name, reporter, keeper)  # runs of a sweep pretrain once
     result: dict[str, Any] = {"key": key, "path": str(path), "cached": True}
-    usable = path.exists() and _holds_state(path, model.checkpoint_state(), reporter) if distributed.is_main() else None
+    usable = (not fresh(name) and path.exists() and _holds_state(path, model.checkpoint_state(), reporter)
+              if distributed.is_main() else None)
     if distributed.broadcast_object(usable):  # rank 0 checks the file
         reporter.on_message(f"{name}: reusing {path}")
         return result
@@ -737,12 +811,13 @@ def _network(model_factory: Callable, head: Callable, task, device: torch.device
 
 def _distillation_stage(name, teacher, student, task, seed, device, reporter, cache, upstream, stages,
                         keeper: RunKeeper | None = None, workers: int = 0):
+    bindings = _bindings(name, stages)
     key = stage_key(weights=_weights_digest(student), task=task.fingerprint(), seed=seed, upstream=upstream,
-                    bindings=_bindings(name, stages))
+                    bindings=bindings, **_plugin_key(bindings))
     path = cache / f"student-{key}.safetensors"
     _lock_stage(path, name, reporter, keeper)
     record = path.with_suffix(".json")
-    if _reuse(student, path, device, reporter, record):
+    if not fresh(name) and _reuse(student, path, device, reporter, record):
         reporter.on_message(f"{name}: reusing {path}")
         return {**json.loads(record.read_text()), "cached": True}
     distiller = distillation(name, teacher, student, task, seed, device, reporter, workers)
