@@ -197,8 +197,11 @@ def plugin_code(config_text: str) -> dict[str, str]:
     import inspect
     import sys
 
-    from optima.registry import DISTRIBUTION
+    from optima.registry import DISTRIBUTION, ENTRY_POINT_GROUP
 
+    # the distributions that provide plugins (not torch, whose optimizers are configurables too)
+    plugin_dists = {ep.dist.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
+                    if getattr(ep, "dist", None) is not None} - {DISTRIBUTION}
     providers = metadata.packages_distributions()
     code: dict[str, str] = {}
     for name in sorted(set(re.findall(r"@([\w./]+)", config_text))):
@@ -209,7 +212,7 @@ def plugin_code(config_text: str) -> dict[str, str]:
         module = sys.modules.get(getattr(getattr(configurable, "wrapped", None), "__module__", None) or "")
         if module is None:
             continue
-        dists = [d for d in providers.get(module.__name__.split(".")[0], []) if d != DISTRIBUTION]
+        dists = [d for d in providers.get(module.__name__.split(".")[0], []) if d in plugin_dists]
         for dist in dists:
             try:
                 record = metadata.distribution(dist).read_text("RECORD") or ""
