@@ -55,6 +55,9 @@ _STATUS = {"ok": "[green]ok[/]", "failed": "[yellow]failed[/]", "invalid": "[red
 
 
 def print_tables(data: dict[str, Any]) -> None:
+    # On a terminal, descriptions are cut to its width; piped or redirected (a
+    # file, grep, CI logs) they are printed whole, one line per component.
+    out = console if console.is_terminal else Console(width=100_000, soft_wrap=True)
     plugins = Table(title="plugins")
     for col in ("plugin", "version", "distribution", "status", "hooks"):
         plugins.add_column(col, no_wrap=col != "hooks")
@@ -62,7 +65,7 @@ def print_tables(data: dict[str, Any]) -> None:
         hooks = ", ".join(h.removeprefix("optima_register_") for h in p["hooks"])
         plugins.add_row(p["name"], p["version"] or "-", p["distribution"] or p["module"],
                         _STATUS.get(p["status"], p["status"]), hooks or "-")
-    console.print(plugins)
+    out.print(plugins)
     for p in data["plugins"]:
         if not p["components"]:
             continue
@@ -76,10 +79,11 @@ def print_tables(data: dict[str, Any]) -> None:
         components.add_column("kind", min_width=6, no_wrap=True)
         components.add_column("gin name", min_width=gin_width, no_wrap=True)
         components.add_column("modules", width=modules_width)
-        components.add_column("description", no_wrap=True, overflow="ellipsis", max_width=max(left, 10))
+        components.add_column("description", no_wrap=True, overflow="ellipsis",
+                              max_width=max(left, 10) if out is console else None)
         for c in p["components"]:
             modules = ", ".join(c["modules"]) if c.get("modules") else ("?" if c["kind"] == "model" else "")
             components.add_row(c["kind"], c["gin"], modules, c["doc"])
-        console.print(components)
+        out.print(components)
     if not data["external_plugins"]:
-        console.print("external plugins disabled (--no-plugins or OPTIMA_DISABLE_PLUGINS): built-ins only")
+        out.print("external plugins disabled (--no-plugins or OPTIMA_DISABLE_PLUGINS): built-ins only")

@@ -220,15 +220,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 
 
 @contextlib.contextmanager
-def failed_writes(tmp: Path, message: Callable[[str], str]) -> Iterator[None]:
-    """Every write of a run goes through this: if the block fails, `tmp` (a file or
-    a directory) is removed; a failure of the file system (no space left, quota,
-    a read-only disk, ...: an `OSError`, or safetensors' error wrapping one)
-    becomes a `CheckpointWriteError` of one line, `message(why)`."""
+def failed_writes(tmp: Path | Callable[[], None], message: Callable[[str], str]) -> Iterator[None]:
+    """Every write of a run (and of `optima export`) goes through this: if the
+    block fails, `tmp` (a file or a directory) is removed, or `tmp()` called
+    when it is a function that removes what the block wrote; a failure of the
+    file system (no space left, quota, a read-only disk, ...: an `OSError`, or
+    safetensors' error wrapping one) becomes a `CheckpointWriteError` of one
+    line, `message(why)`."""
     try:
         yield
     except BaseException as e:
-        if tmp.is_dir() and not tmp.is_symlink():
+        if callable(tmp):
+            tmp()
+        elif tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             with contextlib.suppress(OSError):

@@ -146,20 +146,36 @@ def parse(config_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     try:
         gin.parse_config_files_and_bindings(list(config_files), list(bindings), finalize_config=False)
     except SyntaxError as e:
-        where = f"{e.filename}:{e.lineno}" if e.filename and e.filename != "<string>" else "binding"
-        raise ConfigError(f"{where}: gin syntax error: {e.msg}" + (f" in {e.text.strip()!r}" if e.text else "")) \
-            from None
+        raise _syntax_error(e, config_files) from None
     except tokenize.TokenError as e:  # an unclosed bracket or string: gin's tokenizer gives up
         raise ConfigError(f"{_untokenizable(config_files, bindings)}: gin cannot parse it: {e.args[0]} "
                           "(a bracket or a quote is not closed?)") from None
     except UnicodeDecodeError as e:  # an included file that is not text (the given ones are checked above)
-        raise ConfigError(f"a gin file included by {', '.join(config_files)} is not UTF-8 text ({e.reason} at "
-                          f"byte {e.start}); include gin files only") from None
+        m = re.search(r'In file "([^"]+)", line (\d+)\s+include\s+[\'"]([^\'"]+)', str(e))  # gin adds where
+        included, where = (m.group(3), f"{m.group(1)}:{m.group(2)}") if m else ("a file", ", ".join(config_files))
+        raise ConfigError(f"{included}: not a gin file (not UTF-8 text); it is included from {where}: include "
+                          ".gin files only") from None
     except (ValueError, KeyError, IOError) as e:
         raise translate(e) from None
     finally:
         logging.getLogger().disabled = False
         gin.config._LOCATION_PREFIXES[:] = search_paths
+
+
+def _syntax_error(e: SyntaxError, config_files: Sequence[str]) -> ConfigError:
+    """gin's syntax error as one line. A file whose name does not end in `.gin`
+    (e.g. an `include '/etc/shadow'`) is called not a gin file and nothing of it
+    is quoted: gin's message and text hold its content, which a config from
+    elsewhere must not be able to print into a log."""
+    if not e.filename or e.filename == "<string>":
+        return ConfigError(f"binding: gin syntax error: {e.msg}" + (f" in {e.text.strip()!r}" if e.text else ""))
+    where = f"{e.filename}:{e.lineno}"
+    if not e.filename.endswith(".gin"):
+        given = os.path.abspath(e.filename) in {os.path.abspath(f) for f in config_files}
+        return ConfigError(f"{where}: not a gin file (gin cannot parse it); "
+                           + ("pass the experiment's .gin file" if given else
+                              f"it is included from {', '.join(config_files)}: include .gin files only"))
+    return ConfigError(f"{where}: gin syntax error: {e.msg}" + (f" in {e.text.strip()!r}" if e.text else ""))
 
 
 def _require_text(path: str) -> None:

@@ -20,7 +20,11 @@ step by `torch.utils.data.DataLoader` worker processes when the task can.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
+import signal
+import sys
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -28,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from optima import distributed
 from optima.checkpoint import preserved_rng
-from optima.errors import ConfigError, warning
+from optima.errors import ConfigError, OptimaError, warning
 from optima.interfaces import SKIPPED_RECORDS, Batch, BatchSource, Task, batch_rows, slice_rows
 
 #: The DataLoader's default: batches each worker makes ahead.
@@ -48,6 +52,42 @@ def default_workers() -> int:
     share of the node's, one kept for the training process itself), at most 16."""
     per_process = available_cpus() // max(1, distributed.local_world_size())
     return max(0, min(16, per_process - 1))
+
+
+class WorkerDied(OptimaError):
+    """A DataLoader worker process died (killed, out of memory): the run stops;
+    its checkpoints are intact, so it can be resumed."""
+
+    exit_code = 1
+    resumable = True
+
+
+#: torch's words for a dead worker, from its SIGCHLD handler or its loader.
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (is killed by signal: [^.]+|exited "
+                          r"unexpectedly(?: with exit code -?\d+)?)")
+
+
+def worker_died(e: BaseException) -> WorkerDied | None:
+    """`e` as one line when it is torch's error for a dead DataLoader worker, else None."""
+    m = _WORKER_DIED.search(str(e)) if isinstance(e, RuntimeError) else None
+    if m is None:
+        return None
+    pids = m.group(1).strip().replace(" ", "")
+    return WorkerDied(f"a data loader worker process (pid {pids}) {m.group(2)}, so the run stopped; "
+                      "its checkpoints are intact")
+
+
+def die_with_parent(parent: int, worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: the worker gets SIGKILL when the process
+    that made it ends, however it ends (on Linux: prctl PR_SET_PDEATHSIG), so
+    no worker outlives a killed run; if that process is gone already, exit."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
 
 
 def to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
@@ -109,7 +149,8 @@ def loader(task: Task, split: str, batch_size: int, *, shuffle: bool, seed: int,
     passes = _Passes(task, split, batch_size, shuffle, seed, rank, world)
     options: dict[str, Any] = {}
     if workers > 0:
-        options = {"prefetch_factor": prefetch, "persistent_workers": True}
+        options = {"prefetch_factor": prefetch, "persistent_workers": True,
+                   "worker_init_fn": functools.partial(die_with_parent, os.getpid())}
     items = DataLoader(passes, batch_size=None, sampler=_Indices(passes, epoch, position, endless),
                        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_keep,
                        generator=torch.Generator().manual_seed(seed), **options)

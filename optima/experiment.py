@@ -26,6 +26,12 @@ for a student stage every binding outside the teacher's and the other
 stages' scopes). A rerun, or a second experiment that shares a stage, reuses it;
 a stage is locked while it is made (`.locks/` in the cache), so a parallel run
 that needs the same stage (a sweep's) waits and then reuses it.
+A stage built from a third-party plugin's components (a model, task, policy...
+that `@name` references) is also keyed on that code: the plugin distribution's
+version and installed files, and the source of the component's module
+(`plugin_code`), so a reinstalled or edited plugin makes the stage again.
+`OPTIMA_FRESH=1` (or `OPTIMA_FRESH=teacher,tiny6`) makes every (those) stage(s)
+again whatever the cache holds, replacing the cache entries.
 Bindings that only decide how a run is kept alive (`checkpoint_every`,
 `keep_checkpoints`, `on_nonfinite`, `experiment.cache_dir`,
 `experiment.data_workers`) are left out of the keys.
@@ -51,6 +57,7 @@ import itertools
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +70,10 @@ import torch
 from optima import distributed
 from optima.align import pair_layouts
 from optima.arms import ArmSpace, build_policy
-from optima.checkpoint import (Interrupts, RunKeeper, fault_point, is_operational, write_atomic, write_json_atomic,
-                               write_text_atomic)
+from optima.checkpoint import (Interrupts, RunKeeper, failed_writes, fault_point, is_operational, write_atomic,
+                               write_json_atomic, write_text_atomic)
 from optima.config import TEACHER
-from optima.data import SkippedRecords, default_workers, to_device
+from optima.data import SkippedRecords, default_workers, to_device, worker_died
 from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError, warning
 from optima.interfaces import Batch, batch_rows
@@ -162,6 +169,73 @@ def stage_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+#: `OPTIMA_FRESH=1` (or `all`): no stage is reused from the cache, each is made
+#: again and its cache entry replaced; `OPTIMA_FRESH=teacher,tiny6`: those stages.
+FRESH_ENV = "OPTIMA_FRESH"
+
+
+def fresh(stage: str) -> bool:
+    """Whether `OPTIMA_FRESH` asks for `stage` to be made again rather than reused."""
+    value = os.environ.get(FRESH_ENV, "").strip()
+    if value.lower() in ("", "0", "false", "no"):
+        return False
+    return value.lower() in ("1", "all", "true", "yes") or stage in {v.strip() for v in value.split(",")}
+
+
+def _source_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def plugin_code(config_text: str) -> dict[str, str]:
+    """The code of the third-party components `config_text` references
+    (`@name`), for a stage's cache key: per distribution that provides one, its
+    version and a digest of its installed files' record; per module of such a
+    component, a digest of its source (an editable install's edits too). Empty
+    when every component is this project's, so their keys do not change."""
+    import importlib.metadata as metadata
+    import inspect
+    import sys
+
+    from optima.registry import DISTRIBUTION, ENTRY_POINT_GROUP
+
+    # the distributions that provide plugins (not torch, whose optimizers are configurables too)
+    plugin_dists = {ep.dist.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
+                    if getattr(ep, "dist", None) is not None} - {DISTRIBUTION}
+    providers = metadata.packages_distributions()
+    code: dict[str, str] = {}
+    for name in sorted(set(re.findall(r"@([\w./]+)", config_text))):
+        try:
+            configurable = gin.config._REGISTRY.get_match(name.rsplit("/", 1)[-1])
+        except Exception:  # noqa: BLE001 (not a configurable gin knows: nothing to key on)
+            configurable = None
+        module = sys.modules.get(getattr(getattr(configurable, "wrapped", None), "__module__", None) or "")
+        if module is None:
+            continue
+        dists = [d for d in providers.get(module.__name__.split(".")[0], []) if d in plugin_dists]
+        for dist in dists:
+            try:
+                record = metadata.distribution(dist).read_text("RECORD") or ""
+                code[dist] = f"{metadata.version(dist)} {hashlib.sha256(record.encode()).hexdigest()[:16]}"
+            except metadata.PackageNotFoundError:
+                continue
+        source = inspect.getsourcefile(module) if dists else None
+        if source and os.path.isfile(source):
+            code[module.__name__] = _source_digest(source)
+    return code
+
+
+def _plugin_key(stage_bindings: str) -> dict[str, Any]:
+    """The `plugins` part of a stage's key (none for this project's components alone)."""
+    code = plugin_code(stage_bindings + "\n" + _experiment_statements())
+    return {"plugins": code} if code else {}
+
+
+def _experiment_statements() -> str:
+    """`experiment.*` bindings: the task, head and models every stage is built from."""
+    return "\n".join(s for s in _statements(gin.config_str()) if s.startswith("experiment."))
+
+
 def _save_atomic(network: torch.nn.Module, path: Path) -> None:
     """Written to a temporary file, fsynced, renamed: a half-written stage is never
     reused, and a failed write (a full disk) leaves what was there. Rank 0 writes."""
@@ -244,8 +318,9 @@ def _lock_stage(path: Path, stage: str, reporter: Reporter, keeper: RunKeeper | 
     lock = path.parent / ".locks" / f"{path.name}.lock"
     if lock in _held_locks or not distributed.is_main():  # one rank of a torchrun run makes the stages
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    with failed_writes(lambda: None, lambda why: f"could not write {lock}: {why}"):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     waiting = False
     while True:
         try:
@@ -282,13 +357,14 @@ def teacher_training(network: Network, task, seed: int, device: torch.device, re
     the newest one. `on_nonfinite`: 'stop' or 'skip' a step whose loss is NaN or inf."""
     if steps < 0 or batch_size < 1:
         raise ConfigError(f"teacher_training.steps must be >= 0 and .batch_size >= 1, got {steps}, {batch_size}")
-    key = stage_key(weights=_weights_digest(network), task=task.fingerprint(), seed=seed,
-                    bindings=_bindings(TEACHER, ()))
+    bindings = _bindings(TEACHER, ())
+    key = stage_key(weights=_weights_digest(network), task=task.fingerprint(), seed=seed, bindings=bindings,
+                    **_plugin_key(bindings))
     if steps == 0:
         return {"key": key, "cached": False, "trained": False}
     path = cache / f"teacher-{key}.safetensors"
     _lock_stage(path, TEACHER, reporter, keeper)  # parallel runs train a teacher once
-    if _reuse(network, path, device, reporter):
+    if not fresh(TEACHER) and _reuse(network, path, device, reporter):
         reporter.on_message(f"teacher: reusing {path}")
         return {"key": key, "cached": True, "path": str(path)}
     opt = optimizer(param_groups([network.model], [network.head], head_lr))
@@ -351,12 +427,14 @@ def pretraining(name: str, factory: Callable, device: torch.device, reporter: Re
     seed_everything(seed)
     model = factory().to(device)
     data = corpus()
-    key = stage_key(weights=_weights_digest(model), corpus=data.fingerprint(), seed=seed,
-                    bindings=_pretraining_bindings(name))
+    bindings = _pretraining_bindings(name)
+    key = stage_key(weights=_weights_digest(model), corpus=data.fingerprint(), seed=seed, bindings=bindings,
+                    **_plugin_key(bindings))
     path = cache / f"pretrained-{key}.safetensors"
     _lock_stage(path, name, reporter, keeper)  # runs of a sweep pretrain once
     result: dict[str, Any] = {"key": key, "path": str(path), "cached": True}
-    usable = path.exists() and _holds_state(path, model.checkpoint_state(), reporter) if distributed.is_main() else None
+    usable = (not fresh(name) and path.exists() and _holds_state(path, model.checkpoint_state(), reporter)
+              if distributed.is_main() else None)
     if distributed.broadcast_object(usable):  # rank 0 checks the file
         reporter.on_message(f"{name}: reusing {path}")
         return result
@@ -585,10 +663,16 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
         return dry_run_plan(task, teacher, head, stages, seed, pretrain)
 
     with Interrupts() as interrupts:
-        return _run(run_dir, reporters, interrupts, task=task, teacher=teacher, head=head, stages=stages, seed=seed,
-                    device=device, eval_batch_size=eval_batch_size, cache_dir=cache_dir,
-                    workers=default_workers() if data_workers is None else data_workers, pretrain=pretrain,
-                    teacher_pretrained=teacher_pretrained, students_init_from=students_init_from)
+        try:
+            return _run(run_dir, reporters, interrupts, task=task, teacher=teacher, head=head, stages=stages,
+                        seed=seed, device=device, eval_batch_size=eval_batch_size, cache_dir=cache_dir,
+                        workers=default_workers() if data_workers is None else data_workers, pretrain=pretrain,
+                        teacher_pretrained=teacher_pretrained, students_init_from=students_init_from)
+        except RuntimeError as e:  # torch raises a dead worker's error wherever the run is (SIGCHLD)
+            died = worker_died(e)
+            if died is None:
+                raise
+            raise died from None
 
 
 def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *, task: Callable, teacher: Callable,
@@ -605,6 +689,8 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
     tb = TensorBoardReporter(os.path.join(run_dir, "tensorboard")) if distributed.is_main() else None
     rounds = RoundLog(os.path.join(run_dir, "rounds")) if distributed.is_main() else None
     reporter = Reporters([tb, rounds, *reporters]) if tb is not None else Reporter()
+    if rounds is not None:
+        rounds.warn = reporter.on_message
     keeper = RunKeeper(run_dir, interrupts, reporter.on_message)
     summary: dict[str, Any] = {"metrics": {}, "params_M": {}, "stages": {}}
     try:
@@ -660,8 +746,13 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
         summary["skipped_records"] = list(dict.fromkeys([*reasons, *unreadable]))  # one line per damaged file
         if tb is not None:
             tb.add_text("config/operative_config.gin", gin.operative_config_str())
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            reporter.close()
+        raise
+    else:
+        reporter.close()  # a log write that fails here stops the run like any other write
     finally:
-        reporter.close()
         _release_stage_locks()
     for name in stages:
         _save_atomic(networks[name], Path(run_dir) / f"{name}.safetensors")
@@ -723,12 +814,13 @@ def _network(model_factory: Callable, head: Callable, task, device: torch.device
 
 def _distillation_stage(name, teacher, student, task, seed, device, reporter, cache, upstream, stages,
                         keeper: RunKeeper | None = None, workers: int = 0):
+    bindings = _bindings(name, stages)
     key = stage_key(weights=_weights_digest(student), task=task.fingerprint(), seed=seed, upstream=upstream,
-                    bindings=_bindings(name, stages))
+                    bindings=bindings, **_plugin_key(bindings))
     path = cache / f"student-{key}.safetensors"
     _lock_stage(path, name, reporter, keeper)
     record = path.with_suffix(".json")
-    if _reuse(student, path, device, reporter, record):
+    if not fresh(name) and _reuse(student, path, device, reporter, record):
         reporter.on_message(f"{name}: reusing {path}")
         return {**json.loads(record.read_text()), "cached": True}
     distiller = distillation(name, teacher, student, task, seed, device, reporter, workers)

@@ -24,10 +24,11 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from optima.checkpoint import failed_writes, write_text_atomic
 from optima.config import TEACHER
 from optima.errors import ConfigError
 
@@ -173,8 +174,21 @@ def _prepare_out(out: str) -> bool:
         if not os.path.isdir(out) or os.listdir(out):
             raise ConfigError(f"{out} already exists and is not empty; pass another --out")
         return False
-    os.makedirs(out)
+    with failed_writes(lambda: None, lambda why: f"could not write the export to {out}: {why}"):
+        os.makedirs(out)
     return True
+
+
+def _undo(out: str, created: bool) -> Callable[[], None]:
+    """What removes a failed export: `out` itself when it was created here, else what was written in it."""
+    def undo() -> None:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+            return
+        for entry in os.listdir(out):
+            p = os.path.join(out, entry)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+    return undo
 
 
 def head_binding_name() -> str:
@@ -251,7 +265,11 @@ def export_run(run_dir: str, out: str, stage: str | None = None, name: str | Non
                           f"{', '.join(spec.stage_names())})")
     name = name or default_name(run_dir, stage)
     created = _prepare_out(out)
-    try:
+    # Every file goes through the checkpoints' write mechanism: a full or
+    # read-only disk is one line naming the folder, and `out` is left as it was
+    # (removed if it was created here, emptied otherwise); so is any other failure.
+    with failed_writes(_undo(out, created), lambda why: f"could not write the export to {out}: {why}; "
+                                                        "nothing was left there"):
         device = torch.device("cpu")
         task = spec.task()
         network = spec.network(stage, task, device, run.pretrained)
@@ -274,14 +292,5 @@ def export_run(run_dir: str, out: str, stage: str | None = None, name: str | Non
             on_message("model card: measuring parameters, FLOPs and CPU latency")
             record["card"] = write_card(os.path.join(out, CARD_FILE), run=run, spec=spec, stage=stage,
                                         task=task, student=network, export=record)
-        with open(os.path.join(out, EXPORT_RECORD), "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1, default=str)
+        write_text_atomic(os.path.join(out, EXPORT_RECORD), json.dumps(record, indent=1, default=str))
         return record
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        else:
-            for entry in os.listdir(out):
-                p = os.path.join(out, entry)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
-        raise

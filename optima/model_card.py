@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
+from optima.checkpoint import write_text_atomic
 from optima.config import TEACHER
 from optima.errors import ConfigError
 
@@ -224,6 +225,5 @@ def write_card(path: str, *, run, spec, stage: str, task, student: torch.nn.Modu
     text = render(name=export["name"], stage=stage, run=run, spec=spec, task=task, measured=measured, export=export,
                   teacher_note=teacher_note, operative=op_path.read_text(encoding="utf-8"),
                   operative_file=operative_file)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_text_atomic(path, text)
     return measured

@@ -237,6 +237,11 @@ class _Loader:
 
     def add(self, plugin: Any, info: PluginInfo) -> None:
         pm = self.registry.manager
+        taken = self.registry.plugins.get(info.name)
+        if taken is not None and taken.status == "disabled" and info.name not in self.objects:
+            # an entry point that was not loaded (plugins disabled) takes no name: a plugin
+            # given by module (tests, an example imported from source) may use it
+            del self.registry.plugins[info.name]
         if info.name in self.registry.plugins:
             return self.invalid(info, f"plugin name {info.name!r} is taken by both "
                                       f"{_origin(self.registry.plugins[info.name])} and {_origin(info)}",

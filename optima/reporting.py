@@ -32,7 +32,8 @@ with `round`, `step`, `arm` (index), `arm_label`, `reward` (null when none),
 `policy` (the policy's diagnostics: a list per arm, in the header's order, a
 list per unit for a `unit_*` statistic, in the order of the header's `units`,
 or a number) and `losses` (`total`, `arm` and `module` sums, as the `round/` tags).
-A resumed stage drops the rounds logged after its checkpoint; a stage reused
+A resumed stage drops the rounds logged after its checkpoint, and a reader
+drops a last line cut short by a crash, with one warning; a stage reused
 from the cache brings its log along (`optima.experiment`).
 
 A resumed run writes new event files beside the old ones. Each stage's writer
@@ -42,14 +43,17 @@ interrupted attempt logged after its checkpoint and shows every step once.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from optima.checkpoint import finite_json, write_text_atomic
+from optima.checkpoint import CheckpointWriteError, failed_writes, finite_json, write_text_atomic
 from optima.engine import RoundResult
-from optima.errors import WARNING_PREFIX
+from optima.errors import WARNING_PREFIX, ConfigError, warning
 
 
 class Reporter:
@@ -96,14 +100,52 @@ class Reporters(Reporter):
     def close(self): self._all("close")
 
 
+def _event_writes(method):
+    """A `TensorBoardReporter` method whose writes go through `failed_writes`:
+    SummaryWriter writes event files in a thread and raises its failure at a
+    later call, so every call is guarded. A full disk is then one line naming
+    the log folder (`CheckpointWriteError`: the CLI adds the resume command),
+    not a traceback; once one write failed, the reporter writes nothing more."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self.failed:
+            return None
+        try:
+            with failed_writes(lambda: None, lambda why: f"could not write the TensorBoard log {self.log_dir}: "
+                                                         f"{why}; the checkpoints are intact"):
+                return method(self, *args, **kwargs)
+        except CheckpointWriteError:
+            self.failed = True
+            raise
+    return guarded
+
+
+def _quiet_event_writer_threads() -> None:
+    """TensorBoard's writer thread keeps its error for the next call (which
+    `_event_writes` reports in one line) and also raises it, which Python's
+    threading.excepthook would print as a traceback: not for that thread."""
+    previous = threading.excepthook
+    if getattr(previous, "optima_quiet_event_writers", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.optima_quiet_event_writers = True
+    threading.excepthook = hook
+
+
 class TensorBoardReporter(Reporter):
     SUMMARY = "summary"
 
     def __init__(self, log_dir: str):
+        _quiet_event_writer_threads()
         self.log_dir = log_dir
         self.writers = {}
         self.arm_labels: dict[str, list[str]] = {}
         self.unit_labels: dict[str, list[str]] = {}
+        self.failed = False  # a write failed (the run stops): close without writing more
 
     def writer(self, stage: str, purge_from: int | None = None):
         """The stage's writer, opened on first use; `purge_from`: TensorBoard then
@@ -116,9 +158,11 @@ class TensorBoardReporter(Reporter):
             self.writers[stage] = SummaryWriter(os.path.join(self.log_dir, stage), purge_step=purge_from)
         return self.writers[stage]
 
+    @_event_writes
     def on_stage(self, stage, total, unit, start=0):
         self.writer(stage, purge_from=start + 1)
 
+    @_event_writes
     def add_text(self, tag: str, text: str) -> None:
         # Markdown: indent so that gin text keeps its lines
         self.writer(self.SUMMARY).add_text(tag, "    " + text.replace("\n", "\n    "))
@@ -129,12 +173,14 @@ class TensorBoardReporter(Reporter):
     def on_units(self, stage, units):
         self.unit_labels[stage] = list(units)
 
+    @_event_writes
     def on_step(self, stage, step, losses, lr):
         w = self.writer(stage)
         for term, value in losses.items():
             w.add_scalar(f"loss/{term}", value, step)
         w.add_scalar("lr", lr, step)
 
+    @_event_writes
     def on_round(self, stage, result: RoundResult):
         w, r, losses = self.writer(stage), result.step, result.losses
         if result.reward is not None:
@@ -157,15 +203,27 @@ class TensorBoardReporter(Reporter):
                 for label, v in zip(names, values.tolist()):
                     w.add_scalar(f"policy/{stat}/{label}", v, r)
 
+    @_event_writes
     def on_nonfinite(self, stage, step, term, value, skipped):
         self.writer(stage).add_scalar("nonfinite/skipped", skipped, step)
 
+    @_event_writes
     def on_eval(self, network, metrics):
         for name, value in metrics.items():
             self.writer(self.SUMMARY).add_scalar(f"eval/{network}/{name}", value, 0)
 
     def close(self):
+        if self.failed:  # the failure is being reported: close quietly, whatever is left unwritten
+            for w in self.writers.values():
+                with contextlib.suppress(Exception):
+                    w.close()
+            return
+        self._flush_and_close()
+
+    @_event_writes
+    def _flush_and_close(self):
         for w in self.writers.values():
+            w.flush()  # raises a failure of the writer's thread, which close() would not
             w.close()
 
 
@@ -173,8 +231,9 @@ class RoundLog(Reporter):
     """Each distillation stage's rounds as JSON lines in `log_dir/<stage>.jsonl`
     (format in the module doc), appended as rounds end."""
 
-    def __init__(self, log_dir: str | os.PathLike):
+    def __init__(self, log_dir: str | os.PathLike, warn: Callable[[str], None] = print):
         self.dir = Path(log_dir)
+        self.warn = warn  # where a torn last line is reported on resume
         self.arm_labels: dict[str, list[str]] = {}
         self.unit_labels: dict[str, list[str]] = {}
 
@@ -192,7 +251,7 @@ class RoundLog(Reporter):
             return
         kept = []
         if start > 0 and self.path(stage).exists():  # resumed: keep the rounds up to the checkpoint
-            kept = [r for r in read_round_log(self.path(stage))[1] if r["step"] <= start]
+            kept = [r for r in read_round_log(self.path(stage), self.warn)[1] if r["step"] <= start]
         lines = [{"arms": self.arm_labels[stage], "units": self.unit_labels.get(stage, [])}, *kept]
         write_text_atomic(self.path(stage), "".join(json.dumps(finite_json(x)) + "\n" for x in lines))
 
@@ -205,14 +264,38 @@ class RoundLog(Reporter):
             "losses": {"total": dict(losses.total), "arm": losses.arm_totals(),
                        "module": {m: dict(v) for m, v in losses.per_module.items()}},
         }
-        with open(self.path(stage), "a", encoding="utf-8") as f:  # strict JSON: a non-finite loss as null
-            f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
+        path = self.path(stage)
+        line = json.dumps(finite_json(record), allow_nan=False) + "\n"  # strict JSON: a non-finite loss as null
+        size = path.stat().st_size
+        # appended, not rewritten: a failed append is cut off again, and a crash
+        # mid-line leaves a torn last line that `read_round_log` drops
+        with failed_writes(lambda: os.truncate(path, size), lambda why: f"could not write {path}: {why}"):
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line)
 
 
-def read_round_log(path: str | os.PathLike) -> tuple[list[str], list[dict[str, Any]]]:
-    """A `RoundLog` file: the arm labels and the rounds."""
-    with open(path, encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    if not lines or "arms" not in lines[0]:
-        raise ValueError(f"{path} is not a round log (its first line lacks 'arms')")
-    return list(lines[0]["arms"]), lines[1:]
+def read_round_log(path: str | os.PathLike, warn: Callable[[str], None] = print
+                   ) -> tuple[list[str], list[dict[str, Any]]]:
+    """A `RoundLog` file: the arm labels and the rounds. A last line cut short
+    (the run died while appending it: lines are appended, not written
+    atomically) is dropped with one warning through `warn`; the checkpoints know
+    how far the run got. Any other line that is not a JSON record is a
+    `ConfigError` naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i == len(lines) - 1 and i > 0 and not line.endswith("\n"):
+            warn(warning(f"{path}: its last line ({n}) was cut short (the run stopped while writing it); "
+                         "dropped it"))
+        else:
+            raise ConfigError(f"{path}:{n}: not a JSON record; the round log is damaged")
+    if not records or "arms" not in records[0]:
+        raise ConfigError(f"{path} is not a round log (its first line lacks 'arms')")
+    return list(records[0]["arms"]), records[1:]

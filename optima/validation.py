@@ -151,8 +151,11 @@ def _reference(selector: str, param: str, scopes: Sequence[str]):
 
 
 def _ref_name(ref, scopes: Sequence[str]) -> tuple[str, list[str]]:
-    """(`scope/selector` as a user would bind its parameters, the scopes it runs in)."""
-    run_scopes = [*scopes, *ref.scopes]
+    """(`scope/selector` as a user would bind its parameters, the scopes it runs in).
+    gin calls a scoped reference (`@student/torch.optim.AdamW`) in its own scope,
+    which replaces the caller's (a stage `tiny6` reads `student/...` bindings);
+    an unscoped one runs in the caller's scopes."""
+    run_scopes = list(ref.scopes) if ref.scopes else list(scopes)
     return ref.scoped_selector, run_scopes
 
 

@@ -295,6 +295,82 @@ def test_a_full_disk_stops_cleanly_with_the_resume_command(what, where, expected
         assert json.loads((run / "metrics.json").read_text())["stages"]["student"]["resumed_from_step"] == 1
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # no thread's traceback
+def test_a_full_disk_at_a_tensorboard_write_stops_cleanly_with_the_resume_command(tmp_path, monkeypatch):
+    """The disk fills right after the student's first checkpoint and the first
+    write to fail is an event file's (TensorBoard writes them in a thread, which
+    keeps the error for a later call): one line naming the log folder, the resume
+    command, exit 1; after freeing space the resume finishes and TensorBoard
+    shows every student step once."""
+    import errno
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
+
+    from optima.cli.run import command_line
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    monkeypatch.setenv("OPTIMA_CACHE", str(cache))
+    real = LocalFileSystem._write
+    failed = []
+
+    def write(fs, filename, content, mode):
+        full = (run / "checkpoints" / "student" / "step-000000001").exists()
+        if full and b"/tensorboard/student/" in bytes(filename):
+            failed.append(filename)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fs, filename, content, mode)
+
+    bindings = [a for b in QUICK for a in ("-b", b)]
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalFileSystem, "_write", write)
+        code, lines = run_cli("tests/gin/tiny_ve.gin", "--run-dir", str(run), *bindings)
+    assert failed, lines
+    resume = command_line("tests/gin/tiny_ve.gin", QUICK, "--resume", str(run))
+    assert (code, [line for line in lines if line.startswith("optima: error")]) == (1, [
+        f"optima: error: could not write the TensorBoard log {run}/tensorboard: {FULL}; the checkpoints are "
+        f"intact; resume with: {resume}"]), lines
+    assert lines[-1].startswith("optima: error")
+
+    code, lines = run_cli("tests/gin/tiny_ve.gin", *bindings, "--resume", str(run))
+    assert code == 0, lines
+    events = EventAccumulator(str(run / "tensorboard" / "student"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total/task")] == [1, 2]
+
+
+def test_a_round_log_append_the_os_refuses_is_one_line_and_cut_off(tmp_path):
+    """Not injected: a file size limit (EFBIG) stops the append of a round's line;
+    the error is one line naming the log and the half-written line is removed."""
+    import resource
+    import signal
+
+    from optima.checkpoint import CheckpointWriteError
+    from optima.engine import RoundResult
+    from optima.interfaces import RoundLosses
+    from optima.reporting import RoundLog, read_round_log
+
+    log = RoundLog(tmp_path)
+    log.on_arms("student", ["image", "text"])
+    log.on_stage("student", 4, "step")
+    result = RoundResult(round=1, step=2, arm=0, arm_label="image", reward=None,
+                         losses=RoundLosses({"task": 0.5, "kd": 0.25}, {"image": {"hidden": 1.0}}, ("image",)))
+    log.on_round("student", result)
+    before = log.path("student").read_bytes()
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 20, hard))
+    try:
+        with pytest.raises(CheckpointWriteError) as e:
+            log.on_round("student", result)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(e.value) == f"could not write {log.path('student')}: File too large"
+    assert log.path("student").read_bytes() == before
+    assert len(read_round_log(log.path("student"))[1]) == 1
+
+
 def test_a_write_the_os_refuses_inside_safetensors_is_understood(tmp_path):
     """Not injected: the OS refuses the write (a file size limit, EFBIG) inside
     safetensors' Rust code, and its error is read as the file system's."""
@@ -414,7 +490,32 @@ def _run_dir_read_only(tmp_path: Path, monkeypatch) -> list[str]:
     return ["tests/gin/tiny_ve.gin", "--run-dir", str(tmp_path / "ro" / "run")]
 
 
+SECRET = "root:$6$SECRETHASH:19000:0:99999:7:::\n"  # the first line of an /etc/shadow
+
+
+def _includes_a_text_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "shadow").write_text(SECRET)
+    (tmp_path / "model.gin").write_text(f"include '{tmp_path}/shadow'\n")
+    return [str(tmp_path / "model.gin")]
+
+
+def _includes_a_binary_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (tmp_path / "model.gin").write_text(f"include '{tmp_path}/image.png'\n")
+    return [str(tmp_path / "model.gin")]
+
+
+def _given_a_text_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "shadow").write_text(SECRET)
+    return [str(tmp_path / "shadow")]
+
+
 BAD_PATHS = [
+    (_includes_a_text_file, "{tmp}/shadow:1: not a gin file (gin cannot parse it); it is included from "
+                            "{tmp}/model.gin: include .gin files only"),
+    (_includes_a_binary_file, "{tmp}/image.png: not a gin file (not UTF-8 text); it is included from "
+                              "{tmp}/model.gin:1: include .gin files only"),
+    (_given_a_text_file, "{tmp}/shadow:1: not a gin file (gin cannot parse it); pass the experiment's .gin file"),
     (_binary, "{tmp}/model.gin:2: not a gin file (not UTF-8 text: byte 0x89); pass the experiment's .gin file"),
     (_run_dir_is_a_file, "--run-dir {tmp}/taken: it is a file, not a directory; pass a directory that can be "
                          "written"),
@@ -431,3 +532,42 @@ def test_a_bad_path_is_one_line(make, expected, tmp_path, monkeypatch):
     assert (code, lines) == (2, [f"optima: error: {expected.format(tmp=tmp_path)}"])
     if make is _run_dir_is_a_file:
         assert (tmp_path / "taken").read_text() == "notes"  # untouched
+    assert "SECRET" not in lines[0]  # nothing of a file that is not gin is quoted
+
+
+# -- messages ----------------------------------------------------------------------
+
+#: `{name}` placeholders that messages print on purpose: the documented fields of
+#: the image-path patterns (`nlvr2_task.image_pattern`, `vqa_task.image_pattern`).
+PATTERN_FIELDS = {"split", "directory", "stem", "identifier", "i", "image_id"}
+
+
+def test_no_message_prints_a_placeholder_for_want_of_an_f_prefix(tmp_path):
+    """A string piece without its `f` prints `{value!r}` literally: the variants
+    file's bindings message did. Every string of a `raise` or a warning in the
+    code is scanned for `{name}` pieces that are not f-string fields."""
+    import ast
+    import re
+
+    from optima.errors import ConfigError
+    from optima.sweep import load_variants_file
+
+    path = tmp_path / "variants.toml"
+    path.write_text("[x]\nbindings = 'a.b = 1'\n")
+    with pytest.raises(ConfigError) as e:
+        load_variants_file(str(path))
+    assert str(e.value).endswith("got 'a.b = 1'"), str(e.value)
+
+    field = re.compile(r"\{([A-Za-z_]\w*)(?:![rsa])?(?::[^{}]*)?\}")
+    found = []
+    for root in ("optima", "cli", "plugins"):
+        for source in sorted(Path(root).rglob("*.py")):
+            for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+                message = isinstance(node, ast.Raise) or (
+                    isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+                    in ("warning", "warn"))
+                for sub in ast.walk(node) if message else ():
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                        found += [f"{source}:{sub.lineno}: {{{name}}}" for name in field.findall(sub.value)
+                                  if name not in PATTERN_FIELDS]
+    assert found == []

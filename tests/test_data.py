@@ -6,6 +6,7 @@ rows."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,109 @@ def test_damaged_images_met_by_workers_reach_the_stream(tmp_path):
     assert rows == 5
     assert list(stream.skipped_records) == [r[len("optima: warning: "):] for r in warnings]
     assert len(warnings) == 1 and "4.jpg is not a readable image" in warnings[0]
+
+
+# -- worker processes that die ------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) child processes of `pid`, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+WORKERS_THEN_SLEEP = r"""
+import sys, time, torch
+sys.path.insert(0, "tests")
+from test_data import _children
+from optima.data import BatchStream
+from optima.plugins.tasks.snli_ve import SnliVe
+task = SnliVe(data_dir=sys.argv[1], image_size=32, context_length=12, augment=True, load_threads=0)
+stream = BatchStream(task, "train", 2, 5, torch.device("cpu"), workers=2)
+next(stream)
+import os
+print(" ".join(map(str, _children(os.getpid()))), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_workers_die_with_their_parent_at_once(tmp_path):
+    """Real processes: the process that made the workers is SIGKILLed (as a
+    preemption or the OOM killer would); a second later no worker is alive.
+    (torch's own watchdog in a worker notices a dead parent only within 5 s.)"""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_snli(tmp_path / "snli")
+    parent = subprocess.Popen([sys.executable, "-c", WORKERS_THEN_SLEEP, str(data)], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers), workers
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 1.0
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p for p in workers if _alive(p)] == []
+    finally:
+        parent.kill()
+        for p in workers if "workers" in locals() else ():
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_dead_worker_stops_the_run_in_one_line_with_the_resume_command(tmp_path, monkeypatch):
+    """A DataLoader worker SIGKILLed mid-distillation (SNLI-VE, 2 workers): one
+    line saying so, the resume command, exit 1; no traceback."""
+    import signal
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    import optima.experiment as experiment_module
+    from optima.cli.main import app
+    from optima.cli.run import command_line
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from real_format_data import PAPER_TASKS, tiny_paper_bindings
+
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    config, _, make = PAPER_TASKS["snlive"]
+    bindings = [*tiny_paper_bindings("snlive", make(tmp_path / "data")), "experiment.data_workers = 2"]
+    killed = []
+
+    def kill_a_worker(where, n):
+        if (where, n) == ("step", 1):
+            killed.append(_children(os.getpid())[0])
+            os.kill(killed[0], signal.SIGKILL)
+            time.sleep(0.5)  # torch's SIGCHLD handler raises its error
+
+    monkeypatch.setattr(experiment_module, "fault_point", kill_a_worker)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", config, "--run-dir", str(run), *(a for b in bindings for a in ("-b", b))])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert "Traceback" not in result.output and killed, result.output
+    resume = command_line(config, bindings, "--resume", str(run))
+    assert (result.exit_code, lines[-1]) == (1, f"optima: error: a data loader worker process (pid {killed[0]}) is "
+                                                f"killed by signal: Killed, so the run stopped; its checkpoints are "
+                                                f"intact; resume with: {resume}")

@@ -143,3 +143,22 @@ def test_the_docs_depth_coca_distils_with_the_docs_arm_aware_reward(documented):
     # the modules outside the arm do not count: the whole model's fall gives other rewards
     whole = [sum(max(0.0, (p[t] - c[t]) / p[t]) for t in ("hidden", "attn")) / 2 for p, c in reward.calls]
     assert [r.reward for r in d.history[1:]] != pytest.approx(whole, abs=1e-6)
+
+
+def test_the_docs_world_task_reuses_the_synthetic_world():
+    """"Reusing the synthetic world": the counting task from the docs' text,
+    registered as a plugin; its batches are reproducible and its labels are
+    the scenes' object counts."""
+    components = registry.load(external=False,
+                               plugins=[("docs_world", _plugin_from_docs("## Reusing the synthetic world",
+                                                                         "docs_world"))]).components
+    task = components["world_count_task"].factory(train_size=40, val_size=0, test_size=8, max_objects=3)
+    assert task.num_outputs == 4 and task.size("train") == 40
+    batch = next(task.batches("train", 8, shuffle=True, seed=1))
+    again = next(task.batches("train", 8, shuffle=True, seed=1))
+    assert batch["image"].shape == (8, 3, 32, 32) and torch.equal(batch["image"], again["image"])
+    counts = [len(task.scene(i)) for i in range(40)]
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(1))[:8]
+    assert batch["label"].tolist() == [counts[i] for i in order] and set(counts) <= {2, 3}
+    logits = torch.nn.functional.one_hot(batch["label"], 4).float()
+    assert task.summarize(task.metric(logits, batch))["accuracy"] == 1.0

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import gin
@@ -96,6 +97,34 @@ def test_audio_model_has_four_modules_all_recorded(from_source):
         audio_coca_model(ARCH, layers=(1, 1, 1))
     with torch.device("meta"):  # `optima run --dry-run` builds models there
         assert audio_coca_model(ARCH, layers=(1, 1, 1, 1)).module_names() == MODULES
+
+
+def test_a_coca_extension_exports_its_coca_for_open_clip_and_its_own_weights_beside(from_source, tmp_path):
+    """`CoCaExtension.export` (what `optima export` calls): open_clip's files for
+    the CoCa, `extension.safetensors` for the audio module; `load_export` gives
+    another instance every weight back, and plain open_clip loads the CoCa."""
+    import open_clip
+    from optima_audio.model import audio_coca_model
+
+    sizes = dict(layers=(1, 1, 1, 1), sample_rate=8_000, n_fft=256, hop_length=128, n_mels=32, max_frames=32)
+    torch.manual_seed(0)
+    model = audio_coca_model(ARCH, **sizes)
+    info = model.export(str(tmp_path), "audio-student")
+    assert info["files"] == ["audio-student.json", "open_clip_model.safetensors", "open_clip_config.json",
+                             "extension.safetensors"]
+    assert info["extension"]["class"] == "optima_audio.model.AudioCoCaModel"
+    torch.manual_seed(1)
+    other = audio_coca_model(ARCH, **sizes)
+    assert not all(torch.equal(a, b) for a, b in zip(other.audio.parameters(), model.audio.parameters()))
+    other.load_export(str(tmp_path))
+    restored = other.state_dict()
+    assert all(torch.equal(v, restored[k]) for k, v in model.state_dict().items())
+    open_clip.add_model_config(str(tmp_path))
+    plain = open_clip.create_model("audio-student", pretrained=str(tmp_path / "open_clip_model.safetensors"))
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.coca.coca.state_dict().items())
+    with pytest.raises(ConfigError, match="holds no extension.safetensors"):
+        (tmp_path / "extension.safetensors").unlink()
+        other.load_export(str(tmp_path))
 
 
 def test_audio_task_answers_from_image_or_audio_and_is_reproducible(from_source):
@@ -220,6 +249,24 @@ def test_example_gin_files_plan_fifteen_arms(from_source, gin_file):
     module = "audio" if AUDIO in gin_file.parents else "video"
     assert list(plan["models"]["student"]["modules"]) == ["image", "text", "multimodal", module]
     assert len(plan["stages"]["student"]["arms"]) == 2 ** 4 - 1
+
+
+def test_the_examples_load_from_source_beside_what_an_editable_install_left(from_source, tmp_path, monkeypatch):
+    """`pip install -e examples/optima-audio examples/optima-video` leaves
+    `*.egg-info` in their `src/` (and `pip uninstall` leaves it there), so their
+    entry points stay visible to importlib.metadata; with plugins disabled they
+    must not keep the examples' own plugins, given by module, from loading."""
+    for dist, name in (("optima_audio", "audio"), ("optima_video", "video")):
+        egg = tmp_path / f"{dist}.egg-info"  # what setuptools writes there
+        egg.mkdir()
+        (egg / "PKG-INFO").write_text(f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: 0.1.0\n")
+        (egg / "entry_points.txt").write_text(f"[optima]\n{name} = {dist}.plugin\n")
+        (egg / "top_level.txt").write_text(f"{dist}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert {ep.name for ep in metadata.entry_points(group="optima")} >= {"audio", "video"}
+    for gin_file in (AUDIO / "src" / "optima_audio" / "gin" / "audio_av.gin",
+                     VIDEO / "src" / "optima_video" / "gin" / "moving_shapes.gin"):
+        test_example_gin_files_plan_fifteen_arms(from_source, gin_file)
 
 
 # -- installed with pip -------------------------------------------------------------

@@ -223,6 +223,76 @@ def test_bad_arguments_are_one_line(finished_run, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+FULL = "no space left on device (the disk is full)"
+
+
+def _full_disk_at_the_weights(monkeypatch):
+    """safetensors' own error, after half a file, at the export's open_clip weights."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if str(filename).endswith("open_clip_model.safetensors"):
+            open(filename, "wb").write(b"half a file")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def _full_disk_at_the_card(monkeypatch):
+    """A plain OSError at the model card (after the weights and head are written)."""
+    import errno
+
+    from optima import checkpoint
+
+    real = checkpoint.write_atomic
+
+    def write_atomic(path, write):
+        if str(path).endswith("MODEL_CARD.md"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(checkpoint, "write_atomic", write_atomic)
+
+
+def _read_only_file_system(monkeypatch):
+    """mkdir of --out fails with EROFS (tests run as root: permissions would not stop it)."""
+    import errno
+    import os
+
+    real = os.makedirs
+
+    def makedirs(path, *args, **kwargs):
+        if "read-only" in str(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", makedirs)
+
+
+@pytest.mark.parametrize("fault, out, why", [
+    (_full_disk_at_the_weights, "new", FULL + "; nothing was left there"),
+    (_full_disk_at_the_card, "empty", FULL + "; nothing was left there"),
+    (_read_only_file_system, "read-only", "Read-only file system"),
+], ids=["full-disk-weights", "full-disk-card", "read-only"])
+def test_a_write_the_disk_refuses_is_one_line_and_leaves_nothing(finished_run, tmp_path, monkeypatch, fault, out,
+                                                                 why):
+    run_dir, _ = finished_run
+    target = tmp_path / out / "export"
+    if out == "empty":
+        target.mkdir(parents=True)
+    fault(monkeypatch)
+    code, output = _cli("export", run_dir, "--out", target, *(["--no-card"] if out == "new" else []))
+    lines = [l for l in output.splitlines() if l.strip()]
+    assert "Traceback" not in output and [l for l in lines if "error" in l] == lines[-1:], output
+    assert (code, lines[-1]) == (1, f"optima: error: could not write the export to {target}: {why}")
+    assert list(target.iterdir()) == [] if out == "empty" else not target.exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_predictions_file_formats(tmp_path):
     rows = [{"identifier": "dev-1-0-0", "prediction": "True"}, {"identifier": "dev-1-0-1", "prediction": "False"}]
     predictions.write(rows, str(tmp_path / "p.csv"))

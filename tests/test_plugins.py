@@ -85,6 +85,8 @@ def site(tmp_path, monkeypatch):
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
         (info / "entry_points.txt").write_text(
             "[optima]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+        (info / "RECORD").write_text("".join(f"{name}.py,,\n" for name in modules)  # the files it installed
+                                     + "".join(f"{info.name}/{f},,\n" for f in ("METADATA", "RECORD")))
 
     yield install
     for name in installed:
@@ -133,6 +135,49 @@ def test_plugins_table_names_plugins_and_components():
     for text in ("optima.builtin", "optima-distill", "coca_model", "image, text, multimodal", "optima_policy",
                  "kd_reward", "optima_loss"):
         assert text in out
+
+
+def test_plugins_table_piped_gives_every_description_whole():
+    """Not on a terminal (a pipe, a file, CI), even 80 columns wide: nothing is cut short."""
+    result = runner.invoke(app, ["plugins"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    docs = [c.doc for c in registry.load(external=False).components.values() if c.doc]
+    assert docs and [d for d in docs if d not in result.stdout] == []
+    assert "…" not in result.stdout
+
+
+def test_a_stage_is_keyed_on_the_plugin_code_it_uses(site, tmp_path, monkeypatch):
+    """A student distilled with a third-party policy is cached; after the plugin's
+    code changes (a fixed policy reinstalled), the next run makes it again and
+    reuses the teacher; `OPTIMA_FRESH=student` makes it again regardless."""
+    from conftest import TINY
+    from optima.experiment import plugin_code
+
+    site("optima-good", {"good": "good_plugin"}, {"good_plugin": GOOD})
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    args = ["run", "tests/gin/tiny_ve.gin", *(a for b in [*TINY, "distillation.rounds = 2"] for a in ("-b", b)),
+            "-b", "distillation.policy = @good_policy"]
+
+    def run(name):
+        code, out, err = _invoke(*args, "--run-dir", str(tmp_path / name))
+        assert code == 0, out + err
+        return out
+
+    config.setup()
+    config.parse(["tests/gin/tiny_ve.gin"])
+    assert plugin_code(gin.config_str()) == {}  # built-ins only: keys as they were
+    assert "teacher: reusing" not in run("first")
+    out = run("again")
+    assert "teacher: reusing" in out and "student: reusing" in out
+
+    module = tmp_path / "site" / "good_plugin.py"
+    module.write_text(module.read_text() + "\n# fixed: a bug in the policy\n")
+    out = run("fixed")
+    assert "teacher: reusing" in out and "student: reusing" not in out
+
+    monkeypatch.setenv("OPTIMA_FRESH", "student")
+    out = run("fresh")
+    assert "teacher: reusing" in out and "student: reusing" not in out
 
 
 def test_declared_modules_are_the_models_modules():

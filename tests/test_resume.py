@@ -196,6 +196,42 @@ def test_interrupt_then_changed_config_is_refused_unless_forced(tmp_path, monkey
     assert len(stage["plays"]) == 4 and stage["resumed_from_step"] == 3
 
 
+def test_a_torn_last_line_of_the_round_log_is_dropped_with_one_warning(tmp_path, monkeypatch):
+    """A crash while a round's line is appended leaves half a line at the end of
+    rounds/<stage>.jsonl: `optima report` and `--resume` drop it with one
+    warning; the resumed run's log holds every round once."""
+    import optima.experiment as experiment_module
+
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    base = ARGS + ["-b", "distillation.rounds = 4"]
+
+    def sigint_at_step_5(where, n):
+        if (where, n) == ("step", 5):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment_module, "fault_point", sigint_at_step_5)
+        code, _, out = _cli("--run-dir", str(run), *base)
+    assert code == 130, out
+    log = run / "rounds" / "student.jsonl"
+    whole = log.read_text()
+    assert whole.count("\n") == 3  # the header and rounds 1, 2
+    log.write_text(whole + '{"round": 3, "step": 6, "arm": 1, "arm_la')  # what the crash left
+    warned = f"optima: warning: {log}: its last line (4) was cut short (the run stopped while writing it); dropped it"
+
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert [l for l in result.output.splitlines() if "warning" in l] == [warned]
+
+    code, _, out = _cli(*base, "--resume", str(run))
+    assert code == 0, out
+    assert [l for l in out.splitlines() if "cut short" in l] == [warned]
+    _, rounds = read_round_log(log)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert [r["arm"] for r in rounds] == json.loads((run / "metrics.json").read_text())["stages"]["student"]["plays"]
+
+
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno

@@ -67,6 +67,16 @@ def test_bad_binding_is_one_line_naming_it_with_exit_code_2(bindings, expected, 
     assert not run_dir.exists() and not cache.exists()
 
 
+def test_a_scoped_optimizer_binding_is_checked_in_its_own_scope(tmp_path, monkeypatch):
+    """gin/quickstart.gin distils a stage `tiny6` with `@student/torch.optim.AdamW`:
+    gin reads `student/...` bindings there, and so must the check of `lr`."""
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["run", "gin/quickstart.gin", "--run-dir", str(tmp_path / "run"),
+                                      "-b", "student/torch.optim.AdamW.lr = 'fast'"])
+    assert (result.exit_code, result.output.strip()) == (
+        2, "optima: error: student/torch.optim.AdamW.lr = 'fast' must be a number > 0"), result.output
+
+
 def test_the_shipped_quickstart_is_valid():
     from optima import config
     from optima.experiment import experiment

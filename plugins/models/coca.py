@@ -49,6 +49,8 @@ _LAYER_KEY = re.compile(r"^(" + "|".join(re.escape(p) for ps in LAYER_LISTS.valu
 _MODULE_OF = {p: m for m, ps in LAYER_LISTS.items() for p in ps}
 #: the weights file of an export (a name open_clip's `local-dir:` loader looks for first)
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
+#: `CoCaExtension.export`: the weights of the modules a plugin adds to CoCa.
+EXTENSION_WEIGHTS = "extension.safetensors"
 
 
 def _merge(base: dict, overrides: Mapping) -> dict:
@@ -274,9 +276,16 @@ class CoCaExtension(DistillableModel):
       tokens matched one to one, so both need the same token count).
 
     Inherited: `feature_dim`, `distill_modules()`, `token_layout(module)` (CoCa's
-    for its modules), `vocab_projection()` (caption heads) and `checkpoints`
-    (reported by `--dry-run`). The decoder cross-attends to every memory token,
-    so a teacher and student must give it the same number of them.
+    for its modules), `vocab_projection()` (caption heads), `checkpoints`
+    (reported by `--dry-run`) and `export` / `load_export` (`optima export`,
+    `optima eval --checkpoint EXPORT`): the CoCa as open_clip's files (loadable
+    with no OPTIMA code, as `CoCaModel.export` writes them) and, beside them,
+    `extension.safetensors` with every other weight of the model (the new
+    modules and projections; metadata: the class that holds them). A subclass
+    may override `export_extension(directory)` / `load_extension(directory)`
+    to write and read its modules in a format of their own. The decoder
+    cross-attends to every memory token, so a teacher and student must give it
+    the same number of them.
     """
 
     def __init__(self, coca: CoCaModel):
@@ -303,6 +312,58 @@ class CoCaExtension(DistillableModel):
 
     def vocab_projection(self) -> nn.Parameter:
         return self.coca.vocab_projection()
+
+    def extension_state(self) -> dict[str, torch.Tensor]:
+        """The weights this model adds to its CoCa: its state dict without `coca.*`."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("coca.")}
+
+    def export(self, directory: str, name: str) -> dict[str, Any]:
+        """The CoCa in open_clip's formats (`CoCaModel.export`), then the
+        extension's own weights (`export_extension`); returns `CoCaModel.export`'s
+        record with the extension's files added. Plain open_clip loads the CoCa
+        part; the whole model needs the plugin: build it as the run's config
+        does, then `load_export(directory)`."""
+        info = self.coca.export(directory, name)
+        files = self.export_extension(directory)
+        cls = f"{type(self).__module__}.{type(self).__qualname__}"
+        return {**info, "files": [*info["files"], *files], "extension": {"class": cls, "files": files},
+                "wrap": f"# the {', '.join(m.name for m in self.new_modules())} module(s) need the plugin of {cls}: "
+                        f"build the model as its config does, then model.load_export({directory!r})"}
+
+    def export_extension(self, directory: str) -> list[str]:
+        """Write what this model adds to CoCa to `directory`; returns the file names.
+        Default: `extension.safetensors`, `extension_state()` in safetensors."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in self.extension_state().items()}
+        save_file(tensors, os.path.join(directory, EXTENSION_WEIGHTS),
+                  metadata={"format": "pt", "optima_extension": f"{type(self).__module__}.{type(self).__qualname__}"})
+        return [EXTENSION_WEIGHTS]
+
+    def load_export(self, directory: str) -> None:
+        """Load what `export` wrote: the CoCa with open_clip's loader, then `load_extension`."""
+        self.coca.load_export(directory)
+        self.load_extension(directory)
+
+    def load_extension(self, directory: str) -> None:
+        """Load `export_extension`'s files (default: `extension.safetensors`, every key required)."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, EXTENSION_WEIGHTS)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{directory} holds no {EXTENSION_WEIGHTS}, which {type(self).__name__} needs for "
+                              f"its own modules; is it an `optima export` of this model?")
+        tensors = load_file(path)
+        expected = self.extension_state()
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            raise ConfigError(f"{path} does not fit this {type(self).__name__}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, another shape {wrong[:3]}")
+        self.load_state_dict({**self.coca_state(), **tensors})
+
+    def coca_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith("coca.")}
 
 
 def coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", overrides: Mapping[str, Any] | None = None,
