@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 
 from optima.arms import ArmSpace
 from optima.errors import ConfigError
+from optima.interfaces import Capture
 from optima.plugins.models.coca import coca_model
 from optima.align import layer_map
 from optima.plugins.losses.optima_loss import kd_loss, optima_loss
@@ -50,6 +53,20 @@ def test_kd_loss_is_kl_teacher_to_student():
     expected = (p_t * (p_t.log() - s.log_softmax(-1))).sum(-1).mean()
     assert torch.allclose(kd_loss(s, t), expected, atol=1e-6)
     assert kd_loss(t, t).abs() < 1e-6
+
+
+def test_kd_loss_at_a_temperature_is_scaled_by_its_square():
+    """At t = 2 the teacher's logits (0, 2 ln 3) soften to p_T = (1/4, 3/4) and the
+    student's (0, 0) to p_S = (1/2, 1/2): KL = 1/4 ln(1/2) + 3/4 ln(3/2), times
+    t^2 = 4 (Hinton et al.: the soft gradients keep their size) = 3 ln 3 - 4 ln 2."""
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 2 * math.log(3)]])
+    expected = 3 * math.log(3) - 4 * math.log(2)  # 0.5232481...
+    assert kd_loss(s, t, temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
+    # the loss the pipeline builds passes its temperature on (no layer term needed here)
+    model = coca_model(TINY_COCA, layers=(1, 1, 1))
+    loss = optima_loss(model.distill_modules(), model.distill_modules(), temperature=2.0)
+    out = loss(Capture(s, None), Capture(t, None), torch.tensor(0.0), frozenset(), frozenset())
+    assert out.full["kd"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_kd_loss_over_token_logits_skips_masked_positions():
