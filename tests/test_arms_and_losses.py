@@ -132,6 +132,22 @@ def test_layer_losses_match_a_hand_computation(tiny_batch):
     assert torch.allclose(out.objective, expected, atol=1e-6)
 
 
+def test_attention_loss_matches_a_hand_computation(tiny_batch):
+    """A multimodal layer has two attentions (self, cross): the term sums their
+    MSEs, weighted by attn_weight; kd and hidden weighted 0 leave it alone."""
+    torch.manual_seed(1)
+    teacher, student = coca_model(TINY_COCA), coca_model(TINY_COCA, layers=(2, 2, 2))
+    loss = optima_loss(student.distill_modules(), teacher.distill_modules(), kd_weight=0.0, hidden_weight=0.0,
+                       attn_weight=3.0)
+    s_cap, t_cap = _captures(student, teacher, tiny_batch)
+    key = ("multimodal", 1)
+    out = loss(s_cap, t_cap, torch.zeros(()), frozenset({key}), frozenset())
+    s_att, t_att = s_cap.recorder.attention(key), t_cap.recorder.attention(("multimodal", 3))  # g(2) = 4
+    assert len(s_att) == len(t_att) == 2
+    expected = 3.0 * sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(s_att, t_att))
+    assert torch.allclose(out.objective, expected, atol=1e-7)
+
+
 def test_negative_loss_weight_is_a_config_error():
     teacher = coca_model(TINY_COCA)
     with pytest.raises(ConfigError, match="optima_loss.attn_weight must be >= 0"):

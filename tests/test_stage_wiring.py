@@ -64,6 +64,16 @@ def test_the_pipelines_optimizer_holds_the_layer_projections():
     assert not any(id(p) in in_optimizer for p in d.teacher.parameters())
 
 
+def test_head_lr_goes_to_the_new_parts_head_and_projections():
+    d = pipeline_distiller("distillation.head_lr = 5e-3")
+    pretrained, new = d.optimizer.param_groups
+    assert (pretrained["lr"], new["lr"]) == (pytest.approx(1e-3), pytest.approx(5e-3))
+    in_new = {id(p) for p in new["params"]}
+    assert {id(p) for p in d.loss.parameters()} <= in_new
+    assert {id(p) for p in d.student.model.parameters()}.isdisjoint(in_new)
+    assert {id(p) for p in d.student.head.parameters()} - {id(p) for p in d.student.model.parameters()} <= in_new
+
+
 def test_a_distillation_stage_warms_up_then_decays_linearly_to_zero():
     # 4 rounds x 2 steps = 8 steps, 3 of warm-up, lr 1e-3 (tests/gin/tiny_ve.gin):
     # step k (0-based) runs at lr * (k + 1) / 3 while k < 3, then lr * (8 - k) / 5
