@@ -31,7 +31,7 @@ def eval_command(config: str, checkpoint: str, *, stage: str | None, split: str,
     from optima import predictions as preds
     from optima.checkpoint import write_text_atomic
     from optima.engine import evaluate
-    from optima.experiment import declared, resolve_device
+    from optima.experiment import resolve_device
     from optima.export import infer_stage, load_network_weights, read_run
 
     if split not in SPLITS:
@@ -44,7 +44,7 @@ def eval_command(config: str, checkpoint: str, *, stage: str | None, split: str,
     for name, error in registry.failures.items():
         console.print(f"[yellow]warning:[/] plugin {name!r} failed to load and is skipped: {error}")
     cfg.parse([config], [*bindings, *([f"experiment.device = {device!r}"] if device else [])])
-    spec = declared()
+    spec = cfg.declared()
     pretrained = None
     if Path(checkpoint, "metrics.json").is_file() or Path(checkpoint, "config.gin").is_file():  # a run directory
         run = read_run(checkpoint)

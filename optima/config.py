@@ -23,9 +23,6 @@ import gin
 from optima import registry as registry_mod
 from optima.errors import ConfigError
 
-# The gin scope (and stage name) of the teacher; students may not take it.
-TEACHER = "teacher"
-
 #: gin name -> (gin's complete selector, factory) registered by this process
 #: (gin cannot register a name twice)
 _REGISTERED: dict[str, tuple[str, Callable]] = {}
@@ -240,3 +237,16 @@ def translate_call_error(e: BaseException) -> BaseException:
     if isinstance(e, ConfigError) or not any(s in str(e) for s in _GIN_CALL_ERRORS):
         return e
     return translate(e)
+
+
+def declared():
+    """The parsed config's experiment (`optima.experiment.Declared`), every binding
+    validated, nothing built or run; gin's errors as `ConfigError`s. Here, not in
+    `optima.experiment`: this module registers the experiment's configurables, so
+    it sits above it (CONTRIBUTING.md, "Floors")."""
+    from optima.experiment import experiment
+
+    try:
+        return experiment(None, declared_only=True)
+    except Exception as e:
+        raise translate_call_error(e) from None

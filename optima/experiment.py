@@ -72,13 +72,13 @@ from optima.align import pair_layouts
 from optima.arms import ArmSpace, build_policy
 from optima.checkpoint import (Interrupts, RunKeeper, failed_writes, fault_point, is_operational, write_atomic,
                                write_json_atomic, write_text_atomic)
-from optima.config import TEACHER
 from optima.data import SkippedRecords, default_workers, to_device, worker_died
 from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError, warning
 from optima.interfaces import Batch, batch_rows
 from optima.predictions import write as write_predictions
 from optima.reporting import Reporter, Reporters, RoundLog, TensorBoardReporter
+from optima.stages import TEACHER
 from optima.validation import validate_experiment
 
 
@@ -552,8 +552,8 @@ def probe_batches(task, batch_size: int, count: int, seed: int, device: torch.de
 
 @dataclass(frozen=True)
 class Declared:
-    """What a parsed config declares, its factories uncalled (`declared()`): what
-    `optima eval` and `optima export` rebuild a stage's network from."""
+    """What a parsed config declares, its factories uncalled (`optima.config.declared()`):
+    what `optima eval` and `optima export` rebuild a stage's network from."""
 
     task: Callable
     teacher: Callable
@@ -591,16 +591,6 @@ class Declared:
         factory = self.teacher if stage == TEACHER else self.stages[stage]
         with gin.config_scope(stage):
             return _network(factory, self.head, task, device, **weights)
-
-
-def declared() -> Declared:
-    """The parsed config's experiment, every binding validated, nothing built or run."""
-    from optima.config import translate_call_error
-
-    try:
-        return experiment(None, declared_only=True)
-    except Exception as e:
-        raise translate_call_error(e) from None
 
 
 @gin.configurable(denylist=["run_dir", "reporters", "dry_run", "validate_only", "declared_only"])

@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from optima.checkpoint import failed_writes, write_text_atomic
-from optima.config import TEACHER
 from optima.errors import ConfigError
+from optima.stages import TEACHER
 
 EXPORT_RECORD = "export.json"
 HEAD_FILE = "head.safetensors"
@@ -110,11 +110,10 @@ def read_run(run_dir: str | os.PathLike) -> Run:
 def parse_run_config(run: Run, bindings: Sequence[str] = (), external_plugins: bool | None = None):
     """Parse the run's own `config.gin` (plus `bindings`) and return its `Declared` experiment."""
     from optima import config as cfg
-    from optima.experiment import declared
 
     cfg.setup(external_plugins)
     cfg.parse([str(run.directory / "config.gin")], bindings)
-    return declared()
+    return cfg.declared()
 
 
 # -- loading saved networks ------------------------------------------------------
@@ -291,6 +290,7 @@ def export_run(run_dir: str, out: str, stage: str | None = None, name: str | Non
 
             on_message("model card: measuring parameters, FLOPs and CPU latency")
             record["card"] = write_card(os.path.join(out, CARD_FILE), run=run, spec=spec, stage=stage,
-                                        task=task, student=network, export=record)
+                                        task=task, student=network, export=record,
+                                        load_weights=load_network_weights)
         write_text_atomic(os.path.join(out, EXPORT_RECORD), json.dumps(record, indent=1, default=str))
         return record

@@ -9,13 +9,13 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from optima.checkpoint import write_text_atomic
-from optima.config import TEACHER
 from optima.errors import ConfigError
+from optima.stages import TEACHER
 
 #: latency: at least this many timed forwards per network, more until this many seconds passed
 LATENCY_MIN_RUNS, LATENCY_MIN_SECONDS, LATENCY_MAX_RUNS = 20, 2.0, 200
@@ -200,17 +200,18 @@ def render(*, name: str, stage: str, run, spec, task, measured: Mapping[str, Any
     return "\n".join(lines)
 
 
-def write_card(path: str, *, run, spec, stage: str, task, student: torch.nn.Module, export: Mapping[str, Any]) -> dict:
-    """Measure teacher and student and write the card to `path`; returns the measurements."""
+def write_card(path: str, *, run, spec, stage: str, task, student: torch.nn.Module, export: Mapping[str, Any],
+               load_weights: Callable[[torch.nn.Module, str], None]) -> dict:
+    """Measure teacher and student and write the card to `path`; returns the measurements.
+    `load_weights(network, checkpoint)` loads the run's teacher (`optima.export` passes
+    its loader: the card is a floor below the export)."""
     networks = {}
     teacher_note = None
     try:
         teacher = spec.network(TEACHER, task, torch.device("cpu"), run.pretrained)
         weights = run.weights(TEACHER)
         if weights is not None:
-            from optima.export import load_network_weights
-
-            load_network_weights(teacher, weights)
+            load_weights(teacher, weights)
         networks[TEACHER] = teacher
     except ConfigError as e:
         teacher_note = f"The teacher could not be built here, so its sizes are not measured: {e}"

@@ -12,8 +12,8 @@ import torch
 
 from optima.align import layer_map
 from optima.arms import ArmSpace
-from optima.config import TEACHER
 from optima.errors import ConfigError
+from optima.stages import TEACHER
 
 def _stage_bindings(configurable: str, scope: str, resolve: bool = True) -> dict[str, Any]:
     with gin.config_scope(scope):

@@ -22,6 +22,7 @@ Every component ends up as a gin configurable before any gin file is parsed
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import os
 import re
@@ -37,6 +38,8 @@ from optima.errors import OptimaError, warning
 
 ENTRY_POINT_GROUP = "optima"
 BUILTIN = "optima.builtin"
+#: the module of the built-in plugin (`plugins/builtin.py`)
+BUILTIN_MODULE = "optima.plugins.builtin"
 DISTRIBUTION = "optima-distill"
 DISABLE_VARIABLE = "OPTIMA_DISABLE_PLUGINS"
 #: component kind -> the hook that registers it
@@ -169,7 +172,8 @@ def load(external: bool | None = None, *, strict: bool = True,
     Raises `PluginError` for a malformed plugin; with `strict=False` records it
     in `Registry.errors` and skips it instead.
     """
-    from optima.plugins import builtin
+    # by its name, as entry points are: the plugins are a floor above this package
+    builtin = importlib.import_module(BUILTIN_MODULE)
 
     disabled = disabled_plugins()
     if external is None:

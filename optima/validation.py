@@ -26,9 +26,9 @@ import torch
 from optima.align import pair_layouts
 from optima.arms import ArmSpace, build_policy, layer_groups
 from optima.checkpoint import encode
-from optima.config import TEACHER
 from optima.engine import NONFINITE_ACTIONS
 from optima.errors import ConfigError
+from optima.stages import TEACHER
 
 Check = Callable[[Any], bool]
 

@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 
 from optima.arms import ArmSpace
 from optima.errors import ConfigError
+from optima.interfaces import Capture
 from optima.plugins.models.coca import coca_model
 from optima.align import layer_map
 from optima.plugins.losses.optima_loss import kd_loss, optima_loss
@@ -50,6 +53,20 @@ def test_kd_loss_is_kl_teacher_to_student():
     expected = (p_t * (p_t.log() - s.log_softmax(-1))).sum(-1).mean()
     assert torch.allclose(kd_loss(s, t), expected, atol=1e-6)
     assert kd_loss(t, t).abs() < 1e-6
+
+
+def test_kd_loss_at_a_temperature_is_scaled_by_its_square():
+    """At t = 2 the teacher's logits (0, 2 ln 3) soften to p_T = (1/4, 3/4) and the
+    student's (0, 0) to p_S = (1/2, 1/2): KL = 1/4 ln(1/2) + 3/4 ln(3/2), times
+    t^2 = 4 (Hinton et al.: the soft gradients keep their size) = 3 ln 3 - 4 ln 2."""
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 2 * math.log(3)]])
+    expected = 3 * math.log(3) - 4 * math.log(2)  # 0.5232481...
+    assert kd_loss(s, t, temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
+    # the loss the pipeline builds passes its temperature on (no layer term needed here)
+    model = coca_model(TINY_COCA, layers=(1, 1, 1))
+    loss = optima_loss(model.distill_modules(), model.distill_modules(), temperature=2.0)
+    out = loss(Capture(s, None), Capture(t, None), torch.tensor(0.0), frozenset(), frozenset())
+    assert out.full["kd"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_kd_loss_over_token_logits_skips_masked_positions():
@@ -113,6 +130,22 @@ def test_layer_losses_match_a_hand_computation(tiny_batch):
     expected = 2.0 * torch.nn.functional.mse_loss(loss.proj["text_1"](s_cap.recorder.hidden(key)),
                                                   t_cap.recorder.hidden(("text", 3)))
     assert torch.allclose(out.objective, expected, atol=1e-6)
+
+
+def test_attention_loss_matches_a_hand_computation(tiny_batch):
+    """A multimodal layer has two attentions (self, cross): the term sums their
+    MSEs, weighted by attn_weight; kd and hidden weighted 0 leave it alone."""
+    torch.manual_seed(1)
+    teacher, student = coca_model(TINY_COCA), coca_model(TINY_COCA, layers=(2, 2, 2))
+    loss = optima_loss(student.distill_modules(), teacher.distill_modules(), kd_weight=0.0, hidden_weight=0.0,
+                       attn_weight=3.0)
+    s_cap, t_cap = _captures(student, teacher, tiny_batch)
+    key = ("multimodal", 1)
+    out = loss(s_cap, t_cap, torch.zeros(()), frozenset({key}), frozenset())
+    s_att, t_att = s_cap.recorder.attention(key), t_cap.recorder.attention(("multimodal", 3))  # g(2) = 4
+    assert len(s_att) == len(t_att) == 2
+    expected = 3.0 * sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(s_att, t_att))
+    assert torch.allclose(out.objective, expected, atol=1e-7)
 
 
 def test_negative_loss_weight_is_a_config_error():

@@ -64,9 +64,9 @@ def nan_injecting_loss(student_modules, teacher_modules, at_step: int = 3, term:
 
 class Events:
     def __init__(self):
-        self.skips, self.messages, self.rounds = [], [], []
+        self.skips, self.messages, self.rounds, self.steps = [], [], [], {}
 
-    def on_step(self, stage, step, losses, lr): ...
+    def on_step(self, stage, step, losses, lr): self.steps[step] = losses
     def on_round(self, stage, result): self.rounds.append(result)
     def on_nonfinite(self, *args): self.skips.append(args)
     def on_message(self, text): self.messages.append(text)
@@ -106,9 +106,16 @@ def test_skip_leaves_the_weights_counts_and_reports(term, value):
     stage, step, bad_term, value, skipped = events.skips[0]
     assert (stage, step, bad_term, skipped) == ("student", 3, term, 1) and not math.isfinite(value)
     assert [r.skipped for r in d.history] == [0, 1, 0]
-    for r in d.history:  # round 2 is scaled from its one finite step to T = 2 steps
+    for r in d.history:
         assert all(math.isfinite(v) for v in r.losses.values())
         assert r.reward is None or 0.0 <= r.reward <= 1.0
+    # round 2 (steps 3, 4) is scaled from its one finite step (4) to T = 2 steps;
+    # rounds 1 and 3 are plain sums (scaling by finite / T would halve round 2 instead)
+    assert events.steps[3] == {}
+    for term, value in d.history[1].losses.total.items():
+        assert value == pytest.approx(2 * events.steps[4][f"total/{term}"], rel=1e-12), term
+    for term, value in d.history[0].losses.total.items():
+        assert value == pytest.approx(events.steps[1][f"total/{term}"] + events.steps[2][f"total/{term}"], rel=1e-12)
     assert d.history[1].reward is not None and d.history[1].note is None
 
 

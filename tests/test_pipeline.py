@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from optima.cli.main import app
@@ -30,8 +31,27 @@ def _run(run_dir, bindings):
 
 
 @pytest.mark.slow
-def test_two_stage_pipeline_and_stage_reuse(tmp_path):
+def test_two_stage_pipeline_and_stage_reuse(tmp_path, monkeypatch):
+    import optima.experiment as exp
+
+    distilled = {}  # stage -> (teacher, student) the stage was built with
+
+    def spy(name, teacher, student, *args, **kwargs):
+        distilled[name] = (teacher, student)
+        return real(name, teacher, student, *args, **kwargs)
+
+    real = exp.distillation
+    monkeypatch.setattr(exp, "distillation", spy)
     _run(tmp_path / "two", TWO_STAGE)
+    monkeypatch.setattr(exp, "distillation", real)
+    # each student teaches the next: `small` distils from `mid` as trained (its cache
+    # key says so, with mid's key upstream), not from the teacher
+    assert distilled["small"][0] is distilled["mid"][1]
+    assert [len(m) for m in distilled["small"][0].model.distill_modules()] == [3, 3, 3]
+    from safetensors.torch import load_file
+
+    mid, taught_by = load_file(str(tmp_path / "two" / "mid.safetensors")), distilled["small"][0].state_dict()
+    assert len(mid) > 10 and all(torch.equal(taught_by[k], v) for k, v in mid.items())  # mid as saved
     summary = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert list(summary["metrics"]) == ["teacher", "mid", "small"]
     assert len(summary["stages"]["mid"]["plays"]) == 4  # distillation.rounds from TINY

@@ -23,7 +23,7 @@ from conftest import ROOT
 from optima.cli.main import app
 from optima.errors import ConfigError
 from optima.sweep import Job, Stats, Sweep, Variant, compare, load_variants_file, parse_seeds, parse_variant, \
-    results_csv, split_bindings, summarize
+    results_csv, results_markdown, split_bindings, summarize
 
 from conftest import TINY
 
@@ -211,6 +211,26 @@ def test_statistics_and_ties(tmp_path):
     lines = results_csv(jobs).splitlines()
     assert lines[0] == "variant,seed,status,distillation.policy,student/accuracy,wall_s,run_dir,error"
     assert lines[4].startswith("b,0,done,@x,0.8,")
+
+
+def test_results_md_gives_medians_of_skewed_seeds(tmp_path):
+    """Skewed values, where median and mean differ: one seed far off is what
+    medians are for. a: 0.10, 0.20, 0.90 (median 0.2, mean 0.4); b, four seeds:
+    0.30, 0.40, 0.50, 1.00 (median 0.45, mean 0.55, std 0.3109)."""
+    def job(variant, seed, acc):
+        j = Job(variant, seed, (), (), tmp_path, tmp_path)
+        j.status, j.metrics = "done", {"student/accuracy": acc}
+        return j
+
+    jobs = [job("a", 0, 0.10), job("a", 1, 0.20), job("a", 2, 0.90),
+            job("b", 0, 0.50), job("b", 1, 1.00), job("b", 2, 0.30), job("b", 3, 0.40)]
+    stats = summarize(jobs)["student/accuracy"]
+    assert (stats["a"].median, stats["a"].mean) == (pytest.approx(0.2), pytest.approx(0.4))
+    assert (stats["b"].median, stats["b"].mean) == (pytest.approx(0.45), pytest.approx(0.55))
+    md = results_markdown(Sweep("tests/gin/tiny_ve.gin", [Variant("a"), Variant("b")], tmp_path / "s"), jobs)
+    assert "| a | 0.2000 | 0.4000 | 0.4359 | 3 | reference |" in md
+    # b - a: the difference of medians, +0.25 (of means it would be +0.15), within a's std
+    assert "| b | 0.4500 | 0.5500 | 0.3109 | 4 | tie (+0.25) |" in md
 
 
 def test_sweep_refuses_another_config_in_its_directory(tmp_path):
