@@ -23,6 +23,28 @@ def _stage_bindings(configurable: str, scope: str, resolve: bool = True) -> dict
             return {}
 
 
+def stage_outline() -> list[tuple[str, int]]:
+    """The stages a run of the parsed config trains, in order, with their steps:
+    pretraining stages, the teacher (unless `teacher_training.steps = 0`), the
+    students. Read from the bindings alone (nothing built), for the CLI's
+    progress ("stage k of n", the run's steps); a value that is not a positive
+    integer counts 0 steps (validation reports it)."""
+    def steps(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    exp = _stage_bindings("experiment", "")
+    outline = [(name, steps(_stage_bindings("pretraining", name).get("steps")))
+               for name in (exp.get("pretraining") or {})]
+    teacher_steps = steps(_stage_bindings("teacher_training", TEACHER).get("steps"))
+    if teacher_steps:
+        outline.append((TEACHER, teacher_steps))
+    students = exp.get("students") or ({"student": None} if exp.get("student") is not None else {})
+    for name in students:
+        d = _stage_bindings("distillation", name)
+        outline.append((name, steps(d.get("rounds")) * steps(d.get("steps_per_round"))))
+    return outline
+
+
 def _describe(model: torch.nn.Module, head: torch.nn.Module) -> dict[str, Any]:
     modules = {m.name: {"layers": len(m), "width": m.width,
                         "params_M": m.num_parameters() / 1e6}
