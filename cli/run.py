@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from optima.errors import ConfigError, OptimaError
+from optima.program import program
 
 console = Console(stderr=False)
 
@@ -127,7 +128,7 @@ def _quote(text: str) -> str:
 
 def command_line(config: str, bindings: Sequence[str], *extra: str) -> str:
     """The `optima run` command line of `config` and `bindings`, then `extra`."""
-    return " ".join(["optima run", _quote(config), *(f"-b {_quote(b)}" for b in bindings), *extra])
+    return " ".join([f"{program()} run", _quote(config), *(f"-b {_quote(b)}" for b in bindings), *extra])
 
 
 class _Stopped(OptimaError):
@@ -318,7 +319,8 @@ def print_summary(summary: dict, run_dir: str) -> None:
     if summary.get("skipped_records"):
         console.print(f"{len(summary['skipped_records'])} damaged file(s): their records were skipped "
                       "(named in the warnings above and in metrics.json)", soft_wrap=True)
-    console.print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir}/tensorboard)")
+    console.print(f"run directory: {run_dir}  ({program('tensorboard')} --logdir {run_dir}/tensorboard)",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def count_text(n: float) -> str:

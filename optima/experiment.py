@@ -78,6 +78,7 @@ from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError, warning
 from optima.interfaces import Batch, batch_rows
 from optima.predictions import write as write_predictions
+from optima.program import program
 from optima.reporting import Reporter, Reporters, RoundLog, TensorBoardReporter
 from optima.validation import check_value, integer, validate_experiment
 
@@ -820,7 +821,7 @@ def _write_figures(run_dir: str, reporter: Reporter) -> None:
         write_run_figures(run_dir)
     except Exception as e:  # noqa: BLE001 (the run is done and saved; say what failed and go on)
         reporter.on_message(warning(f"the run's figures were not written: {type(e).__name__}: {e}; "
-                                    f"try: optima report {run_dir}"))
+                                    f"try: {program()} report {run_dir}"))
 
 
 def _network(model_factory: Callable, head: Callable, task, device: torch.device, **weights: str) -> Network:

@@ -2,6 +2,7 @@
 80 columns: on a terminal, a row per stage with bar, count and times that the
 status never displaces; behind a pipe, flushed lines as the run goes."""
 import io
+import json
 import os
 import re
 import subprocess
@@ -40,8 +41,10 @@ def test_live_display_keeps_bar_count_and_time_left_at_80_columns(tmp_path, monk
     # wraps it), so every line here is the display's own
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["run", CONFIG, *_bindings(), "--run-dir", "r"],
-                                env={"COLUMNS": "80", "TTY_COMPATIBLE": "1", "OPTIMA_CACHE": "c"})
+                                env={"COLUMNS": "80", "TTY_COMPATIBLE": "1", "OPTIMA_CACHE": "c",
+                                     "OMP_NUM_THREADS": None})
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["torch_threads"] == 1
     lines = _screen_lines(result.output)
     too_wide = [line for line in lines if cell_len(line) > 80]
     assert not too_wide, too_wide
