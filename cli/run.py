@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from optima.errors import ConfigError, OptimaError
@@ -167,6 +168,7 @@ def _run_command(config: str, bindings: Sequence[str], run_dir: str | None, exte
     from optima import config as cfg
     from optima import distributed
     from optima.experiment import experiment
+    from optima.plan import missing_files
     from optima.validation import check_component_bindings
 
     if force and not resume:
@@ -188,6 +190,10 @@ def _run_command(config: str, bindings: Sequence[str], run_dir: str | None, exte
             raise cfg.translate_call_error(e) from None
         if distributed.is_main():
             print_plan(plan, config)
+        missing = missing_files(plan)
+        if missing:  # nothing to run with: the dry run says so in its exit code
+            raise ConfigError(f"{len(missing)} file(s) the run needs are missing (listed above with where each "
+                              "comes from); put them in place or bind other paths")
         return plan
     try:  # every binding is checked before anything is written or trained
         experiment(None, validate_only=True)
@@ -363,12 +369,19 @@ def print_plan(plan: dict, config: str) -> None:
             for module, teacher_layers in s["layer_map"].items():
                 console.print(f"{name}: layer map {module}: student layer i -> {s['teacher']} layer "
                               f"{teacher_layers} (0-based)")
+    sources = {}
     for name, m in plan["models"].items():
         for what, c in m["checkpoints"].items():
             state = "[green]exists[/]" if c["exists"] else "[red]missing[/]"
-            console.print(f"{name} {what}: {c['path']} {state}")
+            console.print(f"{name} {what}: {escape(c['path'])} {state}")
+            if not c["exists"] and c.get("source"):
+                sources[c["path"]] = c["source"]
+    for source in dict.fromkeys(sources.values()):
+        console.print(f"  from {source}", markup=False, highlight=False)
     if plan["missing_data"]:
         for p in plan["missing_data"]:
-            console.print(f"data: {p} [red]missing[/]")
+            console.print(f"data: {escape(p)} [red]missing[/]")
+        if plan.get("data_sources"):
+            console.print(f"  from {plan['data_sources']}", markup=False, highlight=False)
     else:
         console.print("data: all present")

@@ -53,7 +53,8 @@ def _describe(model: torch.nn.Module, head: torch.nn.Module) -> dict[str, Any]:
     together = torch.nn.ModuleList([model, head])
     return {"params_M": sum(p.numel() for p in together.parameters()) / 1e6,
             "modules": modules,
-            "checkpoints": {k: {"path": v, "exists": bool(v) and os.path.exists(v)}
+            "checkpoints": {k: {"path": v, "exists": bool(v) and os.path.exists(v),
+                                "source": getattr(model, "checkpoint_sources", {}).get(k)}
                             for k, v in getattr(model, "checkpoints", {}).items() if v}}
 
 
@@ -62,7 +63,7 @@ def dry_run_plan(task: Callable, teacher: Callable, head: Callable, stages: Mapp
     the_task = task()
     missing = list(getattr(the_task, "missing_paths", lambda: [])())
     plan: dict[str, Any] = {"task": type(the_task).__name__, "missing_data": [str(p) for p in missing],
-                            "models": {}, "stages": {}}
+                            "data_sources": getattr(the_task, "sources", ""), "models": {}, "stages": {}}
     for name, factory in (pretraining or {}).items():
         with gin.config_scope(name), torch.device("meta"):
             model = factory()
@@ -96,4 +97,10 @@ def dry_run_plan(task: Callable, teacher: Callable, head: Callable, stages: Mapp
         }
         upstream = name
     return plan
+
+
+def missing_files(plan: Mapping[str, Any]) -> list[str]:
+    """The data and checkpoint files a plan needs that do not exist."""
+    checkpoints = [c["path"] for m in plan["models"].values() for c in m["checkpoints"].values() if not c["exists"]]
+    return list(dict.fromkeys([*checkpoints, *plan["missing_data"]]))
 
