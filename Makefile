@@ -19,8 +19,10 @@ $(BIN)/optima: pyproject.toml
 
 setup: $(BIN)/optima
 
+# one torch thread whatever OMP_NUM_THREADS says: the run the README's numbers come from
 demo: setup
-	$(BIN)/optima run gin/quickstart.gin
+	$(BIN)/optima run gin/quickstart.gin --threads 1
+	@echo "optima is installed in $(BIN), not on your PATH: 'source $(BIN)/activate' to use the README's optima commands"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -199,6 +199,65 @@ def fmt(s: tuple[float, float, int] | None) -> str:
     return f"{median:.4f} ± {std:.4f} ({n})" if not math.isnan(std) else f"{median:.4f} ({n})"
 
 
+#: What each variant name of the tables means (beside its bindings, read from results.csv).
+GLOSSARY = {
+    "teacher": "the fine-tuned teacher the students learn from (one per seed; the same in every piece of a task)",
+    "optima": "OPTIMA as the config declares it: each round Thompson sampling (`optima_policy`) picks one arm, "
+              "a set of modules whose layer losses are distilled, rewarded by how much the whole model's "
+              "distillation losses fell (`combined_reward`)",
+    "optima-probe": "OPTIMA with its reward measured on 4 fixed training batches before and after each round "
+                    "instead of on the round's own losses (docs/method.md, \"The probe\")",
+    "layerwise": "no bandit: every module's layer losses at every step (the paper's layerwise baseline)",
+    "random": "an arm drawn uniformly at random each round",
+    "task-only": "no teacher: the student trained on the task loss alone, from the same initialisation for the "
+                 "same steps (every distillation weight 0)",
+    "kd-only": "output distillation only: the task loss and the KL to the teacher's outputs at every step, no "
+               "layer (hidden, attention) losses, no bandit; not the KD-only *reward* (`kd_reward`), which "
+               "changes what rewards OPTIMA's arms",
+    "T20": "OPTIMA with T = 20 steps per round (45 rounds: the same 900 steps)",
+    "T30": "OPTIMA with T = 30 steps per round (30 rounds)",
+    "T45": "OPTIMA with T = 45 steps per round (20 rounds)",
+    "gamma0.5": "OPTIMA with discount gamma = 0.5 (the config's: 0.9)",
+    "gamma0.99": "OPTIMA with discount gamma = 0.99",
+    "c1": "OPTIMA with the paper's posterior variance scale c = 1 (the config's: 1e-3)",
+    "sw_ucb": "sliding-window UCB in place of OPTIMA's Thompson sampling (docs/policies.md)",
+    "finer_arms": "arms over layer groups (2 per module) instead of whole modules, with per-unit Thompson "
+                  "sampling (`grouped_ts_policy`)",
+}
+NOT_BINDINGS = {"variant", "seed", "status", "wall_s", "run_dir", "error"}
+
+
+def meaning(variant: str) -> str:
+    if variant in GLOSSARY:
+        return GLOSSARY[variant]
+    if variant.startswith("fixed-"):
+        return f"the same arm, {variant.removeprefix('fixed-')}, every round (`fixed_policy`)"
+    return ""
+
+
+def variant_bindings(piece: Path) -> dict[str, str]:
+    """Each variant's bindings beyond the piece's config, from results.csv's binding columns."""
+    with open(piece / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in (rows[0] if rows else {}) if c not in NOT_BINDINGS and not (c.count("/") == 1 and "." not in c)]
+    out: dict[str, str] = {}
+    for r in rows:
+        out.setdefault(r["variant"], "; ".join(f"{c} = {r[c]}" for c in columns if r[c]))
+    return out
+
+
+def glossary_lines(pieces: list[Path]) -> list[str]:
+    bindings: dict[str, str] = {}
+    for piece in pieces:
+        for variant, text in variant_bindings(piece).items():
+            bindings.setdefault(variant, text)
+    lines = ["## Variants", "", "Every run is its piece's config (the command below) with the variant's bindings.", "",
+             "| variant | what it is | bindings |", "|---|---|---|",
+             f"| teacher | {GLOSSARY['teacher']} | |"]
+    lines += [f"| {v} | {meaning(v)} | {'`' + b + '`' if b else '(none)'} |" for v, b in bindings.items()]
+    return lines + [""]
+
+
 def write_readme(out: Path = OUT) -> None:
     """`out/README.md`: the paper's comparison over every piece, the other pieces' tables,
     how each piece was made."""
@@ -206,7 +265,8 @@ def write_readme(out: Path = OUT) -> None:
              "Written by `python bench/synthetic_table.py` (do not edit by hand: rerun it).",
              "Each cell: student test metric, median ± sample std over seeds (n seeds). ",
              "Per piece: `results.md` (mean, std, ties), `results.csv` (every run), `figures/`, "
-             "`reward_noise.json` and `meta.json` (command, machine, load, time).", ""]
+             "`reward_noise.json` and `meta.json` (command, machine, load, time). Variant names: \"Variants\" "
+             "below.", ""]
     done = [p for p, *_ in PLAN if (out / p / "results.csv").exists()]
     # the paper's comparison: the pieces run with the baselines' variants, side by side
     baseline_pieces = [p for p, _, variants in PLAN if p in done and variants.endswith("baselines.toml")]
@@ -224,6 +284,7 @@ def write_readme(out: Path = OUT) -> None:
         student, rows, teacher = summary_rows(out / p)
         lines += [f"## {p}", "", f"| variant | {student} |", "|---|---:|"]
         lines += [f"| {v} | {fmt(s)} |" for v, s in rows.items()] + [""]
+    lines += glossary_lines([out / p for p in done])
     lines += ["## How each piece was made", "", "| piece | command | wall time | load before/after | started |",
               "|---|---|---:|---|---|"]
     notes, total = [], 0.0

@@ -95,18 +95,31 @@ def bandit_command(config: str | None, bindings: Sequence[str], policies: Sequen
     return {"results": results, "paths": paths, "seconds": seconds}
 
 
+def mean_std_text(mean: float, std: float) -> str:
+    """`mean±std`, the mean to 3 significant digits and the std to the mean's
+    decimals (`41.9±2.2`, `1.65±0.07`, `162±6`): short enough for 80 columns."""
+    import math
+
+    decimals = max(0, 2 - math.floor(math.log10(abs(mean)))) if mean and math.isfinite(mean) else 2
+    return f"{mean:.{decimals}f}±{std:.{decimals}f}"
+
+
 def print_table(results, environments: list[str], seeds: int) -> None:
-    table = Table(title=f"total regret, mean ± std over {seeds} seeds (lower is better; best in bold)")
-    table.add_column("policy")
+    from rich import box
+
+    # no vertical rules, environment names broken after their underscores: 5 environments fit 80 columns
+    table = Table(title=f"total regret, mean±std over {seeds} seeds (lower is better; best in bold)",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("policy", no_wrap=True)
     for env in environments:
-        table.add_column(env, justify="right")
+        table.add_column(env.replace("_", "_\n"), justify="right", no_wrap=True)
     cell = {(r.policy, r.environment): r for r in results}
     best = {e: min(r.mean for r in results if r.environment == e) for e in environments}
     for policy in dict.fromkeys(r.policy for r in results):
         row = []
         for e in environments:
             r = cell[policy, e]
-            text = f"{r.mean:.3g} ± {r.std:.2g}"
+            text = mean_std_text(r.mean, r.std)
             row.append(f"[bold]{text}[/]" if r.mean == best[e] else text)
         table.add_row(policy, *row)
     console.print(table)

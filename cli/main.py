@@ -47,13 +47,17 @@ def run(
         None, "--resume", metavar="RUN_DIR",
         help="Continue the run in RUN_DIR from its last checkpoints (same file and bindings as that run)."),
     force: bool = typer.Option(False, "--force", help="With --resume: continue even if bindings differ."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1,
+        help="Torch threads (experiment.threads; default: OMP_NUM_THREADS if set, else 1, the fastest for the "
+             "shipped CPU configs)."),
 ) -> None:
     """Run the experiment a gin file declares; SIGINT/SIGTERM save a checkpoint first."""
     with user_errors():
         from optima.cli.run import run_command
 
         run_command(config, binding or [], run_dir, external_plugins=False if no_plugins else None,
-                    dry_run=dry_run, resume=resume, force=force)
+                    dry_run=dry_run, resume=resume, force=force, threads=threads)
 
 
 @app.command()

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from optima.errors import ConfigError, warning
+from optima.program import program
 
 console = Console()
 
@@ -35,5 +36,5 @@ def report_command(path: str) -> list[Path]:
     for p in written:
         console.print(f"wrote {p}")
     if written:
-        console.print(f"TensorBoard: tensorboard --logdir {tensorboard} (IMAGES, run 'figures')")
+        console.print(f"TensorBoard: {program('tensorboard')} --logdir {tensorboard} (IMAGES, run 'figures')")
     return written

@@ -12,56 +12,13 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from optima.errors import ConfigError, OptimaError
-from optima.reporting import Reporter
+from optima.program import program
 
 console = Console(stderr=False)
-
-
-class RichReporter(Reporter):
-    """One progress bar per stage; the distillation bar shows round, arm, reward, losses."""
-
-    def __init__(self, progress: Progress):
-        self.progress = progress
-        self.tasks: dict[str, int] = {}
-        self.status: dict[str, str] = {}
-        self.totals: dict[str, int] = {}
-        self.distilling: set[str] = set()  # stages with rounds (they print a line per round instead)
-
-    def on_stage(self, stage, total, unit, start=0):
-        self.tasks[stage] = self.progress.add_task(stage, total=total, completed=start, status="")
-        self.totals[stage] = total
-
-    def on_arms(self, stage, labels):
-        self.distilling.add(stage)
-
-    def on_step(self, stage, step, losses, lr):
-        # whole-model values as `kd=...`, the played arm's as `arm.hidden=...`
-        text = self.status.get(stage, "") + " ".join(
-            f"{k.removeprefix('total/').replace('/', '.')}={v:.3g}" for k, v in losses.items())
-        self.progress.update(self.tasks[stage], completed=step, status=text)
-        total = self.totals.get(stage, 0)
-        # no live bar in logs: a line every tenth of a fine-tuning or pretraining stage
-        if stage not in self.distilling and not self.progress.console.is_terminal and total \
-                and step % max(1, total // 10) == 0:
-            self.progress.console.print(f"{stage}: step {step}/{total} {text}")
-
-    def on_round(self, stage, result):
-        reward = "-" if result.reward is None else f"{result.reward:.3f}"
-        self.status[stage] = f"round {result.round} arm {result.arm_label} reward {reward} | "
-        if not self.progress.console.is_terminal:  # no live bar in logs: one line per round
-            losses = " ".join(f"{k}={v:.4g}" for k, v in result.losses.total.items())
-            self.progress.console.print(f"{stage}: {self.status[stage]}round losses {losses}")
-
-    def on_message(self, text):
-        # one unbroken line, as written: messages name files (paths may hold [brackets])
-        self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-    def on_nonfinite(self, stage, step, term, value, skipped):
-        self.progress.console.print(f"{stage}: step {step}: {term} = {value}; step skipped ({skipped} so far)")
 
 
 def default_run_dir(config: str) -> str:
@@ -172,7 +129,7 @@ def _quote(text: str) -> str:
 
 def command_line(config: str, bindings: Sequence[str], *extra: str) -> str:
     """The `optima run` command line of `config` and `bindings`, then `extra`."""
-    return " ".join(["optima run", _quote(config), *(f"-b {_quote(b)}" for b in bindings), *extra])
+    return " ".join([f"{program()} run", _quote(config), *(f"-b {_quote(b)}" for b in bindings), *extra])
 
 
 class _Stopped(OptimaError):
@@ -184,15 +141,18 @@ class _Stopped(OptimaError):
 
 
 def run_command(config: str, bindings: Sequence[str], run_dir: str | None, external_plugins: bool | None,
-                dry_run: bool = False, resume: str | None = None, force: bool = False) -> dict:
+                dry_run: bool = False, resume: str | None = None, force: bool = False,
+                threads: int | None = None) -> dict:
     """Run (or resume) the experiment of `config`. Under torchrun every process
     runs this: rank 0 prepares the run directory and reports, every rank trains
-    its shard (`optima.distributed`)."""
+    its shard (`optima.distributed`). `threads`: torch's thread count
+    (`--threads`, bound as `experiment.threads`)."""
     from optima import distributed
 
     several = distributed.init()
+    options = ["--threads", str(threads)] if threads is not None else []
     try:
-        return _run_command(config, bindings, run_dir, external_plugins, dry_run, resume, force)
+        return _run_command(config, bindings, run_dir, external_plugins, dry_run, resume, force, options)
     finally:
         if several:
             # The run is over (checkpoints written). torchrun sends SIGTERM to the ranks
@@ -202,12 +162,13 @@ def run_command(config: str, bindings: Sequence[str], run_dir: str | None, exter
 
 
 def _run_command(config: str, bindings: Sequence[str], run_dir: str | None, external_plugins: bool | None,
-                 dry_run: bool, resume: str | None, force: bool) -> dict:
+                 dry_run: bool, resume: str | None, force: bool, options: Sequence[str] = ()) -> dict:
     import gin
 
     from optima import config as cfg
     from optima import distributed
     from optima.experiment import experiment
+    from optima.plan import missing_files
     from optima.validation import check_component_bindings
 
     if force and not resume:
@@ -217,7 +178,9 @@ def _run_command(config: str, bindings: Sequence[str], run_dir: str | None, exte
     registry = cfg.setup(external_plugins)
     for line in registry.warning_lines() if distributed.is_main() else ():  # a broken package is skipped
         console.print(line, markup=False, highlight=False, soft_wrap=True)
-    cfg.parse([config], bindings)
+    # --threads N is the binding experiment.threads = N, after the user's
+    threads = dict(zip(options[::2], options[1::2])).get("--threads")
+    cfg.parse([config], [*bindings, *([f"experiment.threads = {threads}"] if threads else [])])
     # before gin calls anything: a component bound called where the engine calls it fails inside gin
     check_component_bindings()
     if dry_run:
@@ -227,6 +190,10 @@ def _run_command(config: str, bindings: Sequence[str], run_dir: str | None, exte
             raise cfg.translate_call_error(e) from None
         if distributed.is_main():
             print_plan(plan, config)
+        missing = missing_files(plan)
+        if missing:  # nothing to run with: the dry run says so in its exit code
+            raise ConfigError(f"{len(missing)} file(s) the run needs are missing (listed above with where each "
+                              "comes from); put them in place or bind other paths")
         return plan
     try:  # every binding is checked before anything is written or trained
         experiment(None, validate_only=True)
@@ -238,7 +205,7 @@ def _run_command(config: str, bindings: Sequence[str], run_dir: str | None, exte
         word = distributed.broadcast_object(None)
         if isinstance(word, dict):
             raise ConfigError(word["refused"])
-        return _run(config, bindings, word)
+        return _run(config, bindings, word, options)
     told = False
 
     def go(directory: str) -> str:
@@ -248,7 +215,7 @@ def _run_command(config: str, bindings: Sequence[str], run_dir: str | None, exte
         return directory
 
     try:
-        return _prepare_and_run(config, bindings, run_dir, resume, force, config_text, header, go)
+        return _prepare_and_run(config, bindings, run_dir, resume, force, config_text, header, go, options)
     except BaseException as e:
         if not told:  # the other ranks are waiting: they stop with this message
             distributed.broadcast_object({"refused": str(e).splitlines()[0] if str(e) else type(e).__name__})
@@ -256,7 +223,7 @@ def _run_command(config: str, bindings: Sequence[str], run_dir: str | None, exte
 
 
 def _prepare_and_run(config: str, bindings: Sequence[str], run_dir: str | None, resume: str | None, force: bool,
-                     config_text: str, header: str, go) -> dict:
+                     config_text: str, header: str, go, options: Sequence[str] = ()) -> dict:
     """Rank 0's part of `run_command`: refuse or prepare the run directory, then
     `go(run_dir)` (the other ranks start) and run."""
     from optima.checkpoint import CheckpointManager, write_text_atomic
@@ -274,14 +241,14 @@ def _prepare_and_run(config: str, bindings: Sequence[str], run_dir: str | None, 
                 raise ConfigError(f"run directory {run_dir} already holds files; pass another --run-dir")
             write_text_atomic(config_path, header + config_text)
             try:
-                return _run(config, bindings, go(run_dir))
+                return _run(config, bindings, go(run_dir), options)
             except ConfigError:
                 discard_refused_run(run_dir, made)
                 raise
         differences = check_resume(run_dir, config_text, force)
         if not differences:
             console.print(f"resuming {run_dir}")
-            return _run(config, bindings, go(run_dir))
+            return _run(config, bindings, go(run_dir), options)
         # forced: the run goes on with the new config, the old one is kept beside it
         console.print(f"resuming {run_dir} with changed bindings (--force): {'; '.join(differences)}")
         backup = os.path.join(run_dir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.gin")
@@ -289,17 +256,19 @@ def _prepare_and_run(config: str, bindings: Sequence[str], run_dir: str | None, 
         write_text_atomic(config_path, header.rstrip("\n") + f" --resume {run_dir} --force\n" + config_text)
         saves = CheckpointManager.saves
         try:
-            return _run(config, bindings, go(run_dir))
+            return _run(config, bindings, go(run_dir), options)
         except ConfigError:
             if CheckpointManager.saves == saves:  # refused before it saved anything: leave the run as it was
                 os.replace(backup, config_path)
             raise
 
 
-def _run(config: str, bindings: Sequence[str], run_dir: str) -> dict:
+def _run(config: str, bindings: Sequence[str], run_dir: str, options: Sequence[str] = ()) -> dict:
     import gin
 
     from optima import config as cfg
+    from optima.cli.progress import LiveReporter, PlainReporter, RunClock, StageProgress
+    from optima.plan import stage_outline
     from optima import distributed
     from optima.checkpoint import write_text_atomic
     from optima.experiment import experiment
@@ -310,17 +279,23 @@ def _run(config: str, bindings: Sequence[str], run_dir: str) -> dict:
         except Exception as e:
             raise cfg.translate_call_error(e) from None
 
-    columns = (TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-    with Progress(*columns, console=console, transient=False) as progress:
+    run_clock = RunClock(stage_outline())
+    console.print(f"{run_dir}: {run_clock.stages} stage(s) to train or reuse: "
+                  + ", ".join(f"{name} ({steps} steps)" for name, steps in run_clock.outline),
+                  markup=False, highlight=False, soft_wrap=True)
+    with contextlib.ExitStack() as live:
+        if console.is_terminal:
+            reporter = LiveReporter(live.enter_context(StageProgress(console, run_clock)), run_clock)
+        else:  # a pipe or a log: flushed lines
+            reporter = PlainReporter(console.file, run_clock)
         try:
-            summary = experiment(run_dir, [RichReporter(progress)])
+            summary = experiment(run_dir, [reporter])
         except Exception as e:
             error = cfg.translate_call_error(e)
             if isinstance(error, OptimaError) and getattr(error, "resumable", False):
                 extra = [f"-b {_quote(b)}" for b in getattr(error, "resume_bindings", ())]
                 message = f"{str(error).splitlines()[0]}; resume with: " \
-                          f"{command_line(config, bindings, *extra, '--resume', _quote(run_dir))}"
+                          f"{command_line(config, bindings, *extra, *options, '--resume', _quote(run_dir))}"
                 raise _Stopped(message, error.exit_code) from e
             raise error from None
     write_text_atomic(os.path.join(run_dir, "operative_config.gin"), gin.operative_config_str())
@@ -350,7 +325,8 @@ def print_summary(summary: dict, run_dir: str) -> None:
     if summary.get("skipped_records"):
         console.print(f"{len(summary['skipped_records'])} damaged file(s): their records were skipped "
                       "(named in the warnings above and in metrics.json)", soft_wrap=True)
-    console.print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir}/tensorboard)")
+    console.print(f"run directory: {run_dir}  ({program('tensorboard')} --logdir {run_dir}/tensorboard)",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def count_text(n: float) -> str:
@@ -393,12 +369,19 @@ def print_plan(plan: dict, config: str) -> None:
             for module, teacher_layers in s["layer_map"].items():
                 console.print(f"{name}: layer map {module}: student layer i -> {s['teacher']} layer "
                               f"{teacher_layers} (0-based)")
+    sources = {}
     for name, m in plan["models"].items():
         for what, c in m["checkpoints"].items():
             state = "[green]exists[/]" if c["exists"] else "[red]missing[/]"
-            console.print(f"{name} {what}: {c['path']} {state}")
+            console.print(f"{name} {what}: {escape(c['path'])} {state}")
+            if not c["exists"] and c.get("source"):
+                sources[c["path"]] = c["source"]
+    for source in dict.fromkeys(sources.values()):
+        console.print(f"  from {source}", markup=False, highlight=False)
     if plan["missing_data"]:
         for p in plan["missing_data"]:
-            console.print(f"data: {p} [red]missing[/]")
+            console.print(f"data: {escape(p)} [red]missing[/]")
+        if plan.get("data_sources"):
+            console.print(f"  from {plan['data_sources']}", markup=False, highlight=False)
     else:
         console.print("data: all present")

@@ -573,7 +573,7 @@ def fault_point(where: str, n: int) -> None:
 OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "on_nonfinite", "compile")
 OPERATIONAL_BINDINGS = tuple(f"{c}.{p}" for c in ("distillation", "teacher_training", "pretraining")
                               for p in OPERATIONAL) \
-    + ("experiment.cache_dir", "experiment.data_workers")
+    + ("experiment.cache_dir", "experiment.data_workers", "experiment.threads")
 
 
 def is_operational(key: str) -> bool:

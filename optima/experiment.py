@@ -34,7 +34,7 @@ version and installed files, and the source of the component's module
 again whatever the cache holds, replacing the cache entries.
 Bindings that only decide how a run is kept alive (`checkpoint_every`,
 `keep_checkpoints`, `on_nonfinite`, `experiment.cache_dir`,
-`experiment.data_workers`) are left out of the keys.
+`experiment.data_workers`, `experiment.threads`) are left out of the keys.
 
 Runs survive interruptions (`optima.checkpoint`): the teacher's fine-tuning every
 `teacher_training.checkpoint_every` steps and each distillation stage every
@@ -77,9 +77,10 @@ from optima.engine import BatchStream, Distiller, Finetuner, Network, evaluate
 from optima.errors import ConfigError, warning
 from optima.interfaces import Batch, batch_rows
 from optima.predictions import write as write_predictions
+from optima.program import program
 from optima.reporting import Reporter, Reporters, RoundLog, TensorBoardReporter
 from optima.stages import TEACHER
-from optima.validation import validate_experiment
+from optima.validation import check_value, integer, validate_experiment
 
 
 
@@ -87,6 +88,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def torch_threads(threads: int | None) -> int:
+    """The torch thread count a run uses: `experiment.threads` (`optima run
+    --threads`) when bound, else `OMP_NUM_THREADS` when it is a positive integer
+    (a sweep's `--threads`, torchrun's default), else 1. One thread, because
+    the shipped CPU configs train tiny models, for which a second thread mostly
+    waits on the first, and on a busy 2-core machine the two spin on each other
+    (bench/thread_count.py; bench/results/thread_count.json)."""
+    if threads is not None:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -601,7 +615,8 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
                pretraining: Mapping[str, Callable] | None = None, teacher_pretrained: str | None = None,
                students_init_from: str | None = None,
                seed: int = 0, device: str = "auto", eval_batch_size: int = 256,
-               cache_dir: str | None = None, data_workers: int | None = None) -> dict[str, Any]:
+               cache_dir: str | None = None, data_workers: int | None = None,
+               threads: int | None = None) -> dict[str, Any]:
     """Pretraining (optional, cached), teacher (cached), one or more distillation
     stages (cached), test evaluation.
 
@@ -625,7 +640,17 @@ def experiment(run_dir: str | None, reporters: Sequence[Reporter] = (), dry_run:
     with a `batch_source` (the image tasks), per training process; None: one
     fewer than the CPUs available to the process (`optima.data.default_workers`).
     The batches do not depend on it, so it may change on resume.
+
+    `threads`: torch's intra-op threads in the training process (`torch_threads`:
+    None is `OMP_NUM_THREADS` if set, else 1), set here before any other torch
+    work and recorded as `torch_threads` in `metrics.json`; DataLoader workers
+    run one thread each (torch sets that in every worker). A CPU run is bit for
+    bit the same only at the same thread count, so a resume should keep it; it
+    is not part of the stage keys (a cached stage is reused at any count).
     """
+    if threads is not None:
+        check_value("experiment.threads", threads, integer(1))
+    torch.set_num_threads(torch_threads(threads))
     if (student is None) == (students is None):
         raise ConfigError("bind exactly one of experiment.student and experiment.students")
     stages = dict(students) if students is not None else {"student": student}
@@ -682,7 +707,7 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
     if rounds is not None:
         rounds.warn = reporter.on_message
     keeper = RunKeeper(run_dir, interrupts, reporter.on_message)
-    summary: dict[str, Any] = {"metrics": {}, "params_M": {}, "stages": {}}
+    summary: dict[str, Any] = {"metrics": {}, "params_M": {}, "stages": {}, "torch_threads": torch.get_num_threads()}
     try:
         if tb is not None:
             tb.add_text("config/config.gin", gin.config_str())
@@ -786,7 +811,7 @@ def _write_figures(run_dir: str, reporter: Reporter) -> None:
         write_run_figures(run_dir)
     except Exception as e:  # noqa: BLE001 (the run is done and saved; say what failed and go on)
         reporter.on_message(warning(f"the run's figures were not written: {type(e).__name__}: {e}; "
-                                    f"try: optima report {run_dir}"))
+                                    f"try: {program()} report {run_dir}"))
 
 
 def _network(model_factory: Callable, head: Callable, task, device: torch.device, **weights: str) -> Network:

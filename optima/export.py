@@ -30,6 +30,7 @@ import torch
 
 from optima.checkpoint import failed_writes, write_text_atomic
 from optima.errors import ConfigError
+from optima.program import program
 from optima.stages import TEACHER
 
 EXPORT_RECORD = "export.json"
@@ -97,7 +98,7 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     metrics = directory / "metrics.json"
     if not metrics.is_file():
         raise ConfigError(f"run {run_dir} has not finished (no metrics.json); finish it first with "
-                          f"`optima run CONFIG.gin --resume {run_dir}`")
+                          f"`{program()} run CONFIG.gin --resume {run_dir}`")
     try:
         summary = json.loads(metrics.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -23,6 +23,28 @@ def _stage_bindings(configurable: str, scope: str, resolve: bool = True) -> dict
             return {}
 
 
+def stage_outline() -> list[tuple[str, int]]:
+    """The stages a run of the parsed config trains, in order, with their steps:
+    pretraining stages, the teacher (unless `teacher_training.steps = 0`), the
+    students. Read from the bindings alone (nothing built), for the CLI's
+    progress ("stage k of n", the run's steps); a value that is not a positive
+    integer counts 0 steps (validation reports it)."""
+    def steps(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    exp = _stage_bindings("experiment", "")
+    outline = [(name, steps(_stage_bindings("pretraining", name).get("steps")))
+               for name in (exp.get("pretraining") or {})]
+    teacher_steps = steps(_stage_bindings("teacher_training", TEACHER).get("steps"))
+    if teacher_steps:
+        outline.append((TEACHER, teacher_steps))
+    students = exp.get("students") or ({"student": None} if exp.get("student") is not None else {})
+    for name in students:
+        d = _stage_bindings("distillation", name)
+        outline.append((name, steps(d.get("rounds")) * steps(d.get("steps_per_round"))))
+    return outline
+
+
 def _describe(model: torch.nn.Module, head: torch.nn.Module) -> dict[str, Any]:
     modules = {m.name: {"layers": len(m), "width": m.width,
                         "params_M": m.num_parameters() / 1e6}
@@ -31,7 +53,8 @@ def _describe(model: torch.nn.Module, head: torch.nn.Module) -> dict[str, Any]:
     together = torch.nn.ModuleList([model, head])
     return {"params_M": sum(p.numel() for p in together.parameters()) / 1e6,
             "modules": modules,
-            "checkpoints": {k: {"path": v, "exists": bool(v) and os.path.exists(v)}
+            "checkpoints": {k: {"path": v, "exists": bool(v) and os.path.exists(v),
+                                "source": getattr(model, "checkpoint_sources", {}).get(k)}
                             for k, v in getattr(model, "checkpoints", {}).items() if v}}
 
 
@@ -40,7 +63,7 @@ def dry_run_plan(task: Callable, teacher: Callable, head: Callable, stages: Mapp
     the_task = task()
     missing = list(getattr(the_task, "missing_paths", lambda: [])())
     plan: dict[str, Any] = {"task": type(the_task).__name__, "missing_data": [str(p) for p in missing],
-                            "models": {}, "stages": {}}
+                            "data_sources": getattr(the_task, "sources", ""), "models": {}, "stages": {}}
     for name, factory in (pretraining or {}).items():
         with gin.config_scope(name), torch.device("meta"):
             model = factory()
@@ -74,4 +97,10 @@ def dry_run_plan(task: Callable, teacher: Callable, head: Callable, stages: Mapp
         }
         upstream = name
     return plan
+
+
+def missing_files(plan: Mapping[str, Any]) -> list[str]:
+    """The data and checkpoint files a plan needs that do not exist."""
+    checkpoints = [c["path"] for m in plan["models"].values() for c in m["checkpoints"].values() if not c["exists"]]
+    return list(dict.fromkeys([*checkpoints, *plan["missing_data"]]))
 

@@ -110,6 +110,11 @@ def _check(name: str, value: Any, spec: tuple[Check, str]) -> None:
         raise ConfigError(f"{name} = {value!r} must be {allowed}")
 
 
+def check_value(name: str, value: Any, spec: tuple[Check, str]) -> None:
+    """A `ConfigError` naming binding `name` unless `value` passes `spec` (e.g. `integer(1)`)."""
+    _check(name, value, spec)
+
+
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True

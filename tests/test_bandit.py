@@ -3,6 +3,7 @@ command on tiny settings, its table and figure."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -133,3 +134,22 @@ def test_bad_input_is_one_line(args, message, tmp_path):
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert message in lines[0], lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_the_regret_table_fits_80_columns(tmp_path):
+    """Every policy name and every mean±std cell whole on its row at 80 columns."""
+    from rich.cells import cell_len
+
+    envs = ["abrupt", "drift", "idle_recovers", "optima_scale", "replay"]
+    policies = ["optima", "auto/optima", "discounted_ucb", "sw_ucb", "eps_greedy"]
+    result = CliRunner().invoke(app, ["bandit", "--seeds", "2", "--rounds", "20", "--jobs", "1",
+                                      "--out", str(tmp_path / "o"), *(a for e in envs for a in ("-e", e)),
+                                      *(a for p in policies for a in ("-p", p)),
+                                      "-b", "auto/optima_policy.variance_scale = 'auto'"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), [line for line in lines if cell_len(line) > 80]
+    cell = r"\s+[\d.]+±[\d.]+"
+    for policy in policies:
+        assert any(re.fullmatch(rf"\s*{re.escape(policy)}{cell * len(envs)}\s*", line) for line in lines), \
+            (policy, result.output)

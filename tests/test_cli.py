@@ -102,3 +102,68 @@ def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
     result = runner.invoke(app, ["run", str(tmp_path / "nope.gin")])
     assert result.exit_code != 0
     assert type(result.exception).__name__ == "ConfigError"
+
+
+def test_torch_threads_default_to_one_and_follow_the_option_binding_and_environment():
+    """The shipped CPU configs run fastest on one thread (bench/results/thread_count.json);
+    --threads, experiment.threads and OMP_NUM_THREADS choose another count."""
+    import torch
+
+    from conftest import TINY
+
+    before = torch.get_num_threads()
+    args = ["run", QUICK, "--dry-run", *(arg for b in TINY for arg in ("-b", b))]
+    try:
+        seen = {}
+        for name, extra, env in (("default", [], {"OMP_NUM_THREADS": None}),
+                                 ("option", ["--threads", "2"], {"OMP_NUM_THREADS": None}),
+                                 ("binding", ["-b", "experiment.threads = 2"], {"OMP_NUM_THREADS": "1"}),
+                                 ("environment", [], {"OMP_NUM_THREADS": "2"})):
+            torch.set_num_threads(3)
+            result = runner.invoke(app, [*args, *extra], env=env)
+            assert result.exit_code == 0, result.output
+            seen[name] = torch.get_num_threads()
+        assert seen == {"default": 1, "option": 2, "binding": 2, "environment": 2}
+        code, out = _run(*args[1:], "-b", "experiment.threads = 0")
+        assert code == 2 and _one_line_error(out) == \
+            "optima: error: experiment.threads = 0 must be an integer >= 1"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("on_path", [False, True])
+def test_printed_commands_run_as_printed(on_path, monkeypatch):
+    """After `make demo` the venv is not activated: the resume command a run
+    prints must run in the user's shell as printed (its PATH without .venv/bin)."""
+    import os
+    import shlex
+    from pathlib import Path
+
+    from optima.cli.run import command_line
+    from optima.program import program
+
+    scripts = str(Path(sys.executable).parent)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != scripts]
+    monkeypatch.setenv("PATH", os.pathsep.join([scripts, *path] if on_path else path))
+    assert (program() == "optima") == on_path
+    printed = command_line("tests/gin/tiny_ve.gin", ["distillation.rounds = 4"], "--help")
+    done = subprocess.run(shlex.split(printed), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Usage" in done.stdout, (printed, done.stderr)
+
+
+def test_every_folder_of_the_installed_packages_is_declared():
+    """setuptools warns about (and may leave out) a folder Python can import that
+    `packages` does not list, such as a data folder (optima/bandit_data)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(config["packages"])
+    found = set()
+    for package, folder in config["package-dir"].items():
+        for path in [root / folder, *(p for p in (root / folder).rglob("*") if p.is_dir())]:
+            if path.name != "__pycache__" and any(f.is_file() for f in path.iterdir()):
+                found.add(".".join([package, *path.relative_to(root / folder).parts]))
+    assert found <= declared, sorted(found - declared)
+    assert config["package-data"]["optima.bandit_data"] == ["*.json"]

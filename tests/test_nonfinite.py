@@ -19,6 +19,7 @@ from optima.engine import (BatchStream, Distiller, Finetuner, Network, NonFinite
                            first_nonfinite, guarded_reward, round_outcome)
 from optima.experiment import linear_warmup_decay, param_groups
 from optima.interfaces import Loss
+from optima.program import program
 from optima.plugins.models.coca import coca_model
 from optima.plugins.heads.vl_heads import attentional_pooler_head
 from optima.plugins.losses.optima_loss import optima_loss
@@ -243,7 +244,7 @@ def test_cli_stop_then_resume_with_skip(tmp_path, nan_loss_configurable):
     assert code == 1, out
     line = next(l for l in out.splitlines() if l.startswith("optima: error:"))
     assert "student: non-finite loss at step 5 (round 3, arm " in line and "kd = nan" in line
-    assert "resume with: optima run tests/gin/tiny_ve.gin" in line
+    assert f"resume with: {program()} run tests/gin/tiny_ve.gin" in line  # as the user can type it
     assert "-b \"distillation.on_nonfinite = 'skip'\" --resume " + str(run) in line
     assert not (run / "metrics.json").exists()
     for path in CheckpointManager(run / "checkpoints" / "student").paths():  # all intact

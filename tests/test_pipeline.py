@@ -70,11 +70,21 @@ def test_two_stage_pipeline_and_stage_reuse(tmp_path, monkeypatch):
 EXPERIMENTS = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "gin").glob("*.gin"))
 
 
+# the paper's configs need checkpoints and data that are not in the repository
+PAPER = {f"{task}_{student}.gin" for task in ("snlive", "vqa", "nlvr2", "coco") for student in ("tiny12", "tiny6")}
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_dry_run_of_every_experiment(name, tmp_path):
     result = CliRunner().invoke(app, ["run", f"gin/{name}", "--dry-run"])
-    assert result.exit_code == 0, result.output
     out = result.output
+    if name in PAPER:  # the plan, then what is missing and where it comes from, and a non-zero exit
+        assert result.exit_code == 2, out
+        assert re.search(r"optima: error: \d+ file\(s\) the run needs are missing", out.splitlines()[-1]), out
+        assert "from open_clip's coca_ViT-L-14 weights 'laion2b_s13b_b90k': https://huggingface.co/laion/" \
+               "CoCa-ViT-L-14-laion2B-s13B-b90k" in " ".join(out.split())
+    else:
+        assert result.exit_code == 0, out
     assert "models (built on the meta device)" in out and "teacher" in out
     assert ("63 arms" if name == "quickstart_finer_arms.gin" else "7 arms") in out  # layer groups: 2^6 - 1
     assert not list(tmp_path.iterdir())  # nothing written
@@ -91,3 +101,28 @@ def test_dry_run_counts_parameters_with_a_unit_that_shows_small_modules():
     rows = [l for l in result.output.splitlines() if "│ image " in l or "│ text " in l]
     assert rows and all(re.search(r"\d K │\s*$|\d K\s*│\s*$", r) for r in rows), result.output
     assert " 0.0 " not in result.output
+
+
+def test_dry_run_of_a_paper_config_says_what_is_missing_and_where_it_comes_from(tmp_path):
+    args = ["run", "gin/snlive_tiny6.gin", "--dry-run", "-b", f"snli_ve_task.data_dir = '{tmp_path}/snli'",
+            "-b", f"COCA_LARGE_CHECKPOINT = '{tmp_path}/large.bin'", "-b", f"COCA_BASE_CHECKPOINT = '{tmp_path}/base.bin'"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    for missing in ("teacher pretrained: {}/large.bin missing", "tiny6 init_from: {}/base.bin missing",
+                    "data: {}/snli/snli_ve_test.jsonl missing", "data: {}/snli/flickr30k_images missing"):
+        assert missing.format(tmp_path) in lines, result.output
+    assert "  from open_clip's coca_ViT-B-32 weights 'laion2b_s13b_b90k': https://huggingface.co/laion/" \
+           f"CoCa-ViT-B-32-laion2B-s13B-b90k, file open_clip_pytorch_model.bin, saved as {tmp_path}/base.bin" in lines
+    assert any(line.startswith("  from SNLI-VE annotations: snli_ve_{train,dev,test}.jsonl, made by the scripts of "
+                               "https://github.com/necla-ml/SNLI-VE") for line in lines), result.output
+    assert lines[-1] == "optima: error: 6 file(s) the run needs are missing (listed above with where each comes " \
+                        "from); put them in place or bind other paths"
+    # everything in place (the dry run reads none of it): exit 0
+    for name in ("large.bin", "base.bin", "snli/snli_ve_train.jsonl", "snli/snli_ve_dev.jsonl",
+                 "snli/snli_ve_test.jsonl", "snli/flickr30k_images/"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).mkdir() if name.endswith("/") else (tmp_path / name).write_text("")
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "data: all present" in result.output and "missing" not in result.output

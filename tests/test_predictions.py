@@ -184,3 +184,39 @@ def test_a_task_without_a_predictions_file_evaluates_as_before():
     records = []
     metrics = evaluate(Scripted(lambda b: torch.eye(2)), Plain(), "test", 2, CPU, predictions=records)
     assert metrics == {"accuracy": 1.0} and records == []
+
+
+def test_the_synthetic_world_tasks_write_their_real_counterparts_formats(tmp_path):
+    """world_ve/vqa/nlvr2_task (the synthetic protocol) write SNLI-VE's, VQA v2's and
+    NLVR2's predictions files, one record per test example, as their metric scored them."""
+    import re
+
+    from optima.plugins.tasks.snli_ve import LABELS
+    from optima.plugins.tasks.synthetic_world.tasks import ANSWERS, WorldEntailment, WorldNlvr2, WorldVqa
+
+    sizes = dict(train_size=0, val_size=0, test_size=10)
+    ve, vqa, nlvr2 = WorldEntailment(**sizes), WorldVqa(**sizes), WorldNlvr2(**sizes)
+    assert (ve.predictions_file, vqa.predictions_file, nlvr2.predictions_file) == (
+        "snli_ve_predictions.json", "vqa_results.json", "nlvr2_predictions.csv")
+
+    metrics, path = _evaluate(Scripted(lambda b: _right_then_wrong(b["label"], 3)), ve, "test", tmp_path, 4)
+    results = predictions.read(path)
+    assert [set(r) for r in results] == [{"pairID", "label"}] * 10
+    labels = ve._split("test").target.tolist()
+    assert sorted(int(r["pairID"]) for r in results) == list(range(10))
+    assert sum(r["label"] == LABELS[labels[int(r["pairID"])]] for r in results) / 10 == metrics["accuracy"]
+
+    metrics, path = _evaluate(Scripted(lambda b: b["target"]), vqa, "test", tmp_path, 4)  # the best-scored answer
+    results = predictions.read(path)
+    assert [set(r) for r in results] == [{"question_id", "answer"}] * 10
+    target = vqa._split("test").target
+    assert sorted(r["question_id"] for r in results) == list(range(10))
+    score = sum(float(target[r["question_id"], ANSWERS.index(r["answer"])]) for r in results) / 10
+    assert score == pytest.approx(metrics["accuracy"])
+
+    metrics, path = _evaluate(Scripted(lambda b: _right_then_wrong(b["label"], 2)), nlvr2, "test", tmp_path, 4)
+    lines = (tmp_path / "nlvr2_predictions.csv").read_text().splitlines()
+    assert len(lines) == 10 and all(re.fullmatch(r"\d+,(True|False)", line) for line in lines)
+    truth = nlvr2._split("test").target.tolist()
+    right = sum((p == "True") == bool(truth[int(i)]) for i, p in (line.split(",") for line in lines))
+    assert right / 10 == metrics["accuracy"]

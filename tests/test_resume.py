@@ -32,6 +32,7 @@ from optima.plugins.losses.optima_loss import optima_loss
 from optima.plugins.policies.paper import ThompsonPolicy
 from optima.plugins.rewards.loss_decrement import combined_reward
 from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
+from optima.program import program
 from optima.reporting import read_round_log
 
 # 3 arms; 6 rounds of T = 2 steps (warm-up: 3 updates, Thompson sampling from
@@ -195,7 +196,7 @@ def test_interrupt_then_changed_config_is_refused_unless_forced(tmp_path, monkey
     assert code == 130, out
     assert "interrupted by SIGINT after step 3 of student (round 2); checkpoint saved to " in line
     assert shlex.split(line.split("; resume with: ")[1]) == [
-        "optima", "run", "tests/gin/tiny_ve.gin", *base, "--resume", str(run)]
+        program(), "run", "tests/gin/tiny_ve.gin", *base, "--resume", str(run)]
     saved = Path(line.split("checkpoint saved to ")[1].split(";")[0])
     assert saved.name == "step-000000003" and CheckpointManager.load(saved).manifest["round"] == 2
 
@@ -509,7 +510,7 @@ def test_sigterm_saves_exits_143_and_says_how_to_resume(runs, reference, tmp_pat
     assert CheckpointManager.load(saved).step >= 2  # loadable, and not older than round 1
 
     command = shlex.split(line.split("resume with: ")[1])
-    assert command[:3] == ["optima", "run", "tests/gin/tiny_ve.gin"] and command[-2:] == ["--resume", str(run)]
+    assert command[:3] == [program(), "run", "tests/gin/tiny_ve.gin"] and command[-2:] == ["--resume", str(run)]
     resumed = runs(command[3:], tmp_path / "cache")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     _assert_same(_outcome(run), ref)

@@ -53,3 +53,27 @@ def test_a_piece_is_kept_with_its_reward_noise_and_summarised(tmp_path, monkeypa
     assert "| fixed-image | " in readme and "| fixed-text | " in readme and "| teacher | " in readme
     assert "`optima sweep ...` | 1.0 min | 0.5 / 1.5 |" in readme
     assert f"| all 1 of {len(table.PLAN)} pieces | | 1.0 min |" in readme  # the whole table's time
+
+
+def test_every_variant_name_of_the_results_page_is_defined_there(tmp_path):
+    """results/synthetic/README.md defines each variant name its tables use (its
+    "Variants" table, written by the script from the kept results.csv files)."""
+    import shutil
+
+    readme = (table.OUT / "README.md").read_text()
+    tables, rest = readme.split("## Variants", 1)
+    glossary = rest.split("## How each piece was made", 1)[0]
+
+    def rows(text):
+        return [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()
+                if line.startswith("| ") and not line.startswith(("| variant", "| piece"))]
+
+    used = {row[0] for row in rows(tables)}
+    defined = {row[0]: row[1] for row in rows(glossary)}
+    assert used and used <= set(defined), sorted(used - set(defined))
+    assert all(defined[name] for name in used), [name for name in used if not defined[name]]
+    # the committed page is the script's: rewriting it from the kept results changes nothing
+    copy = tmp_path / "synthetic"
+    shutil.copytree(table.OUT, copy)
+    table.write_readme(copy)
+    assert (copy / "README.md").read_text() == readme

@@ -366,6 +366,23 @@ class CoCaExtension(DistillableModel):
         return {k: v for k, v in self.state_dict().items() if k.startswith("coca.")}
 
 
+def checkpoint_source(arch: Any, path: str) -> str | None:
+    """Where the open_clip checkpoint of the named architecture `arch` saved as
+    `path` comes from (its pretrained tag read from the file name), or None (an
+    architecture dict, or one open_clip has no weights for)."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(arch) if isinstance(arch, str) else []
+    if not tags:
+        return None
+    name = os.path.basename(path).lower()
+    tag = next((t for t in sorted(tags, key=len, reverse=True) if t.lower() in name), tags[0])
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    hub = (cfg.get("hf_hub") or "").strip("/")
+    where = f"https://huggingface.co/{hub}, file open_clip_pytorch_model.bin" if hub else cfg.get("url") or "?"
+    return f"open_clip's {arch} weights '{tag}': {where}, saved as {path}"
+
+
 def coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", overrides: Mapping[str, Any] | None = None,
                layers: Sequence[int] | None = None, pretrained: str | None = None,
                device: str | torch.device | None = None, init_from: str | None = None,
@@ -413,6 +430,8 @@ def coca_model(arch: str | Mapping[str, Any] = "coca_ViT-B-32", overrides: Mappi
         torch.nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
     model = CoCaModel(coca, cfg)
     model.checkpoints = {k: v for k, v in (("pretrained", pretrained), ("init_from", init_from)) if v}
+    model.checkpoint_sources = {k: checkpoint_source(a, v) for k, v, a in (
+        ("pretrained", pretrained, arch), ("init_from", init_from, init_from_arch or arch)) if v}
     if pretrained:
         if not meta:
             _load_pretrained(coca, arch, pretrained)

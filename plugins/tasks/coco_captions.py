@@ -148,6 +148,10 @@ class CocoCaptions(CaptioningTask, VLTask):
 
     name = "coco_captions_task"
     dataset = "the Karpathy COCO split (dataset_coco.json) and the COCO 2014 images"
+    sources = ("Karpathy's COCO split: dataset_coco.json from "
+               "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip into data_dir; "
+               "images: COCO 2014 (https://cocodataset.org/#download), train2014/ and val2014/ unpacked in "
+               "image_dir (default data_dir)")
 
     def __init__(self, *, data_dir: str, image_dir: str | None = None, image_size: int = 224,
                  context_length: int = 76, annotation_file: str = "dataset_coco.json",

@@ -45,6 +45,10 @@ class Nlvr2(VLTask):
 
     name = "nlvr2_task"
     dataset = "NLVR2"
+    sources = ("NLVR2 annotations: nlvr2/data/{train,dev,test1}.json of https://github.com/lil-lab/nlvr "
+               "into data_dir; images: the NLVR2 image release (https://lil.nlp.cornell.edu/nlvr/, on "
+               "request), as <image_dir>/{train/<directory>,dev,test1}/<identifier without its last "
+               "part>-img{0,1}.png (image_dir default: data_dir/images)")
     num_outputs = 2
 
     def __init__(self, *, data_dir: str, image_dir: str | None = None, image_size: int = 224,

@@ -37,6 +37,10 @@ class SnliVe(VLTask):
 
     name = "snli_ve_task"
     dataset = "SNLI-VE"
+    sources = ("SNLI-VE annotations: snli_ve_{train,dev,test}.jsonl, made by the scripts of "
+               "https://github.com/necla-ml/SNLI-VE from SNLI 1.0 and Flickr30k, into data_dir; images: "
+               "Flickr30k (https://shannon.cs.illinois.edu/DenotationGraph/, on request), the jpgs as "
+               "<image_dir>/<Flickr30k id>.jpg (image_dir default: data_dir/flickr30k_images)")
     num_outputs = len(LABELS)
 
     def __init__(self, *, data_dir: str, image_dir: str | None = None, image_size: int = 224,

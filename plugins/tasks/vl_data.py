@@ -217,6 +217,8 @@ class VLTask(Task):
 
     name: str = "vl_task"
     dataset: str = "the data set"
+    #: where the official files come from and how to lay them out (printed by `--dry-run`)
+    sources: str = ""
 
     def __init__(self, *, data_dir: str, image_dir: str | None, image_size: int, context_length: int,
                  augment: bool, load_threads: int, strict: bool = False):

@@ -105,6 +105,10 @@ class Vqa(VLTask):
 
     name = "vqa_task"
     dataset = "VQA v2"
+    sources = ("VQA v2 (https://visualqa.org/download.html): v2_OpenEnded_mscoco_{train2014,val2014}"
+               "_questions.json and v2_mscoco_{train2014,val2014}_annotations.json into data_dir; images: "
+               "COCO 2014 (https://cocodataset.org/#download), train2014/ and val2014/ unpacked in image_dir "
+               "(default data_dir) as {split}/COCO_{split}_{image_id:012d}.jpg")
 
     def __init__(self, *, data_dir: str, image_dir: str | None = None, image_size: int = 224,
                  context_length: int = 76, num_answers: int = 3129, answer_vocab: str | None = None,

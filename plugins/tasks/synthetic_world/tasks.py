@@ -242,10 +242,19 @@ class WorldEntailment(WorldTask):
         return {"scenes": (scenes,), "texts": texts, "target": label.astype(np.int64)}
 
     def _collate(self, data, idx, split, generator):
-        return {"image": self._pixels(data, idx), "text": data.text[idx], "label": data.target[idx]}
+        return {"image": self._pixels(data, idx), "text": data.text[idx], "label": data.target[idx],
+                "pair_id": idx.clone()}
 
     def loss(self, logits, batch):
         return F.cross_entropy(logits, batch["label"])
+
+    #: SNLI-VE's predictions format, `[{"pairID": "17", "label": "entailment"}]`; the pairID is the
+    #: example's index in its split (SNLI-VE's pairIDs are strings too)
+    predictions_file = "snli_ve_predictions.json"
+
+    def predictions(self, logits, batch):
+        return [{"pairID": str(i), "label": VE_LABELS[k]}
+                for i, k in zip(batch["pair_id"].tolist(), logits.argmax(-1).tolist())]
 
     def metric(self, logits, batch):
         return accuracy_sums(logits, batch["label"])
@@ -347,6 +356,14 @@ class WorldVqa(WorldTask):
         return {"image": self._pixels(data, idx), "text": data.text[idx], "target": data.target[idx],
                 "question_id": idx.clone()}
 
+    #: VQA v2's results format, `[{"question_id": 17, "answer": "2"}]`; the question_id is the
+    #: question's index in its split
+    predictions_file = "vqa_results.json"
+
+    def predictions(self, logits, batch):
+        return [{"question_id": int(q), "answer": ANSWERS[k]}
+                for q, k in zip(batch["question_id"].tolist(), logits.argmax(-1).tolist())]
+
     def answer(self, index: int, split: str = "train") -> str:
         """The true answer of one question (what the annotators were asked to give)."""
         return ANSWERS[int(self._split(split).extra["answer"][index])]
@@ -440,10 +457,19 @@ class WorldNlvr2(WorldTask):
         return {"scenes": (left, right), "texts": texts, "target": label}
 
     def _collate(self, data, idx, split, generator):
-        return {"image": self._pixels(data, idx), "text": data.text[idx], "label": data.target[idx]}
+        return {"image": self._pixels(data, idx), "text": data.text[idx], "label": data.target[idx],
+                "identifier": idx.clone()}
 
     def loss(self, logits, batch):
         return pair_loss(logits, batch)
+
+    #: NLVR2's predictions format, the input of its metrics.py: CSV lines `identifier,True|False`;
+    #: the identifier is the example's index in its split
+    predictions_file = "nlvr2_predictions.csv"
+
+    def predictions(self, logits, batch):
+        return [{"identifier": str(i), "prediction": "True" if k == 1 else "False"}
+                for i, k in zip(batch["identifier"].tolist(), logits.argmax(-1).tolist())]
 
     def metric(self, logits, batch):
         return pair_accuracy_sums(logits, batch)
