@@ -502,6 +502,11 @@ def play_stats(plays: Sequence[int], num_arms: int, window: int = PLAY_ENTROPY_W
     return {"count": count, "entropy": entropy}
 
 
+def _reward_state(reward: Reward) -> dict[str, Any]:
+    """A stateful reward's state (`Reward.state_dict`); `{}` for rewards without one."""
+    return dict(reward.state_dict()) if hasattr(reward, "state_dict") else {}
+
+
 def _losses_state(losses: RoundLosses) -> dict[str, Any]:
     return {"total": dict(losses.total), "per_module": {m: dict(v) for m, v in losses.per_module.items()},
             "arm": list(losses.arm)}
@@ -750,6 +755,7 @@ class Distiller(_Loop):
             "student": self.student.state_dict(), "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(), "stream": self.stream.state_dict(),
+            "reward": _reward_state(self.reward),
             "step": self.step, "round": self.round, "skipped": self.skipped,
             "previous": None if self.previous is None else _losses_state(self.previous),
             "history": [{"round": r.round, "arm": r.arm, "reward": r.reward, "losses": _losses_state(r.losses),
@@ -772,6 +778,8 @@ class Distiller(_Loop):
         self.loss.load_state_dict(state["loss"])
         _load_optimizer(self.optimizer, self.scheduler, state, source)
         self.policy.load_state_dict(state["policy"])
+        if hasattr(self.reward, "load_state_dict"):  # a checkpoint of before stateful rewards holds none
+            self.reward.load_state_dict(state.get("reward", {}))
         self.stream.load_state_dict(state["stream"])
         self.step, self.round, self.skipped = int(state["step"]), int(state["round"]), int(state["skipped"])
         self.previous = None if state["previous"] is None else _losses_from(state["previous"])

@@ -338,8 +338,22 @@ class Reward(abc.ABC):
     #: the arm), so `total` and every module of `per_module` hold them.
     terms: tuple[str, ...]
 
+    #: Where `previous` and `current` are measured: None (the rounds' own training
+    #: losses, or the training-batch probe of `distillation.reward_probe`), or
+    #: `(split, batches)`: the whole model's losses on that many fixed batches of
+    #: the task's `split` (e.g. `("val", 4)`), before and after each round.
+    probe: tuple[str, int] | None = None
+
     @abc.abstractmethod
     def __call__(self, previous: RoundLosses, current: RoundLosses) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a stateful reward (one that remembers earlier rounds) needs to resume
+        exactly; saved in the distillation checkpoint. Stateless rewards: `{}`."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`."""
 
 
 class Policy(abc.ABC):
