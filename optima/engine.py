@@ -460,7 +460,7 @@ def round_outcome(reward: Reward, previous: RoundLosses | None, losses: RoundAcc
         scale = steps_per_round / finite_steps
         totals = {k: v * scale for k, v in totals.items()}
         modules = {m: {k: v * scale for k, v in terms.items()} for m, terms in modules.items()}
-    current = RoundLosses(totals, modules, tuple(arm))
+    current = RoundLosses(totals, modules, tuple(arm), steps_per_round if finite_steps else 0)
     if finite_steps == 0:
         return RoundOutcome(current, None, "every step was skipped", previous if probe is None else probe)
     measured = current if probe is None else probe
@@ -481,6 +481,11 @@ class RoundResult:
     skipped: int = 0  # steps of the round skipped for non-finite values
     note: str | None = None  # why the policy got no reward, if it got none after the first round
     plays: dict[str, Any] = field(default_factory=dict)  # `play_stats` after this round (engine, any policy)
+
+
+#: The step value a reward reads to get the gradient alignment measured
+#: (`Distiller._alignment`): the cosine between distillation and task gradients.
+ALIGN = "align"
 
 
 #: Plays of the last rounds whose entropy is logged (`plays/entropy`), for every policy.
@@ -509,12 +514,12 @@ def _reward_state(reward: Reward) -> dict[str, Any]:
 
 def _losses_state(losses: RoundLosses) -> dict[str, Any]:
     return {"total": dict(losses.total), "per_module": {m: dict(v) for m, v in losses.per_module.items()},
-            "arm": list(losses.arm)}
+            "arm": list(losses.arm), "steps": losses.steps}
 
 
 def _losses_from(state: Mapping[str, Any]) -> RoundLosses:
     return RoundLosses(_floats(state["total"]), {str(m): _floats(v) for m, v in state["per_module"].items()},
-                       tuple(state["arm"]))
+                       tuple(state["arm"]), int(state.get("steps", 0)))
 
 
 @dataclass
@@ -627,6 +632,8 @@ class Distiller(_Loop):
                 mask = self.task.logit_mask(batch)
                 losses = self.loss(Capture(s_logits, self.student_rec, mask),
                                    Capture(t_logits, self.teacher_rec, mask), task_loss, arm_layers, self.need)
+            if ALIGN in self.need:
+                losses.full[ALIGN] = self._alignment(task_loss, losses.objective)
             checked = {**losses.full, **{f"{t}[{m}]": v for m, terms in losses.per_module.items()
                                          for t, v in terms.items()}}
             read = self._optimizer_step(losses.objective, checked, share)
@@ -637,6 +644,26 @@ class Distiller(_Loop):
             return None
         return StepLosses(losses.objective, {t: read[t] for t in losses.full},
                           {m: {t: read[f"{t}[{m}]"] for t in terms} for m, terms in losses.per_module.items()})
+
+    def _alignment(self, task_loss: torch.Tensor, objective: torch.Tensor) -> torch.Tensor:
+        """Cosine between the gradients of the step's distillation terms (the
+        objective less the task loss: KD and the played arm's layer losses) and of
+        the task loss, over the student's weights, on this batch (Du et al. 2018,
+        "Adapting auxiliary losses using gradient similarity"). Two extra backward
+        passes through the student per step (`bench/step_time.py` measures it)."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
+        g_distil = torch.autograd.grad(objective - task_loss, params, retain_graph=True, allow_unused=True)
+        dot = sq_task = sq_distil = torch.zeros((), device=task_loss.device)
+        for a, b in zip(g_task, g_distil):
+            if a is not None and b is not None:
+                dot = dot + (a.float() * b.float()).sum()
+            if a is not None:
+                sq_task = sq_task + a.float().pow(2).sum()
+            if b is not None:
+                sq_distil = sq_distil + b.float().pow(2).sum()
+        norm = (sq_task * sq_distil).sqrt()
+        return torch.where(norm > 0, dot / norm.clamp_min(1e-30), torch.zeros_like(norm)).detach()
 
     @torch.no_grad()
     def _teacher_logits(self, batch: Batch) -> torch.Tensor:
@@ -680,7 +707,7 @@ class Distiller(_Loop):
             self.student_rec.clear()
             self.teacher_rec.clear()
             self.student.train()
-        return RoundLosses(sums.totals(), sums.per_module(), ())
+        return RoundLosses(sums.totals(), sums.per_module(), (), sums.steps)
 
     @property
     def in_round(self) -> bool:

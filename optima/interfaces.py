@@ -297,11 +297,14 @@ class RoundLosses(Mapping[str, float]):
       module's layers. Every module has the terms the reward reads; the played
       arm's modules also have the terms that trained them.
     - `arm`: the played arm, as the names of its modules (e.g. `("image", "text")`).
+    - `steps`: how many steps (or probe batches) the sums are over (0: not known),
+      so a reward can read a per-step mean (`alignment_reward`).
     """
 
     total: Mapping[str, float]
     per_module: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     arm: tuple[str, ...] = ()
+    steps: int = 0
 
     def __getitem__(self, term: str) -> float:
         return self.total[term]
@@ -323,7 +326,8 @@ class RoundLosses(Mapping[str, float]):
         return {t: self.of_arm(t) for t in (held[0] if held else {}) if all(t in h for h in held)}
 
     def __repr__(self) -> str:
-        return f"RoundLosses(total={dict(self.total)!r}, per_module={dict(self.per_module)!r}, arm={self.arm!r})"
+        return (f"RoundLosses(total={dict(self.total)!r}, per_module={dict(self.per_module)!r}, arm={self.arm!r}, "
+                f"steps={self.steps})")
 
 
 class Reward(abc.ABC):

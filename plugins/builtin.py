@@ -66,6 +66,7 @@ def optima_register_rewards(register):
     register("combined", rewards.combined_reward)
     register("heldout_task", task_aware.heldout_task_reward)  # rewards that see the task (docs/method.md)
     register("heldout_gain", task_aware.heldout_gain_reward)
+    register("alignment", task_aware.alignment_reward)
     register("advantage", task_aware.advantage_reward)
 
 

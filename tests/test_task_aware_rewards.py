@@ -189,3 +189,30 @@ def test_bad_bindings_are_one_line_errors(tmp_path, binding, expected):
     result = CliRunner().invoke(app, args, env={"OPTIMA_CACHE": str(tmp_path / "cache"), "COLUMNS": "300"})
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split())
+
+
+def test_alignment_reward_is_the_round_mean_of_the_gradient_cosine():
+    from optima.plugins.rewards.task_aware import alignment_reward
+    d = distiller(alignment_reward(), rounds=2)
+    cosines = []
+    original = d._alignment
+
+    def keep(task_loss, objective):
+        value = original(task_loss, objective)
+        params = [p for p in d.student.parameters() if p.requires_grad]
+        g_t = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
+        g_d = torch.autograd.grad(objective - task_loss, params, retain_graph=True, allow_unused=True)
+        flat = [torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
+                for gs in (g_t, g_d)]
+        cosines.append(F.cosine_similarity(flat[0], flat[1], dim=0).item())
+        assert value.item() == pytest.approx(cosines[-1], abs=1e-5)
+        return value
+
+    d._alignment = keep
+    history = d.run()
+    assert len(cosines) == 4 and -1 < min(cosines) and max(cosines) < 1
+    for result, pair in zip(history, (cosines[:2], cosines[2:])):
+        assert result.losses.steps == 2
+        assert result.losses["align"] == pytest.approx(sum(pair), abs=1e-5)
+    assert history[1].reward == pytest.approx(0.5 + 0.5 * sum(cosines[2:]) / 2, abs=1e-5)
+    d.close()

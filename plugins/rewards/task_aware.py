@@ -7,6 +7,11 @@
   seen as such (the paper's clipped decrement gives both 0).
 - `heldout_gain_reward`: 1 if the held-out task loss did not get worse over the
   round, else 0 (AutoSeM, Guo et al. 2019); scale-free, for a Beta-Bernoulli policy.
+- `alignment_reward`: how well the played arm's distillation agrees with the
+  task on the same batches: the cosine between the gradients of the step's
+  distillation terms and of the task loss, averaged over the round's steps
+  (Du et al. 2018), mapped from [-1, 1] to [0, 1]. No held-out data, no
+  comparison across rounds; two extra backward passes per step.
 - `advantage_reward`: any reward relative to what every arm has been earning
   lately, so that arms measured at different points of training compare
   fairly (loss decrements shrink as training goes on; an idle arm would keep its
@@ -65,6 +70,21 @@ class HeldOutTaskReward(Reward):
         return f"{type(self).__name__}(probe={self.probe!r}, binary={self.binary})"
 
 
+class AlignmentReward(Reward):
+    """`(1 + mean cosine) / 2` over the round's steps (`Distiller._alignment`)."""
+
+    terms = ("align",)
+
+    def __call__(self, previous: RoundLosses, current: RoundLosses) -> float:
+        try:
+            total = float(current["align"])
+        except KeyError:
+            raise ValueError(f"the round's losses lack the gradient alignment (have {sorted(current)})") from None
+        if not math.isfinite(total) or current.steps < 1:
+            raise ValueError(f"gradient alignment {total} over {current.steps} step(s) is no mean")
+        return min(1.0, max(0.0, 0.5 + 0.5 * total / current.steps))
+
+
 class AdvantageReward(Reward):
     """`base`'s reward relative to a running mean `b` of every arm's recent base
     rewards: `clip(0.5 + 0.5 * (r - b) / b, 0, 1)` (0.5: as good as any arm was
@@ -114,6 +134,11 @@ def heldout_task_reward(batches: int = HELDOUT_BATCHES, split: str = "val") -> H
 def heldout_gain_reward(batches: int = HELDOUT_BATCHES, split: str = "val") -> HeldOutTaskReward:
     """1 if the held-out task loss did not get worse over the round, else 0 (AutoSeM)."""
     return HeldOutTaskReward(batches, split, binary=True)
+
+
+def alignment_reward() -> AlignmentReward:
+    """Cosine between the arm's distillation gradient and the task gradient, round mean."""
+    return AlignmentReward()
 
 
 def advantage_reward(base: Reward, halflife: float = 10.0) -> AdvantageReward:
