@@ -507,6 +507,27 @@ def play_stats(plays: Sequence[int], num_arms: int, window: int = PLAY_ENTROPY_W
     return {"count": count, "entropy": entropy}
 
 
+def _cosine(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Cosine between two gradients given per parameter (None: no gradient, zeros);
+    0 where either is zero. A 0-dim tensor, no gradient, no host sync."""
+    dot = sq_a = sq_b = None
+    for x, y in zip(a, b):
+        if x is not None and y is not None:
+            d = (x.float() * y.float()).sum()
+            dot = d if dot is None else dot + d
+        if x is not None:
+            sq = x.float().pow(2).sum()
+            sq_a = sq if sq_a is None else sq_a + sq
+        if y is not None:
+            sq = y.float().pow(2).sum()
+            sq_b = sq if sq_b is None else sq_b + sq
+    if dot is None or sq_a is None or sq_b is None:
+        ref = next(t for t in (*a, *b) if t is not None) if any(t is not None for t in (*a, *b)) else None
+        return torch.zeros((), device=None if ref is None else ref.device)
+    norm = (sq_a * sq_b).sqrt()
+    return torch.where(norm > 0, dot / norm.clamp_min(1e-30), torch.zeros_like(norm)).detach()
+
+
 def _reward_state(reward: Reward) -> dict[str, Any]:
     """A stateful reward's state (`Reward.state_dict`); `{}` for rewards without one."""
     return dict(reward.state_dict()) if hasattr(reward, "state_dict") else {}
@@ -576,7 +597,8 @@ class Distiller(_Loop):
                  grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Callback] = (),
                  name: str = "student", on_nonfinite: str = "stop", checkpoint_every: int = 5,
                  keep_checkpoints: int = 2, binding: str = "distillation.on_nonfinite", compile: bool | str = False,
-                 probe: Sequence[Batch] = (), teacher_dtype: torch.dtype | None = None):
+                 probe: Sequence[Batch] = (), teacher_dtype: torch.dtype | None = None,
+                 alignment_gate: bool = False):
         self.name, self.rounds, self.binding = name, rounds, binding
         self.teacher, self.student, self.task, self.loss = teacher, student, task, loss
         self.arms, self.policy, self.reward = arms, policy, reward
@@ -600,6 +622,7 @@ class Distiller(_Loop):
         self.teacher_rec = Recorder(self.teacher_run.model.distill_modules(), always=False)
         self.student_rec = Recorder(student.model.distill_modules(), always=False)
         self.need = frozenset(reward.terms)
+        self.alignment_gate = alignment_gate
         self.step = 0
         self.round = 0
         self.skipped = 0
@@ -634,6 +657,8 @@ class Distiller(_Loop):
                                    Capture(t_logits, self.teacher_rec, mask), task_loss, arm_layers, self.need)
             if ALIGN in self.need:
                 losses.full[ALIGN] = self._alignment(task_loss, losses.objective)
+            if self.alignment_gate and losses.arm_terms:
+                losses = self._gated(task_loss, losses)
             checked = {**losses.full, **{f"{t}[{m}]": v for m, terms in losses.per_module.items()
                                          for t, v in terms.items()}}
             read = self._optimizer_step(losses.objective, checked, share)
@@ -645,6 +670,22 @@ class Distiller(_Loop):
         return StepLosses(losses.objective, {t: read[t] for t in losses.full},
                           {m: {t: read[f"{t}[{m}]"] for t in terms} for m, terms in losses.per_module.items()})
 
+    def _gated(self, task_loss: torch.Tensor, losses: StepLosses) -> StepLosses:
+        """`distillation.alignment_gate`: drop from this step's objective the layer
+        terms of every module of the arm whose gradient points against the task
+        loss's (cosine < 0 over the student's weights, on this batch; Du et al.
+        2018). `kept/<module>` (1 kept, 0 dropped) is added to the step's values.
+        One extra backward pass through the student per module of the arm."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
+        objective, full = losses.objective, dict(losses.full)
+        for module, term in losses.arm_terms.items():
+            g_module = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            keep = _cosine(g_task, g_module) >= 0
+            objective = torch.where(keep, objective, objective - term)
+            full[f"kept/{module}"] = keep.float()
+        return StepLosses(objective, full, losses.per_module, losses.arm_terms)
+
     def _alignment(self, task_loss: torch.Tensor, objective: torch.Tensor) -> torch.Tensor:
         """Cosine between the gradients of the step's distillation terms (the
         objective less the task loss: KD and the played arm's layer losses) and of
@@ -654,16 +695,7 @@ class Distiller(_Loop):
         params = [p for p in self.student.parameters() if p.requires_grad]
         g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
         g_distil = torch.autograd.grad(objective - task_loss, params, retain_graph=True, allow_unused=True)
-        dot = sq_task = sq_distil = torch.zeros((), device=task_loss.device)
-        for a, b in zip(g_task, g_distil):
-            if a is not None and b is not None:
-                dot = dot + (a.float() * b.float()).sum()
-            if a is not None:
-                sq_task = sq_task + a.float().pow(2).sum()
-            if b is not None:
-                sq_distil = sq_distil + b.float().pow(2).sum()
-        norm = (sq_task * sq_distil).sqrt()
-        return torch.where(norm > 0, dot / norm.clamp_min(1e-30), torch.zeros_like(norm)).detach()
+        return _cosine(g_task, g_distil)
 
     @torch.no_grad()
     def _teacher_logits(self, batch: Batch) -> torch.Tensor:

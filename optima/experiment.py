@@ -418,7 +418,7 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
                  arms: Sequence[Sequence[str]] | None = None, arm_groups: Any = 1, head_lr: float | None = None,
                  warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False, compile: bool | str = False,
                  checkpoint_every: int = 5, keep_checkpoints: int = 2, on_nonfinite: str = "stop",
-                 reward_probe: int = 0, empty_arm: bool = False) -> Distiller:
+                 reward_probe: int = 0, empty_arm: bool = False, alignment_gate: bool = False) -> Distiller:
     """Build the `Distiller` of one stage: `rounds` rounds of `steps_per_round` (T) steps.
 
     `checkpoint_every` (rounds) and `keep_checkpoints`: how often the stage is
@@ -436,15 +436,18 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
     whole model's losses on these fixed training batches before and after each
     round instead (`Distiller.probe_losses`, docs/method.md); a reward with a probe of
     its own (`Reward.probe`, e.g. `heldout_task_reward`) measures on those batches.
-    `empty_arm` adds the arm without layer losses (task and output KD only)."""
+    `empty_arm` adds the arm without layer losses (task and output KD only).
+    `alignment_gate` drops, at each step, the layer losses of every module of the
+    played arm whose gradient points against the task loss's (`Distiller._gated`)."""
     for binding, value in (("rounds", rounds), ("steps_per_round", steps_per_round), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"distillation.{binding} must be an integer >= 1, got {value!r}")
     if isinstance(reward_probe, bool) or not isinstance(reward_probe, int) or reward_probe < 0:
         raise ConfigError(f"distillation.reward_probe must be an integer >= 0 (batches; 0: the round's own "
                           f"losses), got {reward_probe!r}")
-    if not isinstance(empty_arm, bool):
-        raise ConfigError(f"distillation.empty_arm must be True or False, got {empty_arm!r}")
+    for binding, value in (("empty_arm", empty_arm), ("alignment_gate", alignment_gate)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"distillation.{binding} must be True or False, got {value!r}")
     arm_space = ArmSpace.of_model(student.model, arms, arm_groups, empty=empty_arm)
     if arm_space.names != teacher.model.module_names():
         raise ConfigError(f"teacher modules {teacher.model.module_names()} differ from the student's {arm_space.names}")
@@ -460,7 +463,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         steps_per_round=steps_per_round,
         rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter],
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        compile=compile, probe=reward_probe_batches(reward, task, batch_size, reward_probe, seed, device))
+        compile=compile, probe=reward_probe_batches(reward, task, batch_size, reward_probe, seed, device),
+        alignment_gate=alignment_gate)
 
 
 def reward_probe_batches(reward, task, batch_size: int, reward_probe: int, seed: int,

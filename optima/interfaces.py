@@ -400,6 +400,9 @@ class StepLosses:
     #: Per module, each layer term computed for all of that module's layers
     #: (the reward's terms for every module; the played arm's training terms).
     per_module: dict[str, dict[str, float | torch.Tensor]] = field(default_factory=dict)
+    #: The played arm's weighted layer terms per module, with their gradients: the
+    #: parts of `objective` a gate may drop (`distillation.alignment_gate`). Optional.
+    arm_terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Loss(nn.Module, abc.ABC):

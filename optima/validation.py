@@ -84,7 +84,7 @@ STAGE_PARAMS: dict[str, dict[str, tuple[Check, str]]] = {
         "rounds": integer(1), "steps_per_round": integer(1), "batch_size": integer(1), "warmup_steps": integer(0),
         "grad_clip": number(0, optional=True), "head_lr": number(0, strict=True, optional=True),
         "checkpoint_every": integer(1), "keep_checkpoints": integer(1), "on_nonfinite": one_of(*NONFINITE_ACTIONS),
-        "amp": BOOLEAN, "compile": COMPILE, "empty_arm": BOOLEAN,
+        "amp": BOOLEAN, "compile": COMPILE, "empty_arm": BOOLEAN, "alignment_gate": BOOLEAN,
     },
 }
 def number_or_auto() -> tuple[Check, str]:

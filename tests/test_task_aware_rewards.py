@@ -216,3 +216,33 @@ def test_alignment_reward_is_the_round_mean_of_the_gradient_cosine():
         assert result.losses["align"] == pytest.approx(sum(pair), abs=1e-5)
     assert history[1].reward == pytest.approx(0.5 + 0.5 * sum(cosines[2:]) / 2, abs=1e-5)
     d.close()
+
+
+def test_the_alignment_gate_drops_the_layer_losses_of_a_module_against_the_task(monkeypatch):
+    """With the gate forced to find the multimodal decoder against the task, distilling
+    text+multimodal trains the student as distilling text alone does."""
+    import optima.engine as engine
+    real = engine._cosine
+    calls = []
+
+    def against_multimodal(a, b):
+        calls.append(real(a, b).item())
+        return torch.tensor(-0.5 if len(calls) % 2 == 0 else 0.5)  # per step: text first, then multimodal
+
+    gated = distiller(combined_reward(), policy=FixedPolicy(3, arm=1), rounds=2, alignment_gate=True)
+    monkeypatch.setattr(engine, "_cosine", against_multimodal)
+    history = gated.run()
+    monkeypatch.setattr(engine, "_cosine", real)
+    assert len(calls) == 8 and all(-1 <= c <= 1 for c in calls)  # 4 steps x the arm's 2 modules
+    assert history[0].losses["kept/text"] == 2 and history[0].losses["kept/multimodal"] == 0
+    text_only = ArmSpace(("image", "text", "multimodal"), [["image"], ["text"], ["multimodal"]])
+    plain = distiller(combined_reward(), policy=FixedPolicy(3, arm=1), rounds=2, arms=text_only)
+    plain.run()
+    for (name, a), b in zip(gated.student.named_parameters(), plain.student.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    ungated = distiller(combined_reward(), policy=FixedPolicy(3, arm=1), rounds=2)
+    ungated.run()
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gated.student.parameters(),
+                                                                     ungated.student.parameters()))
+    for d in (gated, plain, ungated):
+        d.close()

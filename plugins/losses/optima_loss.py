@@ -97,6 +97,7 @@ class OptimaLoss(Loss):
         objective = task_loss + self.weights["kd"] * kd
         totals = {"task": task_loss.detach(), "kd": kd.detach()}
         modules: dict[tuple[str, str], torch.Tensor] = {}  # (module, term) -> sum over its layers
+        arm_terms: dict[str, torch.Tensor] = {}  # module -> its weighted layer terms in the objective
         skipped: set[tuple[str, str]] = set()  # (module, term) with a layer left out
         for term, distance in (("hidden", self._hidden), ("attn", self._attn)):
             total = torch.zeros((), device=task_loss.device)
@@ -108,7 +109,9 @@ class OptimaLoss(Loss):
                 with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
                     value = distance(student.recorder, teacher.recorder, s_key, t_key)
                 if with_grad:
-                    objective = objective + self.weights[term] * value
+                    weighted = self.weights[term] * value
+                    objective = objective + weighted
+                    arm_terms[s_key[0]] = arm_terms[s_key[0]] + weighted if s_key[0] in arm_terms else weighted
                 total = total + value.detach()
                 key = (s_key[0], term)
                 modules[key] = modules[key] + value.detach() if key in modules else value.detach()
@@ -119,7 +122,7 @@ class OptimaLoss(Loss):
         for (module, term), value in modules.items():
             per_module.setdefault(module, {})[term] = value
         # 0-dim tensors: the engine reads them back with the objective in one device sync
-        return StepLosses(objective=objective, full=totals, per_module=per_module)
+        return StepLosses(objective=objective, full=totals, per_module=per_module, arm_terms=arm_terms)
 
     def _hidden(self, s_rec, t_rec, s_key, t_key) -> torch.Tensor:
         h_s = self.proj[f"{s_key[0]}_{s_key[1]}"](s_rec.hidden(s_key))
