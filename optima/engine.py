@@ -598,7 +598,7 @@ class Distiller(_Loop):
                  name: str = "student", on_nonfinite: str = "stop", checkpoint_every: int = 5,
                  keep_checkpoints: int = 2, binding: str = "distillation.on_nonfinite", compile: bool | str = False,
                  probe: Sequence[Batch] = (), teacher_dtype: torch.dtype | None = None,
-                 alignment_gate: bool = False):
+                 alignment_gate: bool = False, gate_halflife: float = 0.0):
         self.name, self.rounds, self.binding = name, rounds, binding
         self.teacher, self.student, self.task, self.loss = teacher, student, task, loss
         self.arms, self.policy, self.reward = arms, policy, reward
@@ -622,7 +622,9 @@ class Distiller(_Loop):
         self.teacher_rec = Recorder(self.teacher_run.model.distill_modules(), always=False)
         self.student_rec = Recorder(student.model.distill_modules(), always=False)
         self.need = frozenset(reward.terms)
-        self.alignment_gate = alignment_gate
+        self.alignment_gate, self.gate_halflife = alignment_gate, float(gate_halflife)
+        #: module -> moving average of its cosine with the task gradient (the gate's evidence)
+        self.gate_mean: dict[str, torch.Tensor] = {}
         self.step = 0
         self.round = 0
         self.skipped = 0
@@ -673,15 +675,24 @@ class Distiller(_Loop):
     def _gated(self, task_loss: torch.Tensor, losses: StepLosses) -> StepLosses:
         """`distillation.alignment_gate`: drop from this step's objective the layer
         terms of every module of the arm whose gradient points against the task
-        loss's (cosine < 0 over the student's weights, on this batch; Du et al.
-        2018). `kept/<module>` (1 kept, 0 dropped) is added to the step's values.
+        loss's: cosine over the student's weights < 0 (Du et al. 2018), on this
+        batch (`gate_halflife = 0`) or as a moving average over the module's
+        steps with that half-life in steps (a single batch's cosine between two
+        gradients of this size is mostly noise around 0, so its sign is a coin
+        flip). `kept/<module>` (1 kept, 0 dropped) is added to the step's values.
         One extra backward pass through the student per module of the arm."""
         params = [p for p in self.student.parameters() if p.requires_grad]
         g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
         objective, full = losses.objective, dict(losses.full)
         for module, term in losses.arm_terms.items():
             g_module = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-            keep = _cosine(g_task, g_module) >= 0
+            cos = _cosine(g_task, g_module)
+            if self.gate_halflife > 0:
+                decay = 0.5 ** (1.0 / self.gate_halflife)
+                mean = self.gate_mean.get(module)
+                cos = cos if mean is None else decay * mean + (1.0 - decay) * cos
+                self.gate_mean[module] = cos
+            keep = cos >= 0
             objective = torch.where(keep, objective, objective - term)
             full[f"kept/{module}"] = keep.float()
         return StepLosses(objective, full, losses.per_module, losses.arm_terms)
@@ -815,6 +826,7 @@ class Distiller(_Loop):
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(), "stream": self.stream.state_dict(),
             "reward": _reward_state(self.reward),
+            "gate_mean": {m: float(v) for m, v in self.gate_mean.items()},
             "step": self.step, "round": self.round, "skipped": self.skipped,
             "previous": None if self.previous is None else _losses_state(self.previous),
             "history": [{"round": r.round, "arm": r.arm, "reward": r.reward, "losses": _losses_state(r.losses),
@@ -837,6 +849,8 @@ class Distiller(_Loop):
         self.loss.load_state_dict(state["loss"])
         _load_optimizer(self.optimizer, self.scheduler, state, source)
         self.policy.load_state_dict(state["policy"])
+        self.gate_mean = {m: torch.tensor(v, dtype=torch.float32, device=self.device)
+                          for m, v in state.get("gate_mean", {}).items()}
         if hasattr(self.reward, "load_state_dict"):  # a checkpoint of before stateful rewards holds none
             self.reward.load_state_dict(state.get("reward", {}))
         self.stream.load_state_dict(state["stream"])

@@ -418,7 +418,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
                  arms: Sequence[Sequence[str]] | None = None, arm_groups: Any = 1, head_lr: float | None = None,
                  warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False, compile: bool | str = False,
                  checkpoint_every: int = 5, keep_checkpoints: int = 2, on_nonfinite: str = "stop",
-                 reward_probe: int = 0, empty_arm: bool = False, alignment_gate: bool = False) -> Distiller:
+                 reward_probe: int = 0, empty_arm: bool = False, alignment_gate: bool = False,
+                 gate_halflife: float = 0.0) -> Distiller:
     """Build the `Distiller` of one stage: `rounds` rounds of `steps_per_round` (T) steps.
 
     `checkpoint_every` (rounds) and `keep_checkpoints`: how often the stage is
@@ -438,7 +439,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
     its own (`Reward.probe`, e.g. `heldout_task_reward`) measures on those batches.
     `empty_arm` adds the arm without layer losses (task and output KD only).
     `alignment_gate` drops, at each step, the layer losses of every module of the
-    played arm whose gradient points against the task loss's (`Distiller._gated`)."""
+    played arm whose gradient points against the task loss's (`Distiller._gated`);
+    `gate_halflife` (steps; 0: each step's own cosine) averages that evidence."""
     for binding, value in (("rounds", rounds), ("steps_per_round", steps_per_round), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"distillation.{binding} must be an integer >= 1, got {value!r}")
@@ -448,6 +450,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
     for binding, value in (("empty_arm", empty_arm), ("alignment_gate", alignment_gate)):
         if not isinstance(value, bool):
             raise ConfigError(f"distillation.{binding} must be True or False, got {value!r}")
+    if isinstance(gate_halflife, bool) or not isinstance(gate_halflife, (int, float)) or gate_halflife < 0:
+        raise ConfigError(f"distillation.gate_halflife must be a number of steps >= 0, got {gate_halflife!r}")
     arm_space = ArmSpace.of_model(student.model, arms, arm_groups, empty=empty_arm)
     if arm_space.names != teacher.model.module_names():
         raise ConfigError(f"teacher modules {teacher.model.module_names()} differ from the student's {arm_space.names}")
@@ -464,7 +468,7 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter],
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         compile=compile, probe=reward_probe_batches(reward, task, batch_size, reward_probe, seed, device),
-        alignment_gate=alignment_gate)
+        alignment_gate=alignment_gate, gate_halflife=gate_halflife)
 
 
 def reward_probe_batches(reward, task, batch_size: int, reward_probe: int, seed: int,

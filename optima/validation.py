@@ -85,6 +85,7 @@ STAGE_PARAMS: dict[str, dict[str, tuple[Check, str]]] = {
         "grad_clip": number(0, optional=True), "head_lr": number(0, strict=True, optional=True),
         "checkpoint_every": integer(1), "keep_checkpoints": integer(1), "on_nonfinite": one_of(*NONFINITE_ACTIONS),
         "amp": BOOLEAN, "compile": COMPILE, "empty_arm": BOOLEAN, "alignment_gate": BOOLEAN,
+        "gate_halflife": number(0),
     },
 }
 def number_or_auto() -> tuple[Check, str]:

@@ -246,3 +246,23 @@ def test_the_alignment_gate_drops_the_layer_losses_of_a_module_against_the_task(
                                                                      ungated.student.parameters()))
     for d in (gated, plain, ungated):
         d.close()
+
+
+def test_the_averaged_gate_resumes_exactly():
+    def make():
+        return distiller(combined_reward(), policy=FixedPolicy(3, arm=1), rounds=4, alignment_gate=True,
+                         gate_halflife=3.0)
+
+    d = make()
+    d.run(rounds=2)
+    state, rng = copy.deepcopy(d.state_dict()), rng_state()
+    assert set(state["gate_mean"]) == {"text", "multimodal"}
+    kept = [r.losses.total.get("kept/text") for r in d.run(rounds=4)[2:]]
+    e = make()
+    e.load_state_dict(state)
+    set_rng_state(rng)
+    assert [r.losses.total.get("kept/text") for r in e.run(rounds=4)[2:]] == kept
+    for a, b in zip(d.student.parameters(), e.student.parameters()):
+        assert torch.equal(a, b)
+    d.close()
+    e.close()
