@@ -119,6 +119,40 @@ def keep(piece: str, sweep_dir: Path, meta: dict, out: Path = OUT) -> None:
     (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
+def keep_gathered(piece: str, sweep_dirs: list[Path], meta: dict, out: Path = OUT) -> None:
+    """Keep a piece made by several sweeps of its config, each with some of the
+    piece's variants and seeds (the same bindings as its variants file): their
+    results.csv rows together (run directories relative to `SWEEPS`), a
+    results.md of medians, and the figures of each sweep (named by sweep)."""
+    dest = out / piece
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "figures").mkdir(parents=True)
+    rows, columns = [], {}
+    for sweep_dir in sweep_dirs:
+        with open(sweep_dir / "results.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                row["run_dir"] = os.path.relpath(row["run_dir"], sweep_dir.parent) if row.get("run_dir") else ""
+                rows.append(row)
+                columns.update(dict.fromkeys(row))
+        for png in sorted((sweep_dir / "figures").glob("*.png")):
+            shutil.copy2(png, dest / "figures" / f"{sweep_dir.name}-{png.name}")
+    order = ["variant", "seed", "status"]
+    tail = [c for c in ("wall_s", "run_dir", "error") if c in columns]
+    fields = order + [c for c in columns if c not in order and c not in tail] + tail
+    with open(dest / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    student, stats, teacher = summary_rows(dest)
+    lines = [f"# {piece}", "", f"Gathered from {len(sweep_dirs)} sweeps: " + ", ".join(f"`SWEEPS/{d.name}`"
+                                                                               for d in sweep_dirs) + ".", "",
+             f"| variant | {student} |", "|---|---:|", f"| teacher | {fmt(teacher)} |"]
+    lines += [f"| {v} | {fmt(st)} |" for v, st in stats.items()]
+    (dest / "results.md").write_text("\n".join(lines) + "\n")
+    (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
 # -- reward noise of the fixed arms ------------------------------------------------
 
 def _student_stage(run_dir: Path) -> str:
@@ -326,8 +360,17 @@ def main() -> None:
     p.add_argument("--sweeps", default="sweeps/synthetic", help="where the sweeps' run directories go")
     p.add_argument("--only", nargs="+", choices=[piece for piece, *_ in PLAN], help="these pieces only")
     p.add_argument("--summary-only", action="store_true", help="rewrite README.md from the kept results")
+    p.add_argument("--gather", nargs="+", metavar=("PIECE", "SWEEP_DIR"),
+                   help="keep PIECE from several sweeps of its config (made with its variants' bindings), "
+                        "with --meta JSON describing how")
+    p.add_argument("--meta", help="with --gather: a JSON file of the piece's meta (commands, times, machine)")
     args = p.parse_args()
     sweeps = Path(args.sweeps).resolve()
+    if args.gather:
+        piece, *dirs = args.gather
+        meta = {**json.loads(Path(args.meta).read_text()), "machine": machine()}
+        keep_gathered(piece, [Path(d).resolve() for d in dirs], meta)
+        args.summary_only = True
     if not args.summary_only:
         for piece, config, variants in PLAN:
             if args.only and piece not in args.only:
