@@ -3,7 +3,9 @@
 An OPTIMA step back-propagates only the played arm's layer losses and computes
 the other layers' losses under no_grad for the reward; a layerwise step
 back-propagates every layer and needs no reward. The OPTIMA figure is the mean
-over all 7 arms. Same models, batch and optimizer for both.
+over all 7 arms. Same models, batch and optimizer for both. The third row is an
+OPTIMA step that also measures the gradient alignment (`alignment_reward`: two
+more backward passes through the student), against the OPTIMA step.
 
     python bench/step_time.py            # CPU, small CoCa, ~1 minute
     BATCH=64 WIDTH=256 python bench/step_time.py
@@ -16,7 +18,7 @@ import time
 import torch
 
 from optima.arms import ArmSpace
-from optima.engine import BatchStream, Distiller, Network
+from optima.engine import ALIGN, BatchStream, Distiller, Network
 from optima.plugins.models.coca import coca_model
 from optima.plugins.heads.vl_heads import AttentionalPoolerHead
 from optima.plugins.losses.optima_loss import optima_loss
@@ -67,16 +69,20 @@ def main():
         return (time.perf_counter() - t) / n
 
     optima_need = frozenset(combined_reward().terms)
-    ratios, opt_times, lw_times = [], [], []
-    for _ in range(REPEATS):  # interleave so machine noise hits both alike
+    ratios, opt_times, lw_times, align_times, align_ratios = [], [], [], [], []
+    for _ in range(REPEATS):  # interleave so machine noise hits all alike
         lw = timed(len(arms) - 1, frozenset())
         op = statistics.mean(timed(k, optima_need, n=1) for k in range(len(arms)))
+        al = statistics.mean(timed(k, optima_need | {ALIGN}, n=1) for k in range(len(arms)))
         lw_times.append(lw)
         opt_times.append(op)
+        align_times.append(al)
         ratios.append(op / lw)
+        align_ratios.append(al / op)
     result = {"batch": B, "width": W, "teacher_layers": 8, "student_layers": 4, "torch_threads": torch.get_num_threads(),
               "layerwise_ms": 1e3 * statistics.median(lw_times), "optima_ms": 1e3 * statistics.median(opt_times),
-              "optima_over_layerwise": statistics.median(ratios)}
+              "optima_over_layerwise": statistics.median(ratios), "alignment_ms": 1e3 * statistics.median(align_times),
+              "alignment_over_optima": statistics.median(align_ratios)}
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
 
 

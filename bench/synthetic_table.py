@@ -45,7 +45,21 @@ PLAN = [
     ("ve_tiny6-long-policies", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/policies.toml"),
     *[(f"{t}_tiny6", f"gin/synthetic/{t}_tiny6.gin", "gin/sweeps/baselines.toml") for t in TASKS[1:]],
     *[(f"{t}_tiny12", f"gin/synthetic/{t}_tiny12.gin", "gin/sweeps/baselines.toml") for t in TASKS],
+    # Rewards that see the task, the empty arm, the normalised layer loss (docs/method.md),
+    # with the baselines they are paired with, on the three pieces where the arms differ
+    ("ve_tiny6-long-task-aware", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/task_aware.toml"),
+    ("captions_tiny6-task-aware", "gin/synthetic/captions_tiny6.gin", "gin/sweeps/task_aware.toml"),
+    ("captions_tiny12-task-aware", "gin/synthetic/captions_tiny12.gin", "gin/sweeps/task_aware.toml"),
 ]
+#: `--variant` options a piece adds to its variants file: the task-aware pieces' best
+#: fixed arm (the best of the 7 in the piece's baselines table, 3 seeds), at 5 seeds.
+EXTRA_VARIANTS = {
+    "ve_tiny6-long-task-aware": ["fixed-image+multimodal=distillation.policy = @fixed_policy; fixed_policy.arm = 4"],
+    "captions_tiny6-task-aware": ["fixed-image=distillation.policy = @fixed_policy; fixed_policy.arm = 0"],
+    "captions_tiny12-task-aware": ["fixed-text=distillation.policy = @fixed_policy; fixed_policy.arm = 1"],
+}
+#: What the task-aware candidates are paired with, seed by seed.
+REFERENCES = ("layerwise", "task-only", "fixed")
 ROUND_LENGTHS = (5, 10, 20, 40)
 
 
@@ -58,7 +72,8 @@ def machine() -> dict:
 
 def run_piece(piece: str, config: str, variants: str, sweeps: Path, jobs: int) -> dict:
     sweep_dir = sweeps / piece
-    cmd = [sys.executable, "-m", "optima.cli.main", "sweep", config, "--variants", variants,
+    extra = [a for v in EXTRA_VARIANTS.get(piece, []) for a in ("--variant", v)]
+    cmd = [sys.executable, "-m", "optima.cli.main", "sweep", config, "--variants", variants, *extra,
            "--jobs", str(jobs), "--sweep-dir", str(sweep_dir)]
     load_before, start = os.getloadavg(), time.time()
     print(f"== {piece}: {' '.join(cmd[2:])}", flush=True)
@@ -67,7 +82,9 @@ def run_piece(piece: str, config: str, variants: str, sweeps: Path, jobs: int) -
     subprocess.call([sys.executable, "-m", "optima.cli.main", "report", str(sweep_dir)], cwd=ROOT,
                     stdout=subprocess.DEVNULL)
     return {"piece": piece, "config": config, "variants": variants, "sweep_exit_code": code,
-            "command": f"optima sweep {config} --variants {variants} --jobs {jobs} --sweep-dir SWEEPS/{piece}",
+            "command": f"optima sweep {config} --variants {variants} "
+                       + "".join(f"--variant '{v}' " for v in EXTRA_VARIANTS.get(piece, []))
+                       + f"--jobs {jobs} --sweep-dir SWEEPS/{piece}",
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)), "wall_s": round(wall, 1),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()], "machine": machine()}
@@ -99,6 +116,40 @@ def keep(piece: str, sweep_dir: Path, meta: dict, out: Path = OUT) -> None:
     noise = reward_noise(sweep_dir)
     if noise:
         (dest / "reward_noise.json").write_text(json.dumps(noise, indent=1) + "\n")
+    (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def keep_gathered(piece: str, sweep_dirs: list[Path], meta: dict, out: Path = OUT) -> None:
+    """Keep a piece made by several sweeps of its config, each with some of the
+    piece's variants and seeds (the same bindings as its variants file): their
+    results.csv rows together (run directories relative to `SWEEPS`), a
+    results.md of medians, and the figures of each sweep (named by sweep)."""
+    dest = out / piece
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "figures").mkdir(parents=True)
+    rows, columns = [], {}
+    for sweep_dir in sweep_dirs:
+        with open(sweep_dir / "results.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                row["run_dir"] = os.path.relpath(row["run_dir"], sweep_dir.parent) if row.get("run_dir") else ""
+                rows.append(row)
+                columns.update(dict.fromkeys(row))
+        for png in sorted((sweep_dir / "figures").glob("*.png")):
+            shutil.copy2(png, dest / "figures" / f"{sweep_dir.name}-{png.name}")
+    order = ["variant", "seed", "status"]
+    tail = [c for c in ("wall_s", "run_dir", "error") if c in columns]
+    fields = order + [c for c in columns if c not in order and c not in tail] + tail
+    with open(dest / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    student, stats, teacher = summary_rows(dest)
+    lines = [f"# {piece}", "", f"Gathered from {len(sweep_dirs)} sweeps: " + ", ".join(f"`SWEEPS/{d.name}`"
+                                                                               for d in sweep_dirs) + ".", "",
+             f"| variant | {student} |", "|---|---:|", f"| teacher | {fmt(teacher)} |"]
+    lines += [f"| {v} | {fmt(st)} |" for v, st in stats.items()]
+    (dest / "results.md").write_text("\n".join(lines) + "\n")
     (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -280,7 +331,10 @@ def write_readme(out: Path = OUT) -> None:
         for v in variants:
             lines.append(f"| {v} | " + " | ".join(fmt(tables[p][1].get(v)) for p in baseline_pieces) + " |")
         lines.append("")
-    for p in (p for p in done if p not in baseline_pieces):
+    task_aware = [p for p, _, variants in PLAN if p in done and variants.endswith("task_aware.toml")]
+    if task_aware:
+        lines += task_aware_section(out, task_aware)
+    for p in (p for p in done if p not in baseline_pieces and p not in task_aware):
         student, rows, teacher = summary_rows(out / p)
         lines += [f"## {p}", "", f"| variant | {student} |", "|---|---:|"]
         lines += [f"| {v} | {fmt(s)} |" for v, s in rows.items()] + [""]
@@ -305,14 +359,79 @@ def write_readme(out: Path = OUT) -> None:
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def paired(rows: list[dict], student: str, variant: str, reference: str) -> tuple[float, int, int] | None:
+    """Mean of `variant - reference` over the seeds both have, how many of them
+    `variant` is above, and how many seeds there are."""
+    by = {}
+    for r in rows:
+        if r["status"] == "done" and r[student]:
+            by.setdefault(r["variant"], {})[r["seed"]] = float(r[student])
+    a, b = by.get(variant, {}), by.get(reference, {})
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    return statistics.mean(diffs), sum(d > 0 for d in diffs), len(seeds)
+
+
+def task_aware_section(out: Path, pieces: list[str]) -> list[str]:
+    """Each candidate paired with layerwise, the task alone and the best fixed arm,
+    seed by seed, on every task-aware piece; and which candidate meets the goal
+    (above layerwise and the task alone on every piece, paired mean > 0 on at
+    least 4 of 5 seeds; within one seed std of the best fixed arm on two)."""
+    lines = ["## Task-aware candidates", "",
+             "Each cell: median ± std (n) of the student's test metric; then, paired seed by seed with "
+             "layerwise (`lw`), the task alone (`task`) and the piece's best fixed arm (`fixed`), the mean "
+             "difference and on how many seeds the candidate is above. Made on the machine below, baselines "
+             "included (the tables above were made on another CPU; numbers differ from machine to machine).", ""]
+    goal: dict[str, list[bool]] = {}
+    for p in pieces:
+        with open(out / p / "results.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        student, stats, teacher = summary_rows(out / p)
+        fixed = next((v for v in stats if v.startswith("fixed-")), None)
+        refs = {"lw": "layerwise", "task": "task-only", "fixed": fixed}
+        lines += [f"### {p} ({student}; teacher {fmt(teacher)})", "",
+                  "| variant | median ± std (n) | vs lw | vs task | vs fixed |", "|---|---:|---:|---:|---:|"]
+        for v, st in stats.items():
+            cells = []
+            for short, ref in refs.items():
+                pr = paired(rows, student, v, ref) if ref and v != ref else None
+                cells.append(f"{pr[0]:+.4f} ({pr[1]}/{pr[2]})" if pr else "")
+            lines.append(f"| {v} | {fmt(st)} | " + " | ".join(cells) + " |")
+            if v in refs.values():
+                continue
+            lw, task = paired(rows, student, v, "layerwise"), paired(rows, student, v, "task-only")
+            beats = all(pr and pr[0] > 0 and pr[1] >= 4 and pr[2] >= 5 for pr in (lw, task))
+            near = bool(fixed) and st[0] >= stats[fixed][0] - stats[fixed][1]
+            goal.setdefault(v, []).append((beats, near))
+        lines.append("")
+    lines += ["Goal (above layerwise and the task alone on every piece, paired mean > 0 on at least 4 of 5 "
+              "seeds, and within one seed std of the best fixed arm's median on at least two pieces):", ""]
+    for v, results in goal.items():
+        met = len(results) == len(pieces) and all(b for b, _ in results) and sum(n for _, n in results) >= 2
+        lines.append(f"- {v}: {'met' if met else 'not met'} (above both on {sum(b for b, _ in results)} of "
+                     f"{len(pieces)} pieces, near the best fixed arm on {sum(n for _, n in results)})")
+    return lines + [""]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each one torch thread)")
     p.add_argument("--sweeps", default="sweeps/synthetic", help="where the sweeps' run directories go")
     p.add_argument("--only", nargs="+", choices=[piece for piece, *_ in PLAN], help="these pieces only")
     p.add_argument("--summary-only", action="store_true", help="rewrite README.md from the kept results")
+    p.add_argument("--gather", nargs="+", metavar=("PIECE", "SWEEP_DIR"),
+                   help="keep PIECE from several sweeps of its config (made with its variants' bindings), "
+                        "with --meta JSON describing how")
+    p.add_argument("--meta", help="with --gather: a JSON file of the piece's meta (commands, times, machine)")
     args = p.parse_args()
     sweeps = Path(args.sweeps).resolve()
+    if args.gather:
+        piece, *dirs = args.gather
+        meta = {**json.loads(Path(args.meta).read_text()), "machine": machine()}
+        keep_gathered(piece, [Path(d).resolve() for d in dirs], meta)
+        args.summary_only = True
     if not args.summary_only:
         for piece, config, variants in PLAN:
             if args.only and piece not in args.only:

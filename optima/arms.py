@@ -63,13 +63,15 @@ class ArmSpace:
     """Arms over modules `names`. By default every non-empty subset of the units
     (`2^U - 1`), ordered by size then by unit order; or an explicit list of subsets.
     Units are the modules, or the layer groups of `units` (`layer_groups`).
+    `empty=True` adds, last, the empty arm `()` (label `none`): a round of the task
+    and output KD without layer losses (`distillation.empty_arm`).
 
     >>> ArmSpace(["image", "text"]).labels()
     ['image', 'text', 'image+text']
     """
 
     def __init__(self, names: Sequence[str], subsets: Iterable[Iterable[str]] | None = None,
-                 units: Mapping[str, tuple[str, tuple[int, ...]]] | None = None):
+                 units: Mapping[str, tuple[str, tuple[int, ...]]] | None = None, empty: bool = False):
         self.names = tuple(names)
         if len(set(self.names)) != len(self.names) or not self.names:
             raise ConfigError(f"module names must be unique and non-empty, got {list(self.names)}")
@@ -91,7 +93,8 @@ class ArmSpace:
                 raise ConfigError(f"arm {subset} names unknown {what} {unknown}; valid {what[:-3]}s: "
                                   f"{', '.join(unit_names)}")
             if not subset:
-                raise ConfigError("an arm must contain at least one module")
+                raise ConfigError("an arm must contain at least one module (for rounds without layer losses "
+                                  "bind distillation.empty_arm = True)")
             arm = tuple(u for u in unit_names if u in subset)  # canonical order
             if arm in arms:
                 raise ConfigError(f"arm {list(arm)} is listed twice")
@@ -99,16 +102,19 @@ class ArmSpace:
         if not arms:
             raise ConfigError("no arm is listed; list at least one (a list of module names), or leave it unbound "
                               "for every non-empty subset of the modules")
+        if empty:
+            arms.append(())
         self.arms: tuple[tuple[str, ...], ...] = tuple(arms)
 
     @classmethod
-    def of_model(cls, model, subsets: Iterable[Iterable[str]] | None = None, groups: Any = 1) -> "ArmSpace":
+    def of_model(cls, model, subsets: Iterable[Iterable[str]] | None = None, groups: Any = 1,
+                 empty: bool = False) -> "ArmSpace":
         """The arms over a `DistillableModel`'s modules, split by `groups` (`layer_groups`)."""
         modules = model.distill_modules()
         names = [m.name for m in modules]
         if groups == 1:
-            return cls(names, subsets)
-        return cls(names, subsets, layer_groups({m.name: len(m) for m in modules}, groups))
+            return cls(names, subsets, empty=empty)
+        return cls(names, subsets, layer_groups({m.name: len(m) for m in modules}, groups), empty=empty)
 
     def __len__(self) -> int:
         return len(self.arms)
@@ -118,7 +124,7 @@ class ArmSpace:
         return self.arms[k]
 
     def label(self, k: int) -> str:
-        return "+".join(self.arms[k])
+        return "+".join(self.arms[k]) or "none"
 
     def labels(self) -> list[str]:
         return [self.label(k) for k in range(len(self))]

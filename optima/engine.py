@@ -460,7 +460,7 @@ def round_outcome(reward: Reward, previous: RoundLosses | None, losses: RoundAcc
         scale = steps_per_round / finite_steps
         totals = {k: v * scale for k, v in totals.items()}
         modules = {m: {k: v * scale for k, v in terms.items()} for m, terms in modules.items()}
-    current = RoundLosses(totals, modules, tuple(arm))
+    current = RoundLosses(totals, modules, tuple(arm), steps_per_round if finite_steps else 0)
     if finite_steps == 0:
         return RoundOutcome(current, None, "every step was skipped", previous if probe is None else probe)
     measured = current if probe is None else probe
@@ -483,6 +483,11 @@ class RoundResult:
     plays: dict[str, Any] = field(default_factory=dict)  # `play_stats` after this round (engine, any policy)
 
 
+#: The step value a reward reads to get the gradient alignment measured
+#: (`Distiller._alignment`): the cosine between distillation and task gradients.
+ALIGN = "align"
+
+
 #: Plays of the last rounds whose entropy is logged (`plays/entropy`), for every policy.
 PLAY_ENTROPY_WINDOW = 20
 
@@ -502,14 +507,40 @@ def play_stats(plays: Sequence[int], num_arms: int, window: int = PLAY_ENTROPY_W
     return {"count": count, "entropy": entropy}
 
 
+def _cosine(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Cosine between two gradients given per parameter (None: no gradient, zeros);
+    0 where either is zero. A 0-dim tensor, no gradient, no host sync."""
+    dot = sq_a = sq_b = None
+    for x, y in zip(a, b):
+        if x is not None and y is not None:
+            d = (x.float() * y.float()).sum()
+            dot = d if dot is None else dot + d
+        if x is not None:
+            sq = x.float().pow(2).sum()
+            sq_a = sq if sq_a is None else sq_a + sq
+        if y is not None:
+            sq = y.float().pow(2).sum()
+            sq_b = sq if sq_b is None else sq_b + sq
+    if dot is None or sq_a is None or sq_b is None:
+        ref = next(t for t in (*a, *b) if t is not None) if any(t is not None for t in (*a, *b)) else None
+        return torch.zeros((), device=None if ref is None else ref.device)
+    norm = (sq_a * sq_b).sqrt()
+    return torch.where(norm > 0, dot / norm.clamp_min(1e-30), torch.zeros_like(norm)).detach()
+
+
+def _reward_state(reward: Reward) -> dict[str, Any]:
+    """A stateful reward's state (`Reward.state_dict`); `{}` for rewards without one."""
+    return dict(reward.state_dict()) if hasattr(reward, "state_dict") else {}
+
+
 def _losses_state(losses: RoundLosses) -> dict[str, Any]:
     return {"total": dict(losses.total), "per_module": {m: dict(v) for m, v in losses.per_module.items()},
-            "arm": list(losses.arm)}
+            "arm": list(losses.arm), "steps": losses.steps}
 
 
 def _losses_from(state: Mapping[str, Any]) -> RoundLosses:
     return RoundLosses(_floats(state["total"]), {str(m): _floats(v) for m, v in state["per_module"].items()},
-                       tuple(state["arm"]))
+                       tuple(state["arm"]), int(state.get("steps", 0)))
 
 
 @dataclass
@@ -566,7 +597,8 @@ class Distiller(_Loop):
                  grad_clip: float | None = 1.0, amp: bool = False, callbacks: Sequence[Callback] = (),
                  name: str = "student", on_nonfinite: str = "stop", checkpoint_every: int = 5,
                  keep_checkpoints: int = 2, binding: str = "distillation.on_nonfinite", compile: bool | str = False,
-                 probe: Sequence[Batch] = (), teacher_dtype: torch.dtype | None = None):
+                 probe: Sequence[Batch] = (), teacher_dtype: torch.dtype | None = None,
+                 alignment_gate: bool = False, gate_halflife: float = 0.0):
         self.name, self.rounds, self.binding = name, rounds, binding
         self.teacher, self.student, self.task, self.loss = teacher, student, task, loss
         self.arms, self.policy, self.reward = arms, policy, reward
@@ -590,6 +622,9 @@ class Distiller(_Loop):
         self.teacher_rec = Recorder(self.teacher_run.model.distill_modules(), always=False)
         self.student_rec = Recorder(student.model.distill_modules(), always=False)
         self.need = frozenset(reward.terms)
+        self.alignment_gate, self.gate_halflife = alignment_gate, float(gate_halflife)
+        #: module -> moving average of its cosine with the task gradient (the gate's evidence)
+        self.gate_mean: dict[str, torch.Tensor] = {}
         self.step = 0
         self.round = 0
         self.skipped = 0
@@ -622,6 +657,10 @@ class Distiller(_Loop):
                 mask = self.task.logit_mask(batch)
                 losses = self.loss(Capture(s_logits, self.student_rec, mask),
                                    Capture(t_logits, self.teacher_rec, mask), task_loss, arm_layers, self.need)
+            if ALIGN in self.need:
+                losses.full[ALIGN] = self._alignment(task_loss, losses.objective)
+            if self.alignment_gate and losses.arm_terms:
+                losses = self._gated(task_loss, losses)
             checked = {**losses.full, **{f"{t}[{m}]": v for m, terms in losses.per_module.items()
                                          for t, v in terms.items()}}
             read = self._optimizer_step(losses.objective, checked, share)
@@ -632,6 +671,42 @@ class Distiller(_Loop):
             return None
         return StepLosses(losses.objective, {t: read[t] for t in losses.full},
                           {m: {t: read[f"{t}[{m}]"] for t in terms} for m, terms in losses.per_module.items()})
+
+    def _gated(self, task_loss: torch.Tensor, losses: StepLosses) -> StepLosses:
+        """`distillation.alignment_gate`: drop from this step's objective the layer
+        terms of every module of the arm whose gradient points against the task
+        loss's: cosine over the student's weights < 0 (Du et al. 2018), on this
+        batch (`gate_halflife = 0`) or as a moving average over the module's
+        steps with that half-life in steps (a single batch's cosine between two
+        gradients of this size is mostly noise around 0, so its sign is a coin
+        flip). `kept/<module>` (1 kept, 0 dropped) is added to the step's values.
+        One extra backward pass through the student per module of the arm."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
+        objective, full = losses.objective, dict(losses.full)
+        for module, term in losses.arm_terms.items():
+            g_module = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            cos = _cosine(g_task, g_module)
+            if self.gate_halflife > 0:
+                decay = 0.5 ** (1.0 / self.gate_halflife)
+                mean = self.gate_mean.get(module)
+                cos = cos if mean is None else decay * mean + (1.0 - decay) * cos
+                self.gate_mean[module] = cos
+            keep = cos >= 0
+            objective = torch.where(keep, objective, objective - term)
+            full[f"kept/{module}"] = keep.float()
+        return StepLosses(objective, full, losses.per_module, losses.arm_terms)
+
+    def _alignment(self, task_loss: torch.Tensor, objective: torch.Tensor) -> torch.Tensor:
+        """Cosine between the gradients of the step's distillation terms (the
+        objective less the task loss: KD and the played arm's layer losses) and of
+        the task loss, over the student's weights, on this batch (Du et al. 2018,
+        "Adapting auxiliary losses using gradient similarity"). Two extra backward
+        passes through the student per step (`bench/step_time.py` measures it)."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
+        g_distil = torch.autograd.grad(objective - task_loss, params, retain_graph=True, allow_unused=True)
+        return _cosine(g_task, g_distil)
 
     @torch.no_grad()
     def _teacher_logits(self, batch: Batch) -> torch.Tensor:
@@ -675,7 +750,7 @@ class Distiller(_Loop):
             self.student_rec.clear()
             self.teacher_rec.clear()
             self.student.train()
-        return RoundLosses(sums.totals(), sums.per_module(), ())
+        return RoundLosses(sums.totals(), sums.per_module(), (), sums.steps)
 
     @property
     def in_round(self) -> bool:
@@ -750,6 +825,8 @@ class Distiller(_Loop):
             "student": self.student.state_dict(), "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(), "stream": self.stream.state_dict(),
+            "reward": _reward_state(self.reward),
+            "gate_mean": {m: float(v) for m, v in self.gate_mean.items()},
             "step": self.step, "round": self.round, "skipped": self.skipped,
             "previous": None if self.previous is None else _losses_state(self.previous),
             "history": [{"round": r.round, "arm": r.arm, "reward": r.reward, "losses": _losses_state(r.losses),
@@ -772,6 +849,10 @@ class Distiller(_Loop):
         self.loss.load_state_dict(state["loss"])
         _load_optimizer(self.optimizer, self.scheduler, state, source)
         self.policy.load_state_dict(state["policy"])
+        self.gate_mean = {m: torch.tensor(v, dtype=torch.float32, device=self.device)
+                          for m, v in state.get("gate_mean", {}).items()}
+        if hasattr(self.reward, "load_state_dict"):  # a checkpoint of before stateful rewards holds none
+            self.reward.load_state_dict(state.get("reward", {}))
         self.stream.load_state_dict(state["stream"])
         self.step, self.round, self.skipped = int(state["step"]), int(state["round"]), int(state["skipped"])
         self.previous = None if state["previous"] is None else _losses_from(state["previous"])

@@ -510,7 +510,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
                  arms: Sequence[Sequence[str]] | None = None, arm_groups: Any = 1, head_lr: float | None = None,
                  warmup_steps: int = 0, grad_clip: float = 1.0, amp: bool = False, compile: bool | str = False,
                  checkpoint_every: int = 5, keep_checkpoints: int = 2, on_nonfinite: str = "stop",
-                 reward_probe: int = 0) -> Distiller:
+                 reward_probe: int = 0, empty_arm: bool = False, alignment_gate: bool = False,
+                 gate_halflife: float = 0.0) -> Distiller:
     """Build the `Distiller` of one stage: `rounds` rounds of `steps_per_round` (T) steps.
 
     `checkpoint_every` (rounds) and `keep_checkpoints`: how often the stage is
@@ -526,14 +527,24 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
     `[['image.1', 'text.2']]`). `reward_probe` (batches; 0, the default, is the
     paper's reward over the round's own training losses): the reward compares the
     whole model's losses on these fixed training batches before and after each
-    round instead (`Distiller.probe_losses`, docs/method.md)."""
+    round instead (`Distiller.probe_losses`, docs/method.md); a reward with a probe of
+    its own (`Reward.probe`, e.g. `heldout_task_reward`) measures on those batches.
+    `empty_arm` adds the arm without layer losses (task and output KD only).
+    `alignment_gate` drops, at each step, the layer losses of every module of the
+    played arm whose gradient points against the task loss's (`Distiller._gated`);
+    `gate_halflife` (steps; 0: each step's own cosine) averages that evidence."""
     for binding, value in (("rounds", rounds), ("steps_per_round", steps_per_round), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"distillation.{binding} must be an integer >= 1, got {value!r}")
     if isinstance(reward_probe, bool) or not isinstance(reward_probe, int) or reward_probe < 0:
         raise ConfigError(f"distillation.reward_probe must be an integer >= 0 (batches; 0: the round's own "
                           f"losses), got {reward_probe!r}")
-    arm_space = ArmSpace.of_model(student.model, arms, arm_groups)
+    for binding, value in (("empty_arm", empty_arm), ("alignment_gate", alignment_gate)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"distillation.{binding} must be True or False, got {value!r}")
+    if isinstance(gate_halflife, bool) or not isinstance(gate_halflife, (int, float)) or gate_halflife < 0:
+        raise ConfigError(f"distillation.gate_halflife must be a number of steps >= 0, got {gate_halflife!r}")
+    arm_space = ArmSpace.of_model(student.model, arms, arm_groups, empty=empty_arm)
     if arm_space.names != teacher.model.module_names():
         raise ConfigError(f"teacher modules {teacher.model.module_names()} differ from the student's {arm_space.names}")
     objective = loss(student.model.distill_modules(), teacher.model.distill_modules(),
@@ -548,19 +559,37 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
         steps_per_round=steps_per_round,
         rounds=rounds, device=device, grad_clip=grad_clip, amp=amp, callbacks=[reporter],
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        compile=compile, probe=probe_batches(task, batch_size, reward_probe, seed, device))
+        compile=compile, probe=reward_probe_batches(reward, task, batch_size, reward_probe, seed, device),
+        alignment_gate=alignment_gate, gate_halflife=gate_halflife)
 
 
-def probe_batches(task, batch_size: int, count: int, seed: int, device: torch.device) -> list[Batch]:
-    """`count` training batches in an order of their own (seed + 2; the stream
+def reward_probe_batches(reward, task, batch_size: int, reward_probe: int, seed: int,
+                         device: torch.device) -> list[Batch]:
+    """The fixed batches the reward measures the model on: the reward's own
+    (`Reward.probe`, e.g. held-out batches), or `reward_probe` training batches."""
+    own = getattr(reward, "probe", None)
+    if own is None:
+        return probe_batches(task, batch_size, reward_probe, seed, device)
+    if reward_probe:
+        raise ConfigError(f"distillation.reward_probe = {reward_probe}: {type(reward).__name__} measures the model "
+                          f"on its own {own[1]} batch(es) of the {own[0]!r} split; leave reward_probe at 0")
+    return probe_batches(task, batch_size, own[1], seed, device, split=own[0],
+                         binding=f"{type(reward).__name__}'s probe ({own[1]} batches)")
+
+
+def probe_batches(task, batch_size: int, count: int, seed: int, device: torch.device, split: str = "train",
+                  binding: str | None = None) -> list[Batch]:
+    """`count` batches of `split` in an order of their own (seed + 2; the stream
     uses seed + 1), on `device`: the reward's probe."""
     if count == 0:
         return []
     batches = [to_device(b, device) for b in itertools.islice(
-        task.batches("train", batch_size, shuffle=True, seed=seed + 2), count)]
+        task.batches(split, batch_size, shuffle=True, seed=seed + 2), count)]
     if len(batches) < count:
-        raise ConfigError(f"distillation.reward_probe = {count}: the training split holds only "
-                          f"{len(batches)} batch(es) of {batch_size}")
+        what = binding or f"distillation.reward_probe = {count}"
+        hint = " (give the task held-out examples, e.g. its val_size binding)" if split != "train" else ""
+        where = "the training split" if split == "train" else f"the {split!r} split"
+        raise ConfigError(f"{what}: {where} holds only {len(batches)} batch(es) of {batch_size}{hint}")
     return batches
 
 

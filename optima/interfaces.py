@@ -297,11 +297,14 @@ class RoundLosses(Mapping[str, float]):
       module's layers. Every module has the terms the reward reads; the played
       arm's modules also have the terms that trained them.
     - `arm`: the played arm, as the names of its modules (e.g. `("image", "text")`).
+    - `steps`: how many steps (or probe batches) the sums are over (0: not known),
+      so a reward can read a per-step mean (`alignment_reward`).
     """
 
     total: Mapping[str, float]
     per_module: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     arm: tuple[str, ...] = ()
+    steps: int = 0
 
     def __getitem__(self, term: str) -> float:
         return self.total[term]
@@ -323,7 +326,8 @@ class RoundLosses(Mapping[str, float]):
         return {t: self.of_arm(t) for t in (held[0] if held else {}) if all(t in h for h in held)}
 
     def __repr__(self) -> str:
-        return f"RoundLosses(total={dict(self.total)!r}, per_module={dict(self.per_module)!r}, arm={self.arm!r})"
+        return (f"RoundLosses(total={dict(self.total)!r}, per_module={dict(self.per_module)!r}, arm={self.arm!r}, "
+                f"steps={self.steps})")
 
 
 class Reward(abc.ABC):
@@ -338,8 +342,22 @@ class Reward(abc.ABC):
     #: the arm), so `total` and every module of `per_module` hold them.
     terms: tuple[str, ...]
 
+    #: Where `previous` and `current` are measured: None (the rounds' own training
+    #: losses, or the training-batch probe of `distillation.reward_probe`), or
+    #: `(split, batches)`: the whole model's losses on that many fixed batches of
+    #: the task's `split` (e.g. `("val", 4)`), before and after each round.
+    probe: tuple[str, int] | None = None
+
     @abc.abstractmethod
     def __call__(self, previous: RoundLosses, current: RoundLosses) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a stateful reward (one that remembers earlier rounds) needs to resume
+        exactly; saved in the distillation checkpoint. Stateless rewards: `{}`."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`."""
 
 
 class Policy(abc.ABC):
@@ -382,6 +400,9 @@ class StepLosses:
     #: Per module, each layer term computed for all of that module's layers
     #: (the reward's terms for every module; the played arm's training terms).
     per_module: dict[str, dict[str, float | torch.Tensor]] = field(default_factory=dict)
+    #: The played arm's weighted layer terms per module, with their gradients: the
+    #: parts of `objective` a gate may drop (`distillation.alignment_gate`). Optional.
+    arm_terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Loss(nn.Module, abc.ABC):

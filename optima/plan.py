@@ -84,7 +84,7 @@ def dry_run_plan(task: Callable, teacher: Callable, head: Callable, stages: Mapp
         d = _stage_bindings("distillation", name)
         refs = _stage_bindings("distillation", name, resolve=False)
         s_model, t_model = built[name], built[upstream]
-        arms = ArmSpace.of_model(s_model, d.get("arms"), d.get("arm_groups", 1))
+        arms = ArmSpace.of_model(s_model, d.get("arms"), d.get("arm_groups", 1), empty=d.get("empty_arm") is True)
         t_modules = {m.name: m for m in t_model.distill_modules()}
         rounds, steps = d.get("rounds"), d.get("steps_per_round")
         plan["stages"][name] = {

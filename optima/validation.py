@@ -84,7 +84,8 @@ STAGE_PARAMS: dict[str, dict[str, tuple[Check, str]]] = {
         "rounds": integer(1), "steps_per_round": integer(1), "batch_size": integer(1), "warmup_steps": integer(0),
         "grad_clip": number(0, optional=True), "head_lr": number(0, strict=True, optional=True),
         "checkpoint_every": integer(1), "keep_checkpoints": integer(1), "on_nonfinite": one_of(*NONFINITE_ACTIONS),
-        "amp": BOOLEAN, "compile": COMPILE,
+        "amp": BOOLEAN, "compile": COMPILE, "empty_arm": BOOLEAN, "alignment_gate": BOOLEAN,
+        "gate_halflife": number(0),
     },
 }
 def number_or_auto() -> tuple[Check, str]:
@@ -99,7 +100,7 @@ POLICY_PARAMS = {"gamma": number(0, strict=True, high=1), "variance_scale": numb
                  "entropy_window": integer(1), "window": integer(1), "epsilon": number(0, high=1),
                  "step_size": number(0, strict=True, high=1), "share": number(0, high=1),
                  "warmup": one_of("random", "round_robin")}
-LOSS_PARAMS = {"temperature": number(0, strict=True)}
+LOSS_PARAMS = {"temperature": number(0, strict=True), "hidden_norm": one_of("none", "teacher_var")}
 WEIGHT = number(0)  # any loss parameter named `*_weight`
 LEARNING_RATE = number(0, strict=True)  # an optimizer's `lr`
 
@@ -358,7 +359,8 @@ def _validate_stage(name: str, student, teacher, seed: int) -> None:
     except ConfigError as e:
         raise ConfigError(f"{groups_binding} = {groups!r}: {e}") from None
     try:
-        arm_space = ArmSpace(student.module_names(), arms, None if groups == 1 else units)
+        arm_space = ArmSpace(student.module_names(), arms, None if groups == 1 else units,
+                             empty=values.get("empty_arm", (None, False))[1] is True)
     except ConfigError as e:
         raise ConfigError(f"{arms_binding} = {arms!r}: {e}") from None
     if tuple(teacher.module_names()) != arm_space.names:

@@ -59,11 +59,15 @@ def optima_register_policies(register):
 
 @hookimpl
 def optima_register_rewards(register):
-    from optima.plugins.rewards import loss_decrement as rewards
+    from optima.plugins.rewards import loss_decrement as rewards, task_aware
 
     register("kd", rewards.kd_reward)
     register("layerwise", rewards.layerwise_reward)
     register("combined", rewards.combined_reward)
+    register("heldout_task", task_aware.heldout_task_reward)  # rewards that see the task (docs/method.md)
+    register("heldout_gain", task_aware.heldout_gain_reward)
+    register("alignment", task_aware.alignment_reward)
+    register("advantage", task_aware.advantage_reward)
 
 
 @hookimpl

@@ -15,7 +15,7 @@ from conftest import TINY_COCA
 from optima.arms import ArmSpace
 from optima.checkpoint import CheckpointManager
 from optima.engine import BatchStream, Distiller, Network, play_stats
-from optima.experiment import linear_warmup_decay, param_groups, probe_batches
+from optima.experiment import linear_warmup_decay, param_groups, reward_probe_batches
 from optima.interfaces import Policy, Reward, RoundLosses
 from optima.plugins.heads.vl_heads import attentional_pooler_head
 from optima.plugins.losses.optima_loss import optima_loss
@@ -59,22 +59,25 @@ class Cycle(Policy):
         self.selected = int(state["selected"])
 
 
-def distiller(reward: Reward, policy=None, rounds=3, callbacks=(), lr=1e-3, probe=0, **options) -> Distiller:
-    """A tiny CoCa distiller over 3 arms (`probe`: `distillation.reward_probe` batches)."""
+def distiller(reward: Reward, policy=None, rounds=3, callbacks=(), lr=1e-3, probe=0, val_size=0, arms=None,
+              **options) -> Distiller:
+    """A tiny CoCa distiller over 3 arms (`probe`: `distillation.reward_probe` batches;
+    a reward with a probe of its own gets it from `val_size` held-out examples)."""
     torch.manual_seed(0)
-    task = SyntheticVisualEntailment(image_size=32, context_length=12, train_size=32, val_size=0, test_size=8)
+    task = SyntheticVisualEntailment(image_size=32, context_length=12, train_size=32, val_size=val_size, test_size=8)
     t_model, s_model = coca_model(TINY_COCA), coca_model(TINY_COCA, layers=(1, 1, 1))
     teacher = Network(t_model, attentional_pooler_head(t_model, task))
     student = Network(s_model, attentional_pooler_head(s_model, task))
     loss = optima_loss(s_model.distill_modules(), t_model.distill_modules())
-    arms = ArmSpace(s_model.module_names(), [["image"], ["text", "multimodal"], ["multimodal"]])
+    arms = arms or ArmSpace(s_model.module_names(), [["image"], ["text", "multimodal"], ["multimodal"]])
     opt = torch.optim.AdamW(param_groups([student.model], [student.head, loss], None), lr=lr)
     cpu = torch.device("cpu")
     return Distiller(teacher=teacher, student=student, task=task, loss=loss, arms=arms,
                      policy=policy or FixedPolicy(len(arms), arm=1), reward=reward, optimizer=opt,
                      scheduler=linear_warmup_decay(opt, 2 * rounds),
                      stream=BatchStream(task, "train", 8, 1, torch.device("cpu")), steps_per_round=2, rounds=rounds,
-                     device=cpu, callbacks=list(callbacks), probe=probe_batches(task, 8, probe, 0, cpu), **options)
+                     device=cpu, callbacks=list(callbacks), probe=reward_probe_batches(reward, task, 8, probe, 0, cpu),
+                     **options)
 
 
 def test_a_reward_gets_each_rounds_losses_per_module_and_the_played_arm():

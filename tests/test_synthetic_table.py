@@ -77,3 +77,33 @@ def test_every_variant_name_of_the_results_page_is_defined_there(tmp_path):
     shutil.copytree(table.OUT, copy)
     table.write_readme(copy)
     assert (copy / "README.md").read_text() == readme
+
+
+def test_task_aware_candidates_are_paired_seed_by_seed_and_judged_against_the_goal(tmp_path):
+    """The goal's verdict from hand-made results: a candidate above layerwise and the task
+    alone on 4 of 5 seeds of every piece, and near the best fixed arm, meets it; one that
+    is above on average but on 3 seeds only does not."""
+    out = tmp_path / "results"
+    base = {"layerwise": [0.70, 0.71, 0.72, 0.73, 0.74], "task-only": [0.69, 0.70, 0.71, 0.72, 0.73],
+            "fixed-image": [0.72, 0.73, 0.74, 0.75, 0.76],
+            "good": [0.71, 0.72, 0.73, 0.74, 0.69],       # above both on seeds 0-3, below on average
+            "lucky": [0.80, 0.70, 0.71, 0.74, 0.75]}      # mean above, but above layerwise on 3 seeds
+    header = "variant,seed,status,teacher/accuracy,tiny6/accuracy,wall_s,run_dir,error\n"
+    pieces = []
+    for piece, _, variants in table.PLAN:
+        if variants.endswith("task_aware.toml"):
+            pieces.append(piece)
+            (out / piece).mkdir(parents=True)
+            rows = [f"{v},{s},done,0.8,{x},1.0,{v}/seed-{s}," for v, xs in base.items() for s, x in enumerate(xs)]
+            (out / piece / "results.csv").write_text(header + "\n".join(rows) + "\n")
+    assert table.paired(list(__import__("csv").DictReader(open(out / pieces[0] / "results.csv"))), "tiny6/accuracy",
+                        "lucky", "layerwise") == (pytest.approx(0.02), 3, 5)
+    text = "\n".join(table.task_aware_section(out, pieces))
+    assert "| good | 0.7200 ± 0.0192 (5) | -0.0020 (4/5) |" in text  # 4 of 5 seeds, but the mean is below
+    assert "- good: not met" in text and "- lucky: not met" in text
+    base["good"] = [0.71, 0.72, 0.73, 0.74, 0.745]
+    for piece in pieces:
+        rows = [f"{v},{s},done,0.8,{x},1.0,{v}/seed-{s}," for v, xs in base.items() for s, x in enumerate(xs)]
+        (out / piece / "results.csv").write_text(header + "\n".join(rows) + "\n")
+    text = "\n".join(table.task_aware_section(out, pieces))
+    assert "- good: met (above both on 3 of 3 pieces, near the best fixed arm on 3)" in text

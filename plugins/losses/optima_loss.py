@@ -41,6 +41,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl / batch * t * t
 
 
+#: How `OptimaLoss` scales a layer's hidden-state MSE (`optima_loss.hidden_norm`).
+HIDDEN_NORMS = ("none", "teacher_var")
+
+
 class OptimaLoss(Loss):
     """Hidden-state MSE through a learnable `d_S x d_T` projection per student layer,
     attention-probability MSE (head-averaged; every attention of the layer), KD.
@@ -49,13 +53,24 @@ class OptimaLoss(Loss):
     `optima.align`; e.g. `{"image": {"prefix": 1, "grid": (7, 7)}, "text": None}`),
     usually `optima.align.token_layouts(model)`. Missing modules, or None for the
     whole dict, mean one to one: the teacher's tensors must then have the student's
-    shapes. Layouts are checked against each other here, before any step."""
+    shapes. Layouts are checked against each other here, before any step.
+
+    `hidden_norm = 'teacher_var'` divides each layer's hidden-state MSE by the
+    variance of the teacher's (aligned) hidden state at that layer, so that a
+    layer matters by how well it is matched, not by the scale of its residual
+    stream (CoCa is pre-LN: raw MSE starts near 500 summed over layers while the
+    task loss is about 1, docs/method.md). `'none'` (default) is the paper's MSE."""
 
     def __init__(self, student_modules: Sequence[Module], teacher_modules: Sequence[Module],
                  kd_weight: float = 1.0, hidden_weight: float = 1.0, attn_weight: float = 1.0,
-                 temperature: float = 1.0, *, student_layouts: Mapping[str, Layout] | None = None,
+                 temperature: float = 1.0, *, hidden_norm: str = "none",
+                 student_layouts: Mapping[str, Layout] | None = None,
                  teacher_layouts: Mapping[str, Layout] | None = None):
         super().__init__()
+        if hidden_norm not in HIDDEN_NORMS:
+            raise ConfigError(f"optima_loss.hidden_norm must be one of {', '.join(map(repr, HIDDEN_NORMS))}, "
+                              f"got {hidden_norm!r}")
+        self.hidden_norm = hidden_norm
         for name, w in (("kd_weight", kd_weight), ("hidden_weight", hidden_weight), ("attn_weight", attn_weight)):
             if not w >= 0:
                 raise ConfigError(f"optima_loss.{name} must be >= 0, got {w}")
@@ -82,6 +97,7 @@ class OptimaLoss(Loss):
         objective = task_loss + self.weights["kd"] * kd
         totals = {"task": task_loss.detach(), "kd": kd.detach()}
         modules: dict[tuple[str, str], torch.Tensor] = {}  # (module, term) -> sum over its layers
+        arm_terms: dict[str, torch.Tensor] = {}  # module -> its weighted layer terms in the objective
         skipped: set[tuple[str, str]] = set()  # (module, term) with a layer left out
         for term, distance in (("hidden", self._hidden), ("attn", self._attn)):
             total = torch.zeros((), device=task_loss.device)
@@ -93,7 +109,9 @@ class OptimaLoss(Loss):
                 with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
                     value = distance(student.recorder, teacher.recorder, s_key, t_key)
                 if with_grad:
-                    objective = objective + self.weights[term] * value
+                    weighted = self.weights[term] * value
+                    objective = objective + weighted
+                    arm_terms[s_key[0]] = arm_terms[s_key[0]] + weighted if s_key[0] in arm_terms else weighted
                 total = total + value.detach()
                 key = (s_key[0], term)
                 modules[key] = modules[key] + value.detach() if key in modules else value.detach()
@@ -104,12 +122,15 @@ class OptimaLoss(Loss):
         for (module, term), value in modules.items():
             per_module.setdefault(module, {})[term] = value
         # 0-dim tensors: the engine reads them back with the objective in one device sync
-        return StepLosses(objective=objective, full=totals, per_module=per_module)
+        return StepLosses(objective=objective, full=totals, per_module=per_module, arm_terms=arm_terms)
 
     def _hidden(self, s_rec, t_rec, s_key, t_key) -> torch.Tensor:
         h_s = self.proj[f"{s_key[0]}_{s_key[1]}"](s_rec.hidden(s_key))
-        h_t = self._aligned(t_rec.hidden(t_key), h_s, s_key, "hidden state", align_hidden)
-        return F.mse_loss(h_s.float(), h_t.float())
+        h_t = self._aligned(t_rec.hidden(t_key), h_s, s_key, "hidden state", align_hidden).float()
+        mse = F.mse_loss(h_s.float(), h_t)
+        if self.hidden_norm == "teacher_var":
+            mse = mse / (h_t.detach().var() + 1e-6)
+        return mse
 
     def _attn(self, s_rec, t_rec, s_key, t_key) -> torch.Tensor:
         s_att = s_rec.attention(s_key)
@@ -137,10 +158,10 @@ class OptimaLoss(Loss):
 
 def optima_loss(student_modules: Sequence[Module], teacher_modules: Sequence[Module], kd_weight: float = 1.0,
                 hidden_weight: float = 1.0, attn_weight: float = 1.0, temperature: float = 1.0, *,
-                student_layouts: Mapping[str, Layout] | None = None,
+                hidden_norm: str = "none", student_layouts: Mapping[str, Layout] | None = None,
                 teacher_layouts: Mapping[str, Layout] | None = None) -> OptimaLoss:
     """The paper's objective; the weights are a1, a2, a3 of method.md. The layouts
     (`{module: token layout}`, from `optima.align.token_layouts(model)`) let a teacher
     with another patch size be matched; the pipeline passes them, not gin."""
     return OptimaLoss(student_modules, teacher_modules, kd_weight, hidden_weight, attn_weight, temperature,
-                      student_layouts=student_layouts, teacher_layouts=teacher_layouts)
+                      hidden_norm=hidden_norm, student_layouts=student_layouts, teacher_layouts=teacher_layouts)
