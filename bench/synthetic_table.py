@@ -274,6 +274,19 @@ GLOSSARY = {
     "sw_ucb": "sliding-window UCB in place of OPTIMA's Thompson sampling (docs/policies.md)",
     "finer_arms": "arms over layer groups (2 per module) instead of whole modules, with per-unit Thompson "
                   "sampling (`grouped_ts_policy`)",
+    # the task-aware candidates (docs/method.md, "Rewards that see the task")
+    "heldout-empty": "OPTIMA rewarded by the signed relative decrement of the task loss on 4 held-out (val) "
+                     "batches over the round (`heldout_task_reward`), with the empty arm (no layer losses)",
+    "heldout-adv-empty": "as heldout-empty, the reward taken relative to every arm's recent rewards "
+                         "(`advantage_reward`: no training-time trend)",
+    "heldout-empty-norm": "as heldout-empty, with the hidden-state MSE divided by the teacher's variance",
+    "adv-combined": "OPTIMA with the paper's reward taken relative to every arm's recent rewards (`advantage_reward`)",
+    "alignment-empty": "OPTIMA rewarded by the round's mean cosine between the arm's distillation gradient and the "
+                       "task gradient (`alignment_reward`), with the empty arm",
+    "layerwise-gate50": "layerwise, each module's layer losses dropped while the 50-step moving average of the "
+                        "cosine between their gradient and the task gradient is negative (`alignment_gate`)",
+    "layerwise-norm": "layerwise with the hidden-state MSE divided by the teacher's variance per layer "
+                      "(`optima_loss.hidden_norm = 'teacher_var'`)",
 }
 NOT_BINDINGS = {"variant", "seed", "status", "wall_s", "run_dir", "error"}
 
