@@ -128,12 +128,15 @@ def keep_gathered(piece: str, sweep_dirs: list[Path], meta: dict, out: Path = OU
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "figures").mkdir(parents=True)
-    rows, columns = [], {}
+    rows, columns, seen = [], {}, set()
     rename = meta.pop("rename", {})  # a variant's name in a sweep -> its name in the variants file
     for sweep_dir in sweep_dirs:
         with open(sweep_dir / "results.csv", newline="") as f:
             for row in csv.DictReader(f):
                 row["variant"] = rename.get(row["variant"], row["variant"])
+                if (row["variant"], row["seed"]) in seen:  # a run two sweeps share (the same cached stages)
+                    continue
+                seen.add((row["variant"], row["seed"]))
                 row["run_dir"] = os.path.relpath(row["run_dir"], sweep_dir.parent) if row.get("run_dir") else ""
                 rows.append(row)
                 columns.update(dict.fromkeys(row))
