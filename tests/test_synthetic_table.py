@@ -31,7 +31,7 @@ def test_a_piece_is_kept_with_its_reward_noise_and_summarised(tmp_path, monkeypa
     assert runner.invoke(app, ["report", str(sweep)]).exit_code == 0
 
     out = tmp_path / "results"
-    meta = {"command": "optima sweep ...", "wall_s": 60.0, "started": "now", "load_average_before": [0.5, 0, 0],
+    meta = {"config": "tests/gin/tiny_ve.gin", "command": "optima sweep ...", "wall_s": 60.0, "started": "now", "load_average_before": [0.5, 0, 0],
             "load_average_after": [1.5, 0, 0], "machine": table.machine()}
     table.keep("ve_tiny6", sweep, meta, out=out)
     kept = out / "ve_tiny6"
@@ -46,6 +46,14 @@ def test_a_piece_is_kept_with_its_reward_noise_and_summarised(tmp_path, monkeypa
     played = json.loads((run / "metrics.json").read_text())["stages"]["student"]["rewards"][1:]
     recomputed = table.rewards_for(table.step_losses(run, "student"), 2)
     assert recomputed == pytest.approx(played, abs=1e-6)
+
+    # --report-only: results.md and the metric figures again from the kept results.csv alone
+    (kept / "figures" / "student-accuracy-per-variant.png").unlink()
+    written = table.report_piece(kept)
+    assert {p.name for p in written} == {"student-accuracy-per-variant.png", "student-accuracy-paired.png"}
+    md = (kept / "results.md").read_text()
+    assert "| vs fixed-image |" in md and "(1 seed: no interval)" in md  # no layerwise: the first variant
+    assert "`distillation.policy = @fixed_policy`; `fixed_policy.arm = 1`" in md
 
     table.write_readme(out)
     readme = (out / "README.md").read_text()
