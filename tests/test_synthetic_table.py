@@ -61,3 +61,24 @@ def test_a_piece_is_kept_with_its_reward_noise_and_summarised(tmp_path, monkeypa
     assert "| fixed-image | " in readme and "| fixed-text | " in readme and "| teacher | " in readme
     assert "`optima sweep ...` | 1.0 min | 0.5 / 1.5 |" in readme
     assert f"| all 1 of {len(table.PLAN)} pieces | | 1.0 min |" in readme  # the whole table's time
+
+
+def test_the_summary_takes_pieces_with_and_without_the_reward_ablation(tmp_path):
+    """A piece run before the reward-ablation rows existed has no reward-* runs:
+    its cells stay blank, the paired tables still pair what it has."""
+    header = "variant,seed,status,distillation.policy,distillation.reward,teacher/accuracy,tiny6/accuracy,wall_s,run_dir,error\n"
+    old = "".join(f"{v},{s},done,{p},,0.75,{x + 0.001 * s},1.0,{v}/seed-{s},\n" for v, p, x in
+                  [("layerwise", "@layerwise_policy", 0.70), ("task-only", "@layerwise_policy", 0.69)] for s in range(3))
+    new = old + "".join(f"reward-kd,{s},done,,@kd_reward(),0.75,{0.72 + 0.001 * s},1.0,reward-kd/seed-{s},\n"
+                        for s in range(3))
+    meta = {"config": "gin/synthetic/ve_tiny6.gin", "command": "optima sweep ...", "wall_s": 60.0, "started": "now",
+            "load_average_before": [1.0], "load_average_after": [1.0], "machine": table.machine()}
+    for piece, rows in (("ve_tiny6", old), ("ve_tiny12", new)):
+        (tmp_path / piece).mkdir()
+        (tmp_path / piece / "results.csv").write_text(header + rows)
+        (tmp_path / piece / "meta.json").write_text(json.dumps(meta))
+    table.write_readme(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| reward-kd |  | 0.7210 ± 0.0010 (3) |" in readme  # ve_tiny6 comes first in the plan
+    assert "| reward-kd |  | +0.0200 better |" in readme  # against layerwise, seed by seed
+    assert "| task-only | -0.0100 worse | -0.0100 worse |" in readme
