@@ -174,6 +174,8 @@ def paired_difference_figure(comparisons: Mapping[str, Mapping[str, Any]], varia
     panel per reference (`comparisons`: {reference: {variant: Paired}}), a row
     per variant in `variants` order: the per-seed differences as dots, their mean
     as a diamond and its bootstrap interval as a bar, coloured by the verdict."""
+    from matplotlib.ticker import MaxNLocator
+
     from optima import paired
 
     comparisons = {a: c for a, c in comparisons.items() if c}
@@ -198,6 +200,8 @@ def paired_difference_figure(comparisons: Mapping[str, Mapping[str, Any]], varia
                 ax.plot([p.low, p.high], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt", zorder=3)
             ax.scatter([p.mean], [y], marker="D", s=34, color=colour, zorder=4)
         ax.axvline(0, color="0.3", linewidth=0.9, zorder=1)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # tick labels of small differences never overlap
+        ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", color="0.9")
         ax.set_axisbelow(True)
         ax.set_xlabel(f"{metric}: variant − {against}\n(per seed)", fontsize=9)

@@ -369,8 +369,10 @@ def read_round_log(path: str | os.PathLike, warn: Callable[[str], None] = print
 
 def text_records(run_dir: str | os.PathLike, tag: str) -> list[tuple[int, str]]:
     """Every text record of `tag` (e.g. `plays/arm`) in a TensorBoard run
-    directory, as (step, text); TensorBoard's own reader, unsampled."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    directory, as (step, text), as TensorBoard's server reads them (its plugin
+    event accumulator: unsampled, and a resumed stage's purge drops what the
+    interrupted attempt logged after its checkpoint)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
     from tensorboard.util import tensor_util
 
     events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
