@@ -51,7 +51,7 @@ matplotlib.use("Agg")  # headless: PNG files and TensorBoard images only
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from optima.errors import warning  # noqa: E402
+from optima.errors import OptimaError, warning  # noqa: E402
 from optima.reporting import read_round_log  # noqa: E402
 
 DPI = 150
@@ -509,7 +509,7 @@ def read_logs(paths: Sequence[Path], warn: Warn) -> list[tuple[Path, RoundLogDat
     for path in paths:
         try:
             out.append((path, RoundLogData.read(path)))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OptimaError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             warn(warning(f"{path}: unreadable round log ({type(e).__name__}: {e}); its figures are left out"))
     return out
 
