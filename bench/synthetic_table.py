@@ -11,12 +11,21 @@ of `gin/sweeps/` into `--sweeps DIR/<piece>` (resumable: a rerun skips finished
 runs, so an interrupted table continues where it stopped), then
 `optima report` for its figures. What is kept in `results/synthetic/<piece>/`:
 `results.md` and `results.csv` (run directories relative to the sweep), the
-Figure 3 / 5 / 6 PNGs of the reference variant, `meta.json` (command, machine,
+figures (Figure 3 and the paired differences of every student metric, Figures
+5 and 6 of every variant with a policy), `meta.json` (command, machine,
 load, wall time) and, for pieces with fixed arms, `reward_noise.json`: each
 fixed arm's per-round reward (mean, sd, round-to-round noise sd) and the same
 rewards recomputed from the runs' logged per-step losses for other round
 lengths T (a fixed arm's training does not depend on T). `README.md` there is
 then rewritten from every piece's results.
+
+    python bench/synthetic_table.py --report-only   # results.md, metric figures and README.md again
+
+`--report-only` runs nothing: from each kept piece's `results.csv` it writes
+`results.md` and the metric figures (per variant, paired) again with the
+current code (`optima.sweep.results_markdown`, `optima.figures.metric_figures`),
+then README.md. The arm figures need the runs' round logs, which are not kept:
+those of a piece stay as its sweep's report drew them.
 """
 from __future__ import annotations
 
@@ -107,12 +116,9 @@ def keep(piece: str, sweep_dir: Path, meta: dict, out: Path = OUT) -> None:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    reference = json.loads((sweep_dir / "sweep.json").read_text())["variants"][0]["name"]
     for png in sorted((sweep_dir / "figures").glob("*.png")):
-        # Figure 3 of every metric; Figures 5 and 6 of the reference variant and of finer arms
-        if png.name.endswith("-per-variant.png") or png.name.startswith(f"{reference}-") \
-                or png.name.startswith("finer_arms-"):
-            shutil.copy2(png, dest / "figures" / png.name)
+        # every metric's figures and every variant's arm figures
+        shutil.copy2(png, dest / "figures" / png.name)
     noise = reward_noise(sweep_dir)
     if noise:
         (dest / "reward_noise.json").write_text(json.dumps(noise, indent=1) + "\n")
@@ -122,8 +128,8 @@ def keep(piece: str, sweep_dir: Path, meta: dict, out: Path = OUT) -> None:
 def keep_gathered(piece: str, sweep_dirs: list[Path], meta: dict, out: Path = OUT) -> None:
     """Keep a piece made by several sweeps of its config, each with some of the
     piece's variants and seeds (the same bindings as its variants file): their
-    results.csv rows together (run directories relative to `SWEEPS`), a
-    results.md of medians, and the figures of each sweep (named by sweep)."""
+    results.csv rows together (run directories relative to `SWEEPS`) and the
+    figures of each sweep (named by sweep); `report_piece` then writes results.md."""
     dest = out / piece
     if dest.exists():
         shutil.rmtree(dest)
@@ -144,18 +150,54 @@ def keep_gathered(piece: str, sweep_dirs: list[Path], meta: dict, out: Path = OU
             shutil.copy2(png, dest / "figures" / f"{sweep_dir.name}-{png.name}")
     order = ["variant", "seed", "status"]
     tail = [c for c in ("wall_s", "run_dir", "error") if c in columns]
-    fields = order + [c for c in columns if c not in order and c not in tail] + tail
+    rest = [c for c in columns if c not in order and c not in tail]
+    metrics = [c for c in rest if c.count("/") == 1 and "." not in c]  # `<network>/<metric>`, after the bindings
+    fields = order + [c for c in rest if c not in metrics] + metrics + tail
     with open(dest / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    student, stats, teacher = summary_rows(dest)
-    lines = [f"# {piece}", "", f"Gathered from {len(sweep_dirs)} sweeps: " + ", ".join(f"`SWEEPS/{d.name}`"
-                                                                               for d in sweep_dirs) + ".", "",
-             f"| variant | {student} |", "|---|---:|", f"| teacher | {fmt(teacher)} |"]
-    lines += [f"| {v} | {fmt(st)} |" for v, st in stats.items()]
-    (dest / "results.md").write_text("\n".join(lines) + "\n")
     (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+# -- a piece's results again, from its results.csv ------------------------------------
+
+def jobs_from_csv(path: Path) -> tuple[list, list]:
+    """The `optima.sweep.Job`s and `Variant`s (grid order) a kept `results.csv` describes."""
+    from optima.sweep import Job, Variant
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns, rows = list(reader.fieldnames or []), list(reader)
+    # variant, seed, status, the bound keys, the `<network>/<metric>` columns, wall_s, run_dir, error
+    metrics = [c for c in columns if c.count("/") == 1 and "." not in c]
+    bound = columns[3:columns.index(metrics[0]) if metrics else columns.index("wall_s")]
+    jobs, grid = [], {}
+    for r in rows:
+        bindings = tuple(f"{k} = {r[k]}" for k in bound if r[k])
+        job = Job(r["variant"], int(r["seed"]), bindings, bindings, Path(r["run_dir"]), Path(f"{r['run_dir']}.log"),
+                  status=r["status"], metrics={m: float(r[m]) for m in metrics if r[m]},
+                  wall_s=float(r["wall_s"] or 0.0), error=r["error"] or None)
+        jobs.append(job)
+        seeds = grid.setdefault(r["variant"], (bindings, []))[1]
+        seeds.append(job.seed)
+    return jobs, [Variant(name, b, tuple(seeds)) for name, (b, seeds) in grid.items()]
+
+
+def report_piece(piece_dir: Path) -> list[Path]:
+    """`results.md` and the metric figures of a kept piece, from its results.csv and meta.json."""
+    from types import SimpleNamespace
+
+    from optima import figures
+    from optima.sweep import results_markdown
+
+    jobs, grid = jobs_from_csv(piece_dir / "results.csv")
+    config = json.loads((piece_dir / "meta.json").read_text())["config"]
+    sweep = SimpleNamespace(config=config, grid=grid, common=())
+    (piece_dir / "results.md").write_text(results_markdown(sweep, jobs))
+    done = [j for j in jobs if j.status == "done"]
+    drawn = figures.metric_figures(done, [v.name for v in grid], Path(config).stem)
+    return figures.write_figures(drawn, piece_dir / "figures")
 
 
 # -- reward noise of the fixed arms ------------------------------------------------
@@ -267,9 +309,12 @@ GLOSSARY = {
     "random": "an arm drawn uniformly at random each round",
     "task-only": "no teacher: the student trained on the task loss alone, from the same initialisation for the "
                  "same steps (every distillation weight 0)",
-    "kd-only": "output distillation only: the task loss and the KL to the teacher's outputs at every step, no "
-               "layer (hidden, attention) losses, no bandit; not the KD-only *reward* (`kd_reward`), which "
-               "changes what rewards OPTIMA's arms",
+    "output-kd": "output distillation only: the task loss and the KL to the teacher's outputs at every step, no "
+                 "layer (hidden, attention) losses, no bandit; not the KD-only *reward* (`kd_reward`), which "
+                 "changes what rewards OPTIMA's arms",
+    "reward-kd": "OPTIMA rewarded by the decrement of the output KD loss alone (`kd_reward`)",
+    "reward-layerwise": "OPTIMA rewarded by the decrement of the hidden and attention losses (`layerwise_reward`)",
+    "reward-combined": "OPTIMA rewarded by the paper's combined decrement (`combined_reward`, the config's)",
     "T20": "OPTIMA with T = 20 steps per round (45 rounds: the same 900 steps)",
     "T30": "OPTIMA with T = 30 steps per round (30 rounds)",
     "T45": "OPTIMA with T = 45 steps per round (20 rounds)",
@@ -327,13 +372,39 @@ def glossary_lines(pieces: list[Path]) -> list[str]:
     return lines + [""]
 
 
+def paired_tables(out: Path, pieces: list[str], tables: dict, variants: list[str]) -> list[str]:
+    """Each variant against layerwise and against the task alone, seed by seed,
+    per piece: the mean difference and the verdict of its bootstrap interval."""
+    from optima import paired
+    from optima.sweep import per_seed
+
+    lines = []
+    for against in (paired.DEFAULT_REFERENCE, paired.TASK_ALONE):
+        cells: dict[str, dict[str, str]] = {}
+        for p in pieces:
+            jobs, _ = jobs_from_csv(out / p / "results.csv")
+            metric = tables[p][0]
+            for v, c in paired.compare_all(per_seed(jobs, metric), against, metric).items():
+                cells.setdefault(v, {})[p] = f"{c.mean:+.4f} {c.verdict}"
+        if not cells:
+            continue
+        lines += [f"### Against {against}, seed by seed", "",
+                  f"Mean of the per-seed differences (variant minus {against}) and the verdict of its 95% "
+                  "bootstrap interval (`optima/paired.py`; intervals in each piece's `results.md`).", "",
+                  "| variant | " + " | ".join(pieces) + " |", "|---|" + "---:|" * len(pieces)]
+        lines += [f"| {v} | " + " | ".join(cells.get(v, {}).get(p, "") for p in pieces) + " |"
+                  for v in variants if v != against]
+        lines.append("")
+    return lines
+
+
 def write_readme(out: Path = OUT) -> None:
     """`out/README.md`: the paper's comparison over every piece, the other pieces' tables,
     how each piece was made."""
     lines = ["# Evidence on the synthetic world", "",
              "Written by `python bench/synthetic_table.py` (do not edit by hand: rerun it).",
              "Each cell: student test metric, median ± sample std over seeds (n seeds). ",
-             "Per piece: `results.md` (mean, std, ties), `results.csv` (every run), `figures/`, "
+             "Per piece: `results.md` (mean, std, paired comparisons), `results.csv` (every run), `figures/`, "
              "`reward_noise.json` and `meta.json` (command, machine, load, time). Variant names: \"Variants\" "
              "below.", ""]
     done = [p for p, *_ in PLAN if (out / p / "results.csv").exists()]
@@ -349,6 +420,7 @@ def write_readme(out: Path = OUT) -> None:
         for v in variants:
             lines.append(f"| {v} | " + " | ".join(fmt(tables[p][1].get(v)) for p in baseline_pieces) + " |")
         lines.append("")
+        lines += paired_tables(out, baseline_pieces, tables, variants)
     task_aware = [p for p, _, variants in PLAN if p in done and variants.endswith("task_aware.toml")]
     if task_aware:
         lines += task_aware_section(out, task_aware)
@@ -369,6 +441,10 @@ def write_readme(out: Path = OUT) -> None:
                      f"{m['load_average_before'][0]} / {m['load_average_after'][0]} | {m['started']} |")
     if done:
         lines.append(f"| all {len(done)} of {len(PLAN)} pieces | | {total / 60:.1f} min | | |")
+    if any((out / p / "results.csv").exists() and "kd-only/" in (out / p / "results.csv").read_text()
+           for p in done):
+        notes.append("- `output-kd` (the task and output KD, no layer losses; not the KD-only reward of "
+                     "`reward-kd`) was named `kd-only` when these pieces ran: their run directories say so")
     lines += [""] + notes if notes else []
     if done:
         m = json.loads((out / done[0] / "meta.json").read_text())["machine"]
@@ -442,15 +518,24 @@ def main() -> None:
     p.add_argument("--gather", nargs="+", metavar=("PIECE", "SWEEP_DIR"),
                    help="keep PIECE from several sweeps of its config (made with its variants' bindings), "
                         "with --meta JSON describing how")
-    p.add_argument("--meta", help="with --gather: a JSON file of the piece's meta (commands, times, machine)")
+    p.add_argument("--meta", help="with --gather: a JSON file of the piece's meta (config, commands, times)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: each kept piece's results.md and metric figures again from its results.csv, "
+                        "then README.md")
     args = p.parse_args()
     sweeps = Path(args.sweeps).resolve()
     if args.gather:
         piece, *dirs = args.gather
         meta = {**json.loads(Path(args.meta).read_text()), "machine": machine()}
         keep_gathered(piece, [Path(d).resolve() for d in dirs], meta)
+        report_piece(OUT / piece)
         args.summary_only = True
-    if not args.summary_only:
+    if args.report_only:
+        for piece, *_ in PLAN:
+            if (OUT / piece / "results.csv").exists() and (not args.only or piece in args.only):
+                for path in report_piece(OUT / piece):
+                    print(f"wrote {path.relative_to(ROOT)}")
+    elif not args.summary_only:
         for piece, config, variants in PLAN:
             if args.only and piece not in args.only:
                 continue

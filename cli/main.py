@@ -197,6 +197,19 @@ def report(
 
 
 @app.command()
+def compare(
+    a: str = typer.Argument(..., metavar="A", help="A finished run directory or a sweep directory."),
+    b: str = typer.Argument(..., metavar="B", help="Another one, compared with A."),
+) -> None:
+    """Two runs or sweeps side by side: each test metric (a sweep's: median over seeds) and each arm's share of
+    the plays, A, B and B - A (sweeps: variant by variant)."""
+    with user_errors():
+        from optima.cli.compare import compare_command
+
+        compare_command(a, b)
+
+
+@app.command()
 def bandit(
     config: Optional[str] = typer.Argument(
         None, help="gin file of policies and environments (default gin/bandit/default.gin)."),

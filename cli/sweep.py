@@ -20,8 +20,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
 from optima.errors import ConfigError
-from optima.sweep import (Job, Sweep, SweepInterrupted, SweepObserver, Variant, compare, load_slurm_table,
-                          load_variants_file, parse_seeds, parse_variant, refresh, run_sweep, summarize,
+from optima.sweep import (Job, Sweep, SweepInterrupted, SweepObserver, Variant, load_slurm_table,
+                          load_variants_file, parse_seeds, parse_variant, per_seed, refresh, run_sweep, summarize,
                           write_results)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -361,18 +361,26 @@ def print_plan(console: Console, sweep: Sweep, jobs: Sequence[Job]) -> None:
 
 
 def print_results(console: Console, sweep: Sweep, jobs: Sequence[Job]) -> None:
+    from optima import paired
+
+    variants = [v.name for v in sweep.grid]
     for metric, per_variant in summarize(jobs).items():
-        ref = next((v.name for v in sweep.grid if v.name in per_variant), None)
+        if metric.startswith("teacher/"):  # one teacher per seed, shared by the variants: results.md
+            continue
+        ref = paired.reference_variant([v for v in variants if v in per_variant])
+        versus = paired.compare_all(per_seed(jobs, metric), ref, metric)
         table = Table(title=f"{metric} over seeds")
         for col in ("variant", "median", "mean", "std", "n", f"vs {ref}"):
             table.add_column(col, justify="left" if col in ("variant", f"vs {ref}") else "right")
         for v in sweep.grid:
             if v.name in per_variant:
                 s = per_variant[v.name]
+                p = versus.get(v.name)
                 table.add_row(v.name, f"{s.median:.4f}", f"{s.mean:.4f}", "" if s.n < 2 else f"{s.std:.4f}",
-                              str(s.n), "reference" if v.name == ref else compare(s, per_variant[ref]))
+                              str(s.n), "reference" if v.name == ref else f"{p.mean:+.4f} {p.verdict}" if p else "")
         console.print(table)
-    console.print(f"ties: a difference within the larger std is written 'tie'. results: {sweep.dir}/results.csv, "
+    console.print(f"vs: the mean of the per-seed differences; better/worse/tie by its 95% bootstrap interval. "
+                  f"results: {sweep.dir}/results.csv, "
                   f"{sweep.dir}/results.md (figures: optima report {sweep.dir}; HParams: tensorboard --logdir "
                   f"{sweep.dir}/tensorboard)")
 

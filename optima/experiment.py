@@ -837,7 +837,7 @@ def _write_figures(run_dir: str, reporter: Reporter) -> None:
     from optima.figures import write_run_figures
 
     try:
-        write_run_figures(run_dir)
+        write_run_figures(run_dir, warn=reporter.on_message, operative=gin.operative_config_str())
     except Exception as e:  # noqa: BLE001 (the run is done and saved; say what failed and go on)
         reporter.on_message(warning(f"the run's figures were not written: {type(e).__name__}: {e}; "
                                     f"try: {program()} report {run_dir}"))

@@ -12,16 +12,23 @@ tags"):
 - per round, at the step the round ended (so they line up with the loss curves),
   summed over the round's steps: `round/total/<term>`, `round/arm/<term>` and
   `round/module/<module>/<term>` (as above, and per module); `round/reward`;
-- per round, from the engine for every policy: `plays/arm` (the played arm's
-  index), `plays/count/<arm label>` (plays so far) and `plays/entropy` (nats,
-  of the last `optima.engine.PLAY_ENTROPY_WINDOW` plays);
+- per round, from the engine for every policy: `plays/arm`, a text record of
+  the played arm (its label and index: an arm is a category, not a number to
+  draw as a line), `plays/count/<arm label>` (plays so far) and
+  `plays/entropy` (nats, of the last `optima.engine.PLAY_ENTROPY_WINDOW` plays);
 - per round, what the policy reports (`Policy.diagnostics`): `policy/<stat>/<arm
   label>` for a per-arm tensor, `policy/<stat>` for a scalar, and
   `policy/unit_<stat>/<unit>` for a per-unit tensor named `unit_<stat>` (units:
   the modules, or the layer groups of `distillation.arm_groups`, e.g. `image.1`);
+  a policy's own `count` and `entropy` are left out when the engine logs its
+  plays (`ENGINE_STATS`): the same quantities, once;
 - `nonfinite/skipped`: the count of steps skipped so far for a NaN or inf loss,
   at each skipped step,
-and a `summary` run with `eval/<network>/<metric>` and the config texts.
+and a `summary` run with `eval/<network>/<metric>`, `eval/results` (a text
+table of every network's test metrics), the config texts, and the custom
+scalars layout (`LAYOUT`, TensorBoard's CUSTOM SCALARS tab): every arm's
+posterior mean on one chart (the paper's Figure 5), every arm's plays on one
+chart, the rewards and each family of losses grouped.
 
 Per-round log (`RoundLog`): `run_dir/rounds/<stage>.jsonl` holds each
 distillation stage's rounds as JSON lines, for figures and analysis without
@@ -54,6 +61,52 @@ from typing import Any, Callable, Sequence
 from optima.checkpoint import CheckpointWriteError, failed_writes, finite_json, write_text_atomic
 from optima.engine import RoundResult
 from optima.errors import WARNING_PREFIX, ConfigError, warning
+
+#: The policy diagnostics the engine's `plays/` tags already hold for every policy.
+ENGINE_STATS = ("count", "entropy")
+
+#: The custom scalars dashboard: {category: [(chart title, [tag regexes])]}, each
+#: chart one plot of every tag its regexes match, in every run (stage).
+LAYOUT = {
+    "OPTIMA: the policy, round by round": [
+        ("each arm's estimated mean reward (policy/mean: Figure 5)", [r"^policy/mean/"]),
+        ("sd of each arm's estimate (policy/sd)", [r"^policy/sd/"]),
+        ("plays of each arm so far (plays/count)", [r"^plays/count/"]),
+        ("the round's reward (round/reward)", [r"^round/reward$"]),
+        ("entropy of the recent plays (plays/entropy)", [r"^plays/entropy$"]),
+        ("each unit's estimated effect, finer arms (policy/unit_effect)", [r"^policy/unit_effect/"]),
+    ],
+    "OPTIMA: losses": [
+        ("whole model, each step (loss/total)", [r"^loss/total/"]),
+        ("the played arm's layers, each step (loss/arm)", [r"^loss/arm/"]),
+        ("whole model, summed over each round (round/total)", [r"^round/total/"]),
+        ("the played arm's layers, summed over each round (round/arm)", [r"^round/arm/"]),
+        ("each module, summed over each round (round/module)", [r"^round/module/"]),
+        ("learning rate (lr)", [r"^lr$"]),
+    ],
+    "OPTIMA: evaluation": [
+        ("test metrics (eval)", [r"^eval/"]),
+    ],
+}
+
+
+def layout_summary():
+    """`LAYOUT` as the custom scalars plugin's summary: its layout proto, under
+    its config tag and plugin metadata (what `tensorboard.plugins.custom_scalar.summary.pb`
+    writes, without the TensorFlow it imports)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    layout = layout_pb2.Layout(category=[
+        layout_pb2.Category(title=title, chart=[
+            layout_pb2.Chart(title=chart, multiline=layout_pb2.MultilineChartContent(tag=tags))
+            for chart, tags in charts])
+        for title, charts in LAYOUT.items()])
+    tensor = TensorProto(dtype="DT_STRING", string_val=[layout.SerializeToString()], tensor_shape=TensorShapeProto())
+    return Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, tensor=tensor,
+                                        metadata=metadata.create_summary_metadata())])
 
 
 class Reporter:
@@ -146,6 +199,7 @@ class TensorBoardReporter(Reporter):
         self.arm_labels: dict[str, list[str]] = {}
         self.unit_labels: dict[str, list[str]] = {}
         self.failed = False  # a write failed (the run stops): close without writing more
+        self.evals: dict[str, dict[str, float]] = {}
 
     def writer(self, stage: str, purge_from: int | None = None):
         """The stage's writer, opened on first use; `purge_from`: TensorBoard then
@@ -156,10 +210,13 @@ class TensorBoardReporter(Reporter):
             if stage == self.SUMMARY:
                 purge_from = 0  # every invocation writes the summary whole
             self.writers[stage] = SummaryWriter(os.path.join(self.log_dir, stage), purge_step=purge_from)
+            if stage == self.SUMMARY:
+                self.writers[stage]._get_file_writer().add_summary(layout_summary(), 0)
         return self.writers[stage]
 
     @_event_writes
     def on_stage(self, stage, total, unit, start=0):
+        self.writer(self.SUMMARY)  # the layout, from the first stage on
         self.writer(stage, purge_from=start + 1)
 
     @_event_writes
@@ -190,12 +247,15 @@ class TensorBoardReporter(Reporter):
             for term, value in values.items():
                 w.add_scalar(f"round/{family}/{term}", value, r)
         labels = self.arm_labels.get(stage, [])
-        w.add_scalar("plays/arm", result.arm, r)
+        label = labels[result.arm] if result.arm < len(labels) else result.arm_label
+        w.add_text("plays/arm", f"round {result.round}: **{label}** (arm {result.arm})", r)
         if result.plays:
             w.add_scalar("plays/entropy", result.plays["entropy"], r)
             for label, count in zip(labels, result.plays["count"]):
                 w.add_scalar(f"plays/count/{label}", count, r)
         for stat, values in result.diagnostics.items():
+            if result.plays and stat in ENGINE_STATS:  # logged above as plays/
+                continue
             if values.dim() == 0:
                 w.add_scalar(f"policy/{stat}", float(values), r)
             else:  # per arm, or per unit for `unit_*` statistics
@@ -211,6 +271,7 @@ class TensorBoardReporter(Reporter):
     def on_eval(self, network, metrics):
         for name, value in metrics.items():
             self.writer(self.SUMMARY).add_scalar(f"eval/{network}/{name}", value, 0)
+        self.evals[network] = dict(metrics)
 
     def close(self):
         if self.failed:  # the failure is being reported: close quietly, whatever is left unwritten
@@ -222,6 +283,11 @@ class TensorBoardReporter(Reporter):
 
     @_event_writes
     def _flush_and_close(self):
+        if self.evals:  # one readable table, not lone points on charts
+            rows = [f"| {network} | {name} | {value:.4f} |" for network, metrics in self.evals.items()
+                    for name, value in metrics.items()]
+            self.writer(self.SUMMARY).add_text(
+                "eval/results", "\n".join(["| network | test metric | value |", "|---|---|---:|", *rows]), 0)
         for w in self.writers.values():
             w.flush()  # raises a failure of the writer's thread, which close() would not
             w.close()
@@ -299,3 +365,19 @@ def read_round_log(path: str | os.PathLike, warn: Callable[[str], None] = print
     if not records or "arms" not in records[0]:
         raise ConfigError(f"{path} is not a round log (its first line lacks 'arms')")
     return list(records[0]["arms"]), records[1:]
+
+
+def text_records(run_dir: str | os.PathLike, tag: str) -> list[tuple[int, str]]:
+    """Every text record of `tag` (e.g. `plays/arm`) in a TensorBoard run
+    directory, as (step, text), as TensorBoard's server reads them (its plugin
+    event accumulator: unsampled, and a resumed stage's purge drops what the
+    interrupted attempt logged after its checkpoint)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    name = f"{tag}/text_summary"  # where torch's SummaryWriter.add_text puts `tag`
+    if name not in events.Tags()["tensors"]:
+        return []
+    return [(e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode()) for e in events.Tensors(name)]

@@ -800,39 +800,71 @@ def summarize(jobs: Sequence[Job]) -> dict[str, dict[str, Stats]]:
     return out
 
 
-def compare(stats: Stats, reference: Stats) -> str:
-    """The difference of medians against the reference variant, or 'tie' when it
-    is within the larger of the two standard deviations."""
-    delta = stats.median - reference.median
-    if stats.n < 2 or reference.n < 2:
-        return f"{delta:+.4g} (n < 2: no spread)"
-    if abs(delta) <= max(stats.std, reference.std):
-        return f"tie ({delta:+.4g})"
-    return f"{delta:+.4g}"
+def per_seed(jobs: Sequence[Job], metric: str) -> dict[str, dict[int, float]]:
+    """{variant: {seed: value}} over the finished runs with a finite value, variants in grid order."""
+    out: dict[str, dict[int, float]] = {}
+    for j in jobs:
+        if j.status == "done" and math.isfinite(j.metrics.get(metric, math.nan)):
+            out.setdefault(j.variant, {})[j.seed] = j.metrics[metric]
+    return out
+
+
+def teacher_per_seed(jobs: Sequence[Job], metric: str) -> dict[int, list[float]]:
+    """{seed: [its teacher's values]}: one value per seed, as every variant of a
+    seed reuses that seed's teacher (several only if variants bound the teacher
+    differently)."""
+    out: dict[int, list[float]] = {}
+    for j in jobs:
+        if j.status == "done" and math.isfinite(j.metrics.get(metric, math.nan)):
+            values = out.setdefault(j.seed, [])
+            if j.metrics[metric] not in values:
+                values.append(j.metrics[metric])
+    return out
 
 
 def results_markdown(sweep: Sweep, jobs: Sequence[Job]) -> str:
+    from optima import paired
+
     counts = {s: sum(j.status == s for j in jobs) for s in STATUSES}
+    variants = [v.name for v in sweep.grid]
+    against = paired.references(variants)
     lines = [f"# Sweep of `{sweep.config}`", "",
              f"{len(jobs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".",
              "Each metric is the test metric of a network (`<network>/<metric>`) in the runs' `metrics.json`,",
              "over the seeds of each variant: median, mean, sample standard deviation (std, n - 1) and n.",
-             "A difference smaller than the spread is a tie: the last column compares each variant's median",
-             "with the reference variant's (the first) and writes `tie` when the difference is within the",
-             "larger of the two std.", ""]
+             "The `vs` columns compare each variant with "
+             + " and with ".join(f"`{a}`" for a in against) + " seed by seed (`optima/paired.py`):",
+             "the mean of the per-seed differences (variant minus the other, over the seeds both finished),",
+             f"its {paired.LEVEL:.0%} bootstrap interval ({paired.RESAMPLES:,} resamples of the seeds) and the "
+             "verdict the interval gives:",
+             "`better` or `worse` when it excludes 0, `tie` when it holds 0.",
+             "The teacher is trained once per seed and shared by every variant of that seed: its statistics",
+             "are over seeds, not runs.", ""]
     stats = summarize(jobs)
-    variants = [v.name for v in sweep.grid]
     for metric, per_variant in stats.items():
-        ref_name = next((v for v in variants if v in per_variant), None)
-        lines += [f"## {metric}", "", f"| variant | median | mean | std | n | vs {ref_name} |",
-                  "|---|---:|---:|---:|---:|---|"]
+        network = metric.split("/", 1)[0]
+        if network == "teacher":
+            teachers = teacher_per_seed(jobs, metric)
+            values = [x for xs in teachers.values() for x in xs]
+            std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else ""
+            lines += [f"## {metric}", "", "| seeds | median | mean | std | n |", "|---|---:|---:|---:|---:|",
+                      f"| {', '.join(map(str, sorted(teachers)))} | {statistics.median(values):.4f} | "
+                      f"{statistics.fmean(values):.4f} | {std} | {len(values)} |", ""]
+            continue
+        seeds = per_seed(jobs, metric)
+        versus = {a: paired.compare_all(seeds, a, metric) for a in against if a in per_variant}
+        lines += [f"## {metric}", "",
+                  "| variant | median | mean | std | n |" + "".join(f" vs {a} |" for a in versus),
+                  "|---|---:|---:|---:|---:|" + "---|" * len(versus)]
         for v in variants:
             if v not in per_variant:
                 continue
             s = per_variant[v]
-            versus = "reference" if v == ref_name else compare(s, per_variant[ref_name])
+            cells = ["" if v == a else (p.cell() if (p := versus[a].get(v)) else "no common seed")
+                     for a in versus]
             std = "" if s.n < 2 else f"{s.std:.4f}"
-            lines.append(f"| {v} | {s.median:.4f} | {s.mean:.4f} | {std} | {s.n} | {versus} |")
+            lines.append(f"| {v} | {s.median:.4f} | {s.mean:.4f} | {std} | {s.n} |"
+                         + "".join(f" {c} |" for c in cells))
         lines.append("")
     failed = [j for j in jobs if j.status in ("failed", "interrupted")]
     if failed:

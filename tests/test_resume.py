@@ -388,9 +388,8 @@ def _assert_tensorboard_shows_each_step_once(run_dir: Path, plays: list[int], te
     else:  # reused from the cache: nothing logged
         assert not (tb / "teacher").exists()
     assert [e.step for e in scalars("student", "loss/total/task")] == list(range(1, 2 * ROUNDS + 1))
-    arms = scalars("student", "plays/arm")
-    assert [e.step for e in arms] == list(range(2, 2 * ROUNDS + 1, 2))
-    assert [int(e.value) for e in arms] == plays
+    # the played arm is a text record now: its purge on resume is an open defect,
+    # tests/test_round_losses.py::test_a_resumed_stage_shows_each_played_arm_once (xfail)
     assert len(scalars("summary", "eval/student/accuracy")) == 1
     # the per-round log drops the rounds logged after the checkpoint as well
     _, rounds = read_round_log(run_dir / "rounds" / "student.jsonl")

@@ -23,7 +23,7 @@ from optima.plugins.models.coca import coca_model
 from optima.plugins.policies.paper import FixedPolicy
 from optima.plugins.rewards.loss_decrement import combined_reward, kd_reward
 from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
-from optima.reporting import TensorBoardReporter
+from optima.reporting import LAYOUT, TensorBoardReporter, text_records
 
 MODULES = ("image", "text", "multimodal")
 
@@ -201,7 +201,10 @@ def test_play_counts_and_entropy_are_logged_for_a_policy_that_reports_nothing(tm
     tb.close()
     tags = _scalars(tmp_path / "student")
     assert not any(t.startswith("policy/") for t in tags)
-    assert [v for _, v in tags["plays/arm"]] == [0, 1, 2, 0]
+    assert "plays/arm" not in tags  # a text record, not a line of arm indices
+    assert text_records(tmp_path / "student", "plays/arm") == [
+        (2, "round 1: **image** (arm 0)"), (4, "round 2: **text+multimodal** (arm 1)"),
+        (6, "round 3: **multimodal** (arm 2)"), (8, "round 4: **image** (arm 0)")]
     assert [v for _, v in tags["plays/count/image"]] == [1, 1, 1, 2]
     assert [v for _, v in tags["plays/count/text+multimodal"]] == [0, 1, 1, 1]
     entropy = [v for _, v in tags["plays/entropy"]]
@@ -296,3 +299,66 @@ def test_a_bf16_teacher_copy_runs_the_fused_attention_path_and_leaves_the_teache
     assert all(torch.equal(v, half.teacher.state_dict()[k]) and v.dtype == torch.float32 for k, v in before.items())
     on_cpu = distiller(combined_reward(), amp=True)
     assert on_cpu.teacher_run is on_cpu.teacher  # bf16 by default only with amp on a GPU
+
+
+def test_tensorboard_layout_shows_every_arm_on_one_chart_and_no_tag_twice(tmp_path):
+    """The custom scalars layout in the summary run (TensorBoard's CUSTOM SCALARS):
+    each chart's regexes match what the run logged, e.g. every arm's posterior
+    mean on one chart; the policy's own count and entropy are not logged again
+    beside the engine's; the test metrics as one text table."""
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    from tensorboard.util import tensor_util
+
+    from optima.plugins.policies.paper import ThompsonPolicy
+
+    tb = TensorBoardReporter(str(tmp_path))
+    d = distiller(kd_reward(), policy=ThompsonPolicy(3, warmup_rounds=3), rounds=6, callbacks=[tb])
+    tb.on_arms("student", d.arms.labels())
+    tb.on_stage("student", 12, "step")
+    d.run()
+    tb.on_eval("teacher", {"accuracy": 0.75})
+    tb.on_eval("student", {"accuracy": 0.5})
+    tb.close()
+    tags = set(_scalars(tmp_path / "student"))
+    assert not any(t.startswith(("policy/count", "policy/entropy")) for t in tags)  # plays/count, plays/entropy
+    assert {"plays/entropy", "policy/warmup", "plays/count/image"} <= tags
+
+    events = EventAccumulator(str(tmp_path / "summary"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert events.SummaryMetadata(metadata.CONFIG_SUMMARY_TAG).plugin_data.plugin_name == metadata.PLUGIN_NAME
+    [record] = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(record.tensor_proto).item())
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert [cat.title for cat in layout.category] == list(LAYOUT)
+
+    def matched(title):
+        return {t for t in tags if any(re.search(r, t) for r in charts[title])}
+
+    arms = ["image", "text+multimodal", "multimodal"]
+    assert matched("each arm's estimated mean reward (policy/mean: Figure 5)") == {f"policy/mean/{a}" for a in arms}
+    assert matched("plays of each arm so far (plays/count)") == {f"plays/count/{a}" for a in arms}
+    assert matched("whole model, each step (loss/total)") == {"loss/total/task", "loss/total/kd"}
+    assert text_records(tmp_path / "summary", "eval/results") == [(0, "| network | test metric | value |\n"
+                                                                   "|---|---|---:|\n| teacher | accuracy | 0.7500 |\n"
+                                                                   "| student | accuracy | 0.5000 |")]
+
+
+@pytest.mark.xfail(strict=True, reason="open: text records of an interrupted attempt after its checkpoint are "
+                   "not dropped on resume (TensorBoard's purge at the restart step does not reach them here)")
+def test_a_resumed_stage_shows_each_played_arm_once(tmp_path):
+    """The played arm is a text record; a resumed stage's writer purges from its
+    restart step, so TensorBoard shows each round's record once."""
+    first = TensorBoardReporter(str(tmp_path))
+    first.on_arms("student", ["image", "text"])
+    for r in range(1, 5):  # rounds 1-4, then killed; the checkpoint was at step 4 (round 2)
+        first.writer("student").add_text("plays/arm", f"first {r}", 2 * r)
+    first.close()
+    resumed = TensorBoardReporter(str(tmp_path))
+    resumed.on_stage("student", 12, "step", start=4)
+    for r in range(3, 7):
+        resumed.writer("student").add_text("plays/arm", f"resumed {r}", 2 * r)
+    resumed.close()
+    assert text_records(tmp_path / "student", "plays/arm") == [
+        (2, "first 1"), (4, "first 2"), (6, "resumed 3"), (8, "resumed 4"), (10, "resumed 5"), (12, "resumed 6")]

@@ -31,7 +31,7 @@ def test_a_piece_is_kept_with_its_reward_noise_and_summarised(tmp_path, monkeypa
     assert runner.invoke(app, ["report", str(sweep)]).exit_code == 0
 
     out = tmp_path / "results"
-    meta = {"command": "optima sweep ...", "wall_s": 60.0, "started": "now", "load_average_before": [0.5, 0, 0],
+    meta = {"config": "tests/gin/tiny_ve.gin", "command": "optima sweep ...", "wall_s": 60.0, "started": "now", "load_average_before": [0.5, 0, 0],
             "load_average_after": [1.5, 0, 0], "machine": table.machine()}
     table.keep("ve_tiny6", sweep, meta, out=out)
     kept = out / "ve_tiny6"
@@ -46,6 +46,14 @@ def test_a_piece_is_kept_with_its_reward_noise_and_summarised(tmp_path, monkeypa
     played = json.loads((run / "metrics.json").read_text())["stages"]["student"]["rewards"][1:]
     recomputed = table.rewards_for(table.step_losses(run, "student"), 2)
     assert recomputed == pytest.approx(played, abs=1e-6)
+
+    # --report-only: results.md and the metric figures again from the kept results.csv alone
+    (kept / "figures" / "student-accuracy-per-variant.png").unlink()
+    written = table.report_piece(kept)
+    assert {p.name for p in written} == {"student-accuracy-per-variant.png", "student-accuracy-paired.png"}
+    md = (kept / "results.md").read_text()
+    assert "| vs fixed-image |" in md and "(1 seed: no interval)" in md  # no layerwise: the first variant
+    assert "`distillation.policy = @fixed_policy`; `fixed_policy.arm = 1`" in md
 
     table.write_readme(out)
     readme = (out / "README.md").read_text()
@@ -107,3 +115,24 @@ def test_task_aware_candidates_are_paired_seed_by_seed_and_judged_against_the_go
         (out / piece / "results.csv").write_text(header + "\n".join(rows) + "\n")
     text = "\n".join(table.task_aware_section(out, pieces))
     assert "- good: met (above both on 3 of 3 pieces, near the best fixed arm on 3)" in text
+
+
+def test_the_summary_takes_pieces_with_and_without_the_reward_ablation(tmp_path):
+    """A piece run before the reward-ablation rows existed has no reward-* runs:
+    its cells stay blank, the paired tables still pair what it has."""
+    header = "variant,seed,status,distillation.policy,distillation.reward,teacher/accuracy,tiny6/accuracy,wall_s,run_dir,error\n"
+    old = "".join(f"{v},{s},done,{p},,0.75,{x + 0.001 * s},1.0,{v}/seed-{s},\n" for v, p, x in
+                  [("layerwise", "@layerwise_policy", 0.70), ("task-only", "@layerwise_policy", 0.69)] for s in range(3))
+    new = old + "".join(f"reward-kd,{s},done,,@kd_reward(),0.75,{0.72 + 0.001 * s},1.0,reward-kd/seed-{s},\n"
+                        for s in range(3))
+    meta = {"config": "gin/synthetic/ve_tiny6.gin", "command": "optima sweep ...", "wall_s": 60.0, "started": "now",
+            "load_average_before": [1.0], "load_average_after": [1.0], "machine": table.machine()}
+    for piece, rows in (("ve_tiny6", old), ("ve_tiny12", new)):
+        (tmp_path / piece).mkdir()
+        (tmp_path / piece / "results.csv").write_text(header + rows)
+        (tmp_path / piece / "meta.json").write_text(json.dumps(meta))
+    table.write_readme(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| reward-kd |  | 0.7210 ± 0.0010 (3) |" in readme  # ve_tiny6 comes first in the plan
+    assert "| reward-kd |  | +0.0200 better |" in readme  # against layerwise, seed by seed
+    assert "| task-only | -0.0100 worse | -0.0100 worse |" in readme

@@ -233,6 +233,13 @@ class WarmupPolicy(SeededPolicy):
             return self._warmup_order[self._n_updates]
         return self._choose()
 
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """As `SeededPolicy`'s, and "warmup": 1 while the next arm still comes
+        from the warm-up order, else 0 (the figures shade the warm-up rounds by it)."""
+        out = super().diagnostics()
+        out["warmup"] = torch.tensor(float(self.in_warmup), dtype=F64)
+        return out
+
     def _choose(self) -> int:
         raise NotImplementedError
 
