@@ -146,7 +146,7 @@ def keep_gathered(piece: str, sweep_dirs: list[Path], meta: dict, out: Path = OU
                 row["run_dir"] = os.path.relpath(row["run_dir"], sweep_dir.parent) if row.get("run_dir") else ""
                 rows.append(row)
                 columns.update(dict.fromkeys(row))
-        for png in sorted((sweep_dir / "figures").glob("*.png")):
+        for png in sorted((sweep_dir / "figures").glob("*-arm-*.png")):  # the metric figures: report_piece
             shutil.copy2(png, dest / "figures" / f"{sweep_dir.name}-{png.name}")
     order = ["variant", "seed", "status"]
     tail = [c for c in ("wall_s", "run_dir", "error") if c in columns]
@@ -333,6 +333,8 @@ GLOSSARY = {
     "adv-combined": "OPTIMA with the paper's reward taken relative to every arm's recent rewards (`advantage_reward`)",
     "alignment-empty": "OPTIMA rewarded by the round's mean cosine between the arm's distillation gradient and the "
                        "task gradient (`alignment_reward`), with the empty arm",
+    "layerwise-gate": "layerwise, each module's layer losses dropped from a step while the cosine between their "
+                      "gradient and the task gradient on that step's batch is negative (`alignment_gate`)",
     "layerwise-gate50": "layerwise, each module's layer losses dropped while the 50-step moving average of the "
                         "cosine between their gradient and the task gradient is negative (`alignment_gate`)",
     "layerwise-norm": "layerwise with the hidden-state MSE divided by the teacher's variance per layer "
