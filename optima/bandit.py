@@ -26,6 +26,8 @@ Environments (`ENVIRONMENTS`; `docs/policies.md` gives the measured table):
   rotting, what OPTIMA's reward does) at OPTIMA's scale, the best arms rotting
   fastest, 500 rounds; regret is against the oracle that plays the best arm at
   its current play count.
+- `rotting`: `rested_rotting` whose rewards also shrink with training time
+  (a level falling from 1 to 0.05), OPTIMA's situation: rested and restless.
 - `fifteen_arms`: 15 arms, the subsets of 4 modules, at OPTIMA's scale (what
   the warm-up costs with many arms).
 - `piecewise_bernoulli`: 3 Bernoulli arms, 4 changes, 5,000 rounds (the
@@ -72,6 +74,9 @@ class Environment:
     #: True: arms change with their own plays, not with time ("rested"): `means[s, n, k]`
     #: and `rewards[s, n, k]` are what arm `k` pays at its `(n + 1)`-th play
     rested: bool = False
+    #: rested only: (seeds, rounds) non-increasing factors by which every reward of
+    #: round t is multiplied (rewards that also shrink with training time); None: 1
+    level: np.ndarray | None = None
 
     @property
     def seeds(self) -> int:
@@ -90,11 +95,12 @@ class Environment:
         arm's mean; for a rested environment, the oracle that plays the best arm
         at its current play count, which (arms only decaying with their plays,
         rotting) earns the `rounds` largest means over all arms and play counts,
-        in decreasing order (Levine et al. 2017)."""
+        in decreasing order (Levine et al. 2017), times `level` when there is one."""
         if not self.rested:
             return self.means.max(axis=2)
-        flat = -np.sort(-self.means.reshape(self.seeds, -1), axis=1)
-        return flat[:, :self.rounds]
+        flat = -np.sort(-self.means.reshape(self.seeds, -1), axis=1)[:, :self.rounds]
+        # with a non-increasing level the largest values go to the earliest rounds (rearrangement inequality)
+        return flat if self.level is None else flat * self.level
 
 
 def _noisy(name: str, means: np.ndarray, sd: float | np.ndarray, rng: np.random.Generator, clip: bool = False,
@@ -245,6 +251,19 @@ def rested_rotting(seeds: int, rounds: int | None, rng: np.random.Generator) -> 
                   rested=True)
 
 
+def rotting(seeds: int, rounds: int | None, rng: np.random.Generator) -> Environment:
+    """`rested_rotting` whose rewards also shrink with training time, as OPTIMA's
+    do: every reward of round `t` is multiplied by a level falling from 1 to
+    0.05 as `optima_scale`'s (0.1 to 0.005 there), so an arm measured early looks better than one
+    measured late. What the paper's policy meets in distillation: an idle arm
+    keeps its early, high estimate while the played arm's falls."""
+    env = rested_rotting(seeds, rounds, rng)
+    t = np.arange(env.rounds)
+    level = 0.05 + 0.95 * np.exp(-t / (0.2 * env.rounds))
+    return Environment("rotting", env.means, env.rewards, rested=True,
+                       level=np.broadcast_to(level, (seeds, env.rounds)).copy())
+
+
 #: Modules of `fifteen_arms`: CoCa's and one more, as the example audio plugin's model.
 MODULES4 = ("image", "text", "multimodal", "audio")
 
@@ -292,7 +311,7 @@ def piecewise_bernoulli(seeds: int, rounds: int | None, rng: np.random.Generator
 #: registers its own; `optima bandit` takes them from the registry.
 ENVIRONMENTS: dict[str, Callable[[int, int | None, np.random.Generator], Environment]] = {
     "abrupt": abrupt, "drift": drift, "idle_recovers": idle_recovers, "optima_scale": optima_scale,
-    "replay": replay, "rested_rotting": rested_rotting, "fifteen_arms": fifteen_arms,
+    "replay": replay, "rested_rotting": rested_rotting, "rotting": rotting, "fifteen_arms": fifteen_arms,
     "piecewise_bernoulli": piecewise_bernoulli,
 }
 
@@ -341,6 +360,7 @@ def simulate(factory: Callable, env: Environment) -> np.ndarray:
         # arm_features and the number of rounds where the policy takes them
         policy = build_policy(factory, env.num_arms, s, env.features, horizon=env.rounds)
         rewards, means = env.rewards[s].tolist(), env.means[s]
+        level = [1.0] * env.rounds if env.level is None else env.level[s].tolist()
         plays = [0] * env.num_arms
         rows, arms = [], []
         for t in range(env.rounds):
@@ -348,13 +368,13 @@ def simulate(factory: Callable, env: Environment) -> np.ndarray:
             row = plays[arm] if env.rested else t  # a rested arm pays by its own play count
             plays[arm] += 1
             try:
-                policy.update(arm, rewards[row][arm])
+                policy.update(arm, level[t] * rewards[row][arm])
             except ValueError as e:  # e.g. a binary-reward policy given a reward outside [0, 1]
                 raise ConfigError(f"environment {env.name!r}, seed {s}, round {t}: the policy refuses its "
                                   f"reward: {str(e).splitlines()[0]}") from None
             rows.append(row)
             arms.append(arm)
-        regret[s] = best[s] - means[rows, arms]
+        regret[s] = best[s] - np.asarray(level) * means[rows, arms]
     return regret
 
 

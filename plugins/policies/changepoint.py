@@ -3,7 +3,7 @@
 Windows and discounts forget at a fixed rate, right for one horizon and one rate
 of change: too fast and a stationary stretch is re-explored over and over, too
 slow and a change is noticed late. GLR-UCB keeps everything since an arm's last
-change and restarts that arm only when a generalized likelihood ratio test says
+change and restarts only when a generalized likelihood ratio test says
 its mean moved; it needs neither the horizon nor the number of changes.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ RESTARTS = ("local", "global")
 
 
 class GlrUCBPolicy(SeededPolicy):
-    """GLR-UCB with local restarts (Besson, Kaufmann, Maillard & Seznec 2022,
+    """GLR-UCB (Besson, Kaufmann, Maillard & Seznec 2022,
     "Efficient change-point detection for tackling piecewise-stationary bandits",
     JMLR, Algorithm 1 with the sub-Gaussian GLR test instead of the Bernoulli
     one, so that it needs no reward range).
@@ -59,8 +59,9 @@ class GlrUCBPolicy(SeededPolicy):
       (SMPyBandits, `Policies/GLR_UCB.py`: "multiplying it by 0.1 ... helps, a lot").
     - Otherwise: `argmax_k xbar_k + scale * sqrt(2 log(t) / n_k)`, `t` the rewards seen.
     - After each reward, the played arm's samples are tested for one change:
-      `glr_statistic >= log(3 n^(3/2) / delta)` restarts that arm (its samples
-      are dropped). `delta` unbound: `1 / sqrt(T)` (the paper's tuning, with the
+      `glr_statistic >= log(3 n^(3/2) / delta)` restarts every arm
+      (`restart = 'global'`, the default: their samples are dropped, so all
+      are explored again) or only that arm (`'local'`). `delta` unbound: `1 / sqrt(T)` (the paper's tuning, with the
       number of changes unknown), `T` as above.
 
     `scale` is the rewards' noise sd: a number, or `'auto'` (the default): the
@@ -72,7 +73,7 @@ class GlrUCBPolicy(SeededPolicy):
     """
 
     def __init__(self, num_arms: int, exploration: float = 0.1, delta: float | None = None,
-                 scale: float | str = AUTO, restart: str = "local", entropy_window: int = 20, seed: int = 0,
+                 scale: float | str = AUTO, restart: str = "global", entropy_window: int = 20, seed: int = 0,
                  horizon: int | None = None):
         super().__init__(num_arms, seed=seed, entropy_window=entropy_window)
         if restart not in RESTARTS:
