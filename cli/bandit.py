@@ -65,14 +65,26 @@ def bandit_command(config: str | None, bindings: Sequence[str], policies: Sequen
     factories = dict(zip(labels, settings["policies"]))
     torch.set_num_threads(1)
     start = time.time()
-    environments = {name: bandit.make_environment(name, n_seeds, n_rounds, settings["seed"])
-                    for name in settings["environments"]}
+    # every registered environment, plugins' included, through gin (its bindings apply)
+    known = {c.name: gin.get_configurable(c.gin_name) for c in registry.of_kind("environment")}
+    environments = {}
+    for name in settings["environments"]:
+        try:
+            environments[name] = bandit.make_environment(name, n_seeds, n_rounds, settings["seed"], known)
+        except ConfigError:
+            raise
+        except Exception as e:  # a plugin's environment that fails: one line naming it
+            translated = cfg.translate_call_error(e)
+            if isinstance(translated, ConfigError):
+                raise translated from None
+            detail = str(e).splitlines()[0] if str(e) else ""
+            raise ConfigError(f"environment {name!r} failed: {type(e).__name__}: {detail}") from None
     # every policy's bindings are checked on every environment before the long part, in one line
     refs = gin.get_bindings("bandit", resolve_references=False)["policies"]
     for ref, factory in zip(refs, factories.values()):
         for env in environments.values():
             try:
-                check_policy(ref, [], env.num_arms, lambda: build_policy(factory, env.num_arms, 0, env.features))
+                check_policy(ref, [], env.num_arms, lambda: build_policy(factory, env.num_arms, 0, env.features, env.rounds))
             except Exception as e:
                 raise cfg.translate_call_error(e) from None
     with console.status(f"{len(factories)} policies x {len(environments)} environments x {n_seeds} seeds "

@@ -167,15 +167,21 @@ class ArmSpace:
         return out
 
 
-def build_policy(factory: Callable, num_arms: int, seed: int, features: Any = None):
+def build_policy(factory: Callable, num_arms: int, seed: int, features: Any = None, horizon: int | None = None):
     """`factory(num_arms=, seed=)`; with `features` ((arms, units) 0/1, see
     `ArmSpace.features`), also `arm_features=` (a float64 tensor) when the
-    factory takes that parameter: how a policy learns which arms share units."""
+    factory takes that parameter: how a policy learns which arms share units.
+    With `horizon` (the number of rounds, when the run knows it), also
+    `horizon=` when the factory takes that parameter (policies written before
+    it existed are called as before): what a policy derives its windows and
+    discounts from."""
     kwargs: dict[str, Any] = {"num_arms": num_arms, "seed": seed}
     if features is not None and _takes(factory, "arm_features"):
         import torch
 
         kwargs["arm_features"] = torch.as_tensor(features, dtype=torch.float64, device="cpu")
+    if horizon is not None and _takes(factory, "horizon"):
+        kwargs["horizon"] = int(horizon)
     return factory(**kwargs)
 
 

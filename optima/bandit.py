@@ -22,6 +22,17 @@ Environments (`ENVIRONMENTS`; `docs/policies.md` gives the measured table):
   over 500 rounds), arms differ by 0.1 to 0.6 of the level (0.01 to 0.06 at
   the start), noise sd half the level, clipped at 0 as the real reward is; the
   best arm changes once, at 40% of the run.
+- `rested_rotting`: 5 arms whose means fall with their own plays (rested
+  rotting, what OPTIMA's reward does) at OPTIMA's scale, the best arms rotting
+  fastest, 500 rounds; regret is against the oracle that plays the best arm at
+  its current play count.
+- `rotting`: `rested_rotting` whose rewards also shrink with training time
+  (a level falling from 1 to 0.05), OPTIMA's situation: rested and restless.
+- `fifteen_arms`: 15 arms, the subsets of 4 modules, at OPTIMA's scale (what
+  the warm-up costs with many arms).
+- `piecewise_bernoulli`: 3 Bernoulli arms, 4 changes, 5,000 rounds (the
+  standard piecewise-stationary problem; `--rounds 300` for a short run).
+- Plugins add their own (`optima_register_bandit_environments`, docs/plugins.md).
 - `replay`: the per-round rewards of every fixed arm recorded on real quickstart
   distillation runs (`optima/bandit_data/quickstart_fixed_arms.json`, made by
   `bench/record_arm_rewards.py`): each arm's mean is its recorded curve smoothed
@@ -60,6 +71,12 @@ class Environment:
     #: have that structure (for policies that take `arm_features`); None otherwise
     features: np.ndarray | None = None
     labels: list[str] = field(default_factory=list)
+    #: True: arms change with their own plays, not with time ("rested"): `means[s, n, k]`
+    #: and `rewards[s, n, k]` are what arm `k` pays at its `(n + 1)`-th play
+    rested: bool = False
+    #: rested only: (seeds, rounds) non-increasing factors by which every reward of
+    #: round t is multiplied (rewards that also shrink with training time); None: 1
+    level: np.ndarray | None = None
 
     @property
     def seeds(self) -> int:
@@ -74,8 +91,16 @@ class Environment:
         return self.means.shape[2]
 
     def best(self) -> np.ndarray:
-        """(seeds, rounds) the best expected reward of each round."""
-        return self.means.max(axis=2)
+        """(seeds, rounds) what the best policy expects to earn each round: the best
+        arm's mean; for a rested environment, the oracle that plays the best arm
+        at its current play count, which (arms only decaying with their plays,
+        rotting) earns the `rounds` largest means over all arms and play counts,
+        in decreasing order (Levine et al. 2017), times `level` when there is one."""
+        if not self.rested:
+            return self.means.max(axis=2)
+        flat = -np.sort(-self.means.reshape(self.seeds, -1), axis=1)[:, :self.rounds]
+        # with a non-increasing level the largest values go to the earliest rounds (rearrangement inequality)
+        return flat if self.level is None else flat * self.level
 
 
 def _noisy(name: str, means: np.ndarray, sd: float | np.ndarray, rng: np.random.Generator, clip: bool = False,
@@ -157,19 +182,36 @@ def optima_scale(seeds: int, rounds: int | None, rng: np.random.Generator) -> En
                   features=_subset_features(), labels=_subset_labels())
 
 
-def load_replay(path: Path = REPLAY_FILE) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_replay(path: Path | str = REPLAY_FILE) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(rounds, arms) smoothed mean curves, (arms,) residual sds, arm labels, from
-    recorded fixed-arm runs (the first round of a run has no reward and is dropped)."""
+    recorded fixed-arm runs (the first round of a run has no reward and is dropped).
+    A file that is missing, not JSON, or not such a recording raises a one-line
+    `ConfigError` naming it."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no recorded rewards; make them with bench/record_arm_rewards.py")
-    record = json.loads(path.read_text())
-    labels = list(record["arms"])
-    curves: dict[int, list[list[float]]] = {}
-    for run in record["runs"]:
-        curves.setdefault(int(run["arm"]), []).append([r for r in run["rewards"] if r is not None])
-    if sorted(curves) != list(range(len(labels))):
-        raise ConfigError(f"{path}: recordings cover arms {sorted(curves)}, not all {len(labels)} arms")
+    remedy = "remake it with bench/record_arm_rewards.py (or restore it from git)"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a JSON reward recording ({str(e).splitlines()[0]}); {remedy}") from None
+    try:
+        labels = [str(a) for a in record["arms"]]
+        curves: dict[int, list[list[float]]] = {}
+        for run in record["runs"]:
+            rewards = [float(r) for r in run["rewards"] if r is not None]
+            if not all(math.isfinite(r) for r in rewards):
+                raise ValueError("a reward is not finite")
+            curves.setdefault(int(run["arm"]), []).append(rewards)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not a reward recording of fixed-arm runs ({what}: it needs 'arms' and "
+                          f"'runs', each run with 'arm' and 'rewards'); {remedy}") from None
+    if not labels or sorted(curves) != list(range(len(labels))):
+        raise ConfigError(f"{path}: recordings cover arms {sorted(curves)}, not all {len(labels)} arms; {remedy}")
     rounds = min(len(c) for runs in curves.values() for c in runs)
+    if rounds < 1:
+        raise ConfigError(f"{path}: a recorded run has no reward; {remedy}")
     means, sds = np.empty((rounds, len(labels))), np.empty(len(labels))
     kernel = np.ones(5) / 5
     for arm, runs in curves.items():
@@ -180,8 +222,10 @@ def load_replay(path: Path = REPLAY_FILE) -> tuple[np.ndarray, np.ndarray, list[
     return means, sds, labels
 
 
-def replay(seeds: int, rounds: int | None, rng: np.random.Generator) -> Environment:
-    means, sds, labels = load_replay()
+def replay(seeds: int, rounds: int | None, rng: np.random.Generator, path: str | None = None) -> Environment:
+    """`path`: a recording of your own (`bench/record_arm_rewards.py`); the
+    quickstart's by default (`replay_environment.path = 'rewards.json'`)."""
+    means, sds, labels = load_replay(REPLAY_FILE if path is None else path)
     if rounds is not None and rounds < means.shape[0]:
         means = means[:rounds]
     features = _subset_features() if labels == _subset_labels() else None
@@ -189,19 +233,123 @@ def replay(seeds: int, rounds: int | None, rng: np.random.Generator) -> Environm
                   clip=True, features=features, labels=labels)
 
 
-#: name -> factory(seeds, rounds or None for its default, numpy generator)
+def rested_rotting(seeds: int, rounds: int | None, rng: np.random.Generator) -> Environment:
+    """5 arms whose rewards shrink with their own plays (rested rotting: OPTIMA's
+    reward, a loss decrement, shrinks for the arm played most), at OPTIMA's
+    scale: arm `k` pays `start_k / (1 + n / tau_k)` in expectation at its
+    `(n+1)`-th play (start 0.1 to 0.04, the better arms rotting faster: tau 20,
+    50, 100, 200 plays, the last arm never), noise sd 0.02, clipped at 0 as the
+    real reward is; default 500 rounds. The best policy moves between arms as
+    they rot; regret is against the oracle that plays the best arm at its
+    current play count."""
+    rounds = rounds or 500
+    start = np.array([0.10, 0.085, 0.07, 0.055, 0.04])
+    tau = np.array([20.0, 50.0, 100.0, 200.0, 1e9])
+    n = np.arange(rounds)[:, None]
+    means = start / (1.0 + n / tau)
+    return _noisy("rested_rotting", np.broadcast_to(means, (seeds, *means.shape)).copy(), 0.02, rng, clip=True,
+                  rested=True)
+
+
+def rotting(seeds: int, rounds: int | None, rng: np.random.Generator) -> Environment:
+    """`rested_rotting` whose rewards also shrink with training time, as OPTIMA's
+    do: every reward of round `t` is multiplied by a level falling from 1 to
+    0.05 as `optima_scale`'s (0.1 to 0.005 there), so an arm measured early looks better than one
+    measured late. What the paper's policy meets in distillation: an idle arm
+    keeps its early, high estimate while the played arm's falls."""
+    env = rested_rotting(seeds, rounds, rng)
+    t = np.arange(env.rounds)
+    level = 0.05 + 0.95 * np.exp(-t / (0.2 * env.rounds))
+    return Environment("rotting", env.means, env.rewards, rested=True,
+                       level=np.broadcast_to(level, (seeds, env.rounds)).copy())
+
+
+#: Modules of `fifteen_arms`: CoCa's and one more, as the example audio plugin's model.
+MODULES4 = ("image", "text", "multimodal", "audio")
+
+
+def fifteen_arms(seeds: int, rounds: int | None, rng: np.random.Generator) -> Environment:
+    """15 arms, the non-empty subsets of 4 modules (`examples/optima-audio`'s
+    model), at OPTIMA's scale as `optima_scale` (level 0.1 to 0.005, noise sd
+    half the level, clipped at 0): an arm's advantage is the sum of its modules'
+    effects (image 0.25, text 0.05, multimodal 0.15, audio 0.1 of the level) less
+    0.08 per pair of modules (they compete for the student), so image+multimodal
+    is best and the all-modules arm is not; default 200 rounds."""
+    import itertools
+
+    rounds = rounds or 200
+    effects = np.array([0.25, 0.05, 0.15, 0.1])
+    subsets = [c for k in range(1, 5) for c in itertools.combinations(range(4), k)]
+    shape = np.array([effects[list(c)].sum() - 0.08 * len(c) * (len(c) - 1) / 2 for c in subsets])
+    t = np.arange(rounds)[:, None]
+    level = 0.005 + 0.095 * np.exp(-t / (0.2 * rounds))
+    means = level * (0.5 + shape)
+    features = np.zeros((len(subsets), 4))
+    for k, c in enumerate(subsets):
+        features[k, list(c)] = 1.0
+    labels = ["+".join(MODULES4[i] for i in c) for c in subsets]
+    return _noisy("fifteen_arms", np.broadcast_to(means, (seeds, *means.shape)).copy(), 0.5 * level, rng,
+                  clip=True, features=features, labels=labels)
+
+
+def piecewise_bernoulli(seeds: int, rounds: int | None, rng: np.random.Generator) -> Environment:
+    """3 Bernoulli arms (rewards 0 or 1), 4 changes at 20/40/60/80% of the run,
+    each of which changes the best arm, twice to an arm that recovered while
+    idle; 5,000 rounds by default (the standard piecewise-stationary problem
+    of Besson et al. 2022 and Cao et al. 2019 has this size)."""
+    rounds = rounds or 5000
+    means = _piecewise(rounds, [(0.0, [0.2, 0.5, 0.8]), (0.2, [0.2, 0.5, 0.3]), (0.4, [0.7, 0.5, 0.3]),
+                                (0.6, [0.7, 0.5, 0.9]), (0.8, [0.1, 0.6, 0.4])])
+    means = np.broadcast_to(means, (seeds, *means.shape)).copy()
+    rewards = (rng.random(means.shape) < means).astype(float)
+    return Environment("piecewise_bernoulli", means, rewards)
+
+
+#: The built-in environments: name -> factory(seeds, rounds or None for its
+#: default, numpy generator) -> `Environment`. `plugins/builtin.py` registers
+#: them through the `optima_register_bandit_environments` hook, as a plugin
+#: registers its own; `optima bandit` takes them from the registry.
 ENVIRONMENTS: dict[str, Callable[[int, int | None, np.random.Generator], Environment]] = {
     "abrupt": abrupt, "drift": drift, "idle_recovers": idle_recovers, "optima_scale": optima_scale,
-    "replay": replay,
+    "replay": replay, "rested_rotting": rested_rotting, "rotting": rotting, "fifteen_arms": fifteen_arms,
+    "piecewise_bernoulli": piecewise_bernoulli,
 }
 
 
-def make_environment(name: str, seeds: int, rounds: int | None = None, seed: int = 0) -> Environment:
-    if name not in ENVIRONMENTS:
-        raise ConfigError(f"unknown environment {name!r}; choose from {', '.join(ENVIRONMENTS)}")
+#: What `optima bandit` compares when `bandit.environments` is not bound: all but
+#: the long `piecewise_bernoulli` (run it by name: `optima bandit -e piecewise_bernoulli`).
+DEFAULT_ENVIRONMENTS = tuple(name for name in ENVIRONMENTS if name != "piecewise_bernoulli")
+
+
+def make_environment(name: str, seeds: int, rounds: int | None = None, seed: int = 0,
+                     factories: Mapping[str, Callable] | None = None) -> Environment:
+    """Environment `name` of `factories` (the built-in `ENVIRONMENTS` by default;
+    `optima bandit` passes the registry's, plugins' included) for `seeds` runs.
+    A factory must return an `Environment` of `seeds` runs with finite rewards."""
+    factories = ENVIRONMENTS if factories is None else factories
+    if name not in factories:
+        raise ConfigError(f"unknown environment {name!r}; choose from {', '.join(factories)}")
     # one generator per environment name, so adding an environment changes no other
     rng = np.random.default_rng([seed, *name.encode()])
-    return ENVIRONMENTS[name](seeds, rounds, rng)
+    env = factories[name](seeds, rounds, rng)
+    _check_environment(name, env, seeds, rounds)
+    return env
+
+
+def _check_environment(name: str, env: Environment, seeds: int, rounds: int | None) -> None:
+    """A plugin's environment is checked before any policy runs on it (one line)."""
+    if not isinstance(env, Environment):
+        raise ConfigError(f"environment {name!r} returned {type(env).__name__}, not an optima.bandit.Environment")
+    means, rewards = np.asarray(env.means), np.asarray(env.rewards)
+    if means.ndim != 3 or means.shape != rewards.shape or means.shape[0] != seeds or 0 in means.shape:
+        raise ConfigError(f"environment {name!r}: means and rewards must both have shape (seeds={seeds}, rounds, "
+                          f"arms), got {means.shape} and {rewards.shape}")
+    if rounds is not None and means.shape[1] > rounds:
+        raise ConfigError(f"environment {name!r} has {means.shape[1]} rounds, more than the {rounds} asked")
+    if not (np.isfinite(means).all() and np.isfinite(rewards).all()):
+        raise ConfigError(f"environment {name!r}: its means or rewards are not all finite")
+    if env.features is not None and np.asarray(env.features).shape[0] != means.shape[2]:
+        raise ConfigError(f"environment {name!r}: features need one row per arm ({means.shape[2]})")
 
 
 def simulate(factory: Callable, env: Environment) -> np.ndarray:
@@ -209,14 +357,24 @@ def simulate(factory: Callable, env: Environment) -> np.ndarray:
     regret = np.empty((env.seeds, env.rounds))
     best = env.best()
     for s in range(env.seeds):
-        policy = build_policy(factory, env.num_arms, s, env.features)  # arm_features where the policy takes them
+        # arm_features and the number of rounds where the policy takes them
+        policy = build_policy(factory, env.num_arms, s, env.features, horizon=env.rounds)
         rewards, means = env.rewards[s].tolist(), env.means[s]
-        arms = []
+        level = [1.0] * env.rounds if env.level is None else env.level[s].tolist()
+        plays = [0] * env.num_arms
+        rows, arms = [], []
         for t in range(env.rounds):
             arm = int(policy.select())
-            policy.update(arm, rewards[t][arm])
+            row = plays[arm] if env.rested else t  # a rested arm pays by its own play count
+            plays[arm] += 1
+            try:
+                policy.update(arm, level[t] * rewards[row][arm])
+            except ValueError as e:  # e.g. a binary-reward policy given a reward outside [0, 1]
+                raise ConfigError(f"environment {env.name!r}, seed {s}, round {t}: the policy refuses its "
+                                  f"reward: {str(e).splitlines()[0]}") from None
+            rows.append(row)
             arms.append(arm)
-        regret[s] = best[s] - means[np.arange(env.rounds), arms]
+        regret[s] = best[s] - np.asarray(level) * means[rows, arms]
     return regret
 
 
@@ -256,7 +414,10 @@ def _work(task: tuple[str, str]) -> Result:
 
     torch.set_num_threads(1)
     label, env_name = task
-    return run_one(label, _JOBS["policies"][label], _JOBS["environments"][env_name])
+    try:
+        return run_one(label, _JOBS["policies"][label], _JOBS["environments"][env_name])
+    except ConfigError as e:
+        raise ConfigError(f"policy {label!r}: {e}") from None
 
 
 def benchmark(policies: Mapping[str, Callable], environments: Mapping[str, Environment],
@@ -286,11 +447,11 @@ def _start_methods() -> list[str]:
 
 
 @gin.configurable("bandit")
-def settings(policies: Sequence[Callable] = gin.REQUIRED, environments: Sequence[str] = tuple(ENVIRONMENTS),
+def settings(policies: Sequence[Callable] = gin.REQUIRED, environments: Sequence[str] = DEFAULT_ENVIRONMENTS,
              seeds: int = 40, rounds: int | None = None, seed: int = 0) -> dict[str, object]:
     """What `optima bandit` compares (`gin/bandit/default.gin`): `policies` (gin references,
     e.g. `[@optima_policy, @auto/optima_policy]`), `environments` (names of
-    `ENVIRONMENTS`), `seeds` runs each, `rounds` (None: each environment's
+    registered environments: `ENVIRONMENTS` and plugins'), `seeds` runs each, `rounds` (None: each environment's
     default), `seed` of the environments' rewards."""
     return {"policies": list(policies), "environments": list(environments), "seeds": seeds, "rounds": rounds,
             "seed": seed}

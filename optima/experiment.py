@@ -553,7 +553,8 @@ def distillation(name: str, teacher: Network, student: Network, task, seed: int,
     total = rounds * steps_per_round
     return Distiller(
         name=name, teacher=teacher, student=student, task=task, loss=objective, arms=arm_space,
-        policy=build_policy(policy, len(arm_space), seed, arm_space.features()), reward=reward, optimizer=opt,
+        policy=build_policy(policy, len(arm_space), seed, arm_space.features(), horizon=rounds),
+        reward=reward, optimizer=opt,
         scheduler=linear_warmup_decay(opt, total, warmup_steps),
         stream=BatchStream(task, "train", batch_size, seed + 1, device, warn=reporter.on_message, workers=workers),
         steps_per_round=steps_per_round,

@@ -98,3 +98,17 @@ def optima_register_losses(register):
     `distillation.loss = @optima_loss`.
     Returns nothing; every implementation is called (not first-result-wins).
     """
+
+
+@hookspec
+def optima_register_bandit_environments(register):
+    """Simulated bandits for `optima bandit` (compare policies in seconds).
+
+    Receives `register(name, factory)`: `factory(seeds, rounds, rng, **bindings)`
+    returns an `optima.bandit.Environment` (expected and drawn rewards of every
+    arm at every round, for `seeds` runs), `rounds` None meaning its own
+    default, `rng` a `numpy.random.Generator` to draw from. Picked by name:
+    `optima bandit -e <name>` or `bandit.environments = ['<name>']`; its
+    bindings under `<name>_environment` (`replay_environment.path = '...'`).
+    Returns nothing; every implementation is called (not first-result-wins).
+    """

@@ -50,6 +50,7 @@ HOOKS = {
     "policy": "optima_register_policies",
     "reward": "optima_register_rewards",
     "loss": "optima_register_losses",
+    "environment": "optima_register_bandit_environments",
 }
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _UNMARKED_PREFIX = "optima_register_"

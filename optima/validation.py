@@ -99,7 +99,7 @@ POLICY_PARAMS = {"gamma": number(0, strict=True, high=1), "variance_scale": numb
                  "scale": number_or_auto(), "reward_scale": number_or_auto(), "prior_weight": number_or_auto(),
                  "entropy_window": integer(1), "window": integer(1), "epsilon": number(0, high=1),
                  "step_size": number(0, strict=True, high=1), "share": number(0, high=1),
-                 "warmup": one_of("random", "round_robin")}
+                 "horizon": integer(1)}  # `warmup`: each policy names the orders it takes
 LOSS_PARAMS = {"temperature": number(0, strict=True), "hidden_norm": one_of("none", "teacher_var")}
 WEIGHT = number(0)  # any loss parameter named `*_weight`
 LEARNING_RATE = number(0, strict=True)  # an optimizer's `lr`
@@ -369,8 +369,10 @@ def _validate_stage(name: str, student, teacher, seed: int) -> None:
 
     ref = _reference("distillation", "policy", scopes)
     if ref is not None and "policy" in values:
+        rounds = values.get("rounds", (None, None))[1]
+        horizon = rounds if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1 else None
         check_policy(ref, scopes, len(arm_space),
-                     lambda: build_policy(values["policy"][1], len(arm_space), seed, arm_space.features()))
+                     lambda: build_policy(values["policy"][1], len(arm_space), seed, arm_space.features(), horizon))
 
     ref = _reference("distillation", "loss", scopes)
     if ref is not None and "loss" in values:

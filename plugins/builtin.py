@@ -41,7 +41,7 @@ def optima_register_heads(register):
 
 @hookimpl
 def optima_register_policies(register):
-    from optima.plugins.policies import exp3, greedy, grouped, paper, thompson, ucb
+    from optima.plugins.policies import beta, changepoint, exp3, greedy, grouped, paper, rotting, thompson, ucb
 
     register("optima", paper.ThompsonPolicy)  # the paper's, the default
     register("fixed", paper.FixedPolicy)
@@ -55,6 +55,9 @@ def optima_register_policies(register):
     register("exp3", exp3.Exp3Policy)
     register("eps_greedy", greedy.EpsilonGreedyPolicy)
     register("grouped_ts", grouped.GroupedThompsonPolicy)  # finer arms: layer groups
+    register("raw_ucb", rotting.RawUCBPolicy)  # rewards that decay with an arm's own plays
+    register("glr_ucb", changepoint.GlrUCBPolicy)  # change-point detection, no horizon needed
+    register("decayed_beta_ts", beta.DecayedBetaThompsonPolicy)  # binary rewards
 
 
 @hookimpl
@@ -75,3 +78,11 @@ def optima_register_losses(register):
     from optima.plugins.losses.optima_loss import optima_loss
 
     register("optima", optima_loss)
+
+
+@hookimpl
+def optima_register_bandit_environments(register):
+    from optima.bandit import ENVIRONMENTS
+
+    for name, factory in ENVIRONMENTS.items():  # optima bandit -e <name>
+        register(name, factory)

@@ -153,3 +153,68 @@ def test_the_regret_table_fits_80_columns(tmp_path):
     for policy in policies:
         assert any(re.fullmatch(rf"\s*{re.escape(policy)}{cell * len(envs)}\s*", line) for line in lines), \
             (policy, result.output)
+
+
+def _damaged_recordings(tmp_path):
+    text = bandit.REPLAY_FILE.read_text()
+    cut = tmp_path / "cut.json"
+    cut.write_text(text[: len(text) // 2])  # a copy cut short, as by a full disk
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    no_runs = tmp_path / "no_runs.json"
+    no_runs.write_text(json.dumps({"arms": ["image"]}))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"arms": ["image"], "runs": [{"arm": 0, "rewards": ["high", 0.1]}]}))
+    return [cut, binary, no_runs, wrong]
+
+
+def test_a_damaged_replay_recording_is_one_line_naming_it(tmp_path):
+    for path in _damaged_recordings(tmp_path):
+        with pytest.raises(bandit.ConfigError) as info:
+            bandit.load_replay(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message and "bench/record_arm_rewards.py" in message
+
+
+def test_optima_bandit_replays_a_recording_given_by_binding_and_refuses_a_damaged_one(tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text(bandit.REPLAY_FILE.read_text())
+    ok = CliRunner().invoke(app, ["bandit", "-e", "replay", "-p", "random", "--seeds", "2", "--jobs", "1",
+                                  "--out", str(tmp_path / "ok"), "-b", f"replay_environment.path = '{mine}'"])
+    assert ok.exit_code == 0, ok.output
+    cut = _damaged_recordings(tmp_path)[0]
+    result = CliRunner().invoke(app, ["bandit", "-e", "replay", "-p", "random", "--seeds", "2",
+                                      "--out", str(tmp_path / "o"), "-b", f"replay_environment.path = '{cut}'"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert f"{cut}: not a JSON reward recording" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_rotting_rewards_shrink_with_plays_and_with_training_time():
+    env = bandit.make_environment("rotting", seeds=2, rounds=100)
+    assert env.rested and env.level.shape == (2, 100) and np.all(np.diff(env.level, axis=1) < 0)
+    sorted_means = -np.sort(-env.means.reshape(2, -1), axis=1)[:, :100]
+    assert np.allclose(env.best(), sorted_means * env.level)
+    from optima.plugins.policies.paper import FixedPolicy
+
+    regret = bandit.simulate(lambda num_arms, seed: FixedPolicy(num_arms, arm=2, seed=seed), env)
+    assert np.allclose(regret, env.best() - env.level * env.means[:, :, 2])
+
+
+def test_fifteen_arms_are_the_subsets_of_four_modules():
+    env = bandit.make_environment("fifteen_arms", seeds=1, rounds=10)
+    assert env.num_arms == 15 and env.features.shape == (15, 4) and env.labels[-1] == "image+text+multimodal+audio"
+    assert env.labels[int(env.means[0, 0].argmax())] == "image+multimodal"
+
+
+def test_a_policy_that_refuses_an_environment_s_rewards_is_one_line_naming_both():
+    from optima.plugins.policies.beta import DecayedBetaThompsonPolicy
+
+    means = np.full((2, 20, 2), 0.5)
+    env = bandit.Environment("gaussian", means, means + 0.6)  # rewards of 1.1: not successes
+    with pytest.raises(bandit.ConfigError) as info:
+        bandit.benchmark({"decayed_beta_ts": DecayedBetaThompsonPolicy}, {"gaussian": env})
+    message = str(info.value)
+    assert message.startswith("policy 'decayed_beta_ts': environment 'gaussian', seed 0, round ") and \
+        "takes rewards in [0, 1]" in message and "\n" not in message

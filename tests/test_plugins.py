@@ -445,7 +445,8 @@ def test_the_docs_examples_run_as_plugins():
     reg = registry.load(external=False, plugins=plugins)
     documented = {c.gin_name: c for name, _ in plugins for c in reg.of_plugin(name)}
     assert set(documented) >= {"greedy_policy", "text_only_model", "parity_task", "mean_pool_head",
-                               "round_robin_policy", "own_arm_reward", "no_attention_loss"}
+                               "round_robin_policy", "own_arm_reward", "no_attention_loss",
+                               "two_coins_environment"}
     hooks = {h for name, _ in plugins for h in reg.plugins[name].hooks}
     assert hooks == set(HOOKS)
 
@@ -477,3 +478,59 @@ def test_the_docs_examples_run_as_plugins():
     assert documented["own_arm_reward"].factory()(before, after) == pytest.approx((0.5 + 0.0) / 2)
     loss = documented["no_attention_loss"].factory(model.distill_modules(), model.distill_modules())
     assert isinstance(loss, Loss)
+    import numpy as np
+
+    from optima import bandit
+
+    coins = {"two_coins": documented["two_coins_environment"].factory}
+    env = bandit.make_environment("two_coins", 3, 40, factories=coins)
+    assert env.means.shape == (3, 40, 2) and set(np.unique(env.rewards)) <= {0.0, 1.0}
+
+
+# -- bandit environments from plugins (optima bandit) ------------------------------------
+
+COINS = """
+import numpy as np
+
+from optima.bandit import Environment
+from optima.hookspecs import hookimpl
+
+
+def two_coins(seeds, rounds, rng, p=0.7):
+    '''Two coins, a fair one and a biased one.'''
+    rounds = rounds or 50
+    means = np.broadcast_to(np.array([0.5, p]), (seeds, rounds, 2)).copy()
+    return Environment("two_coins", means, (rng.random(means.shape) < means).astype(float))
+
+
+def lopsided(seeds, rounds, rng):
+    '''Means and rewards of different shapes: refused.'''
+    return Environment("lopsided", np.zeros((seeds, 5, 2)), np.zeros((seeds, 4, 2)))
+
+
+@hookimpl
+def optima_register_bandit_environments(register):
+    register("two_coins", two_coins)
+    register("lopsided", lopsided)
+"""
+
+
+def test_optima_bandit_runs_an_environment_a_plugin_registers_with_its_bindings(site, tmp_path):
+    site("optima-coins", {"coins": "coins_plugin"}, {"coins_plugin": COINS})
+    out = tmp_path / "out"
+    code, stdout, stderr = _invoke("bandit", "-e", "two_coins", "-p", "fixed", "--seeds", "2", "--rounds", "30",
+                                   "--jobs", "1", "--out", str(out), "-b", "fixed_policy.arm = 0",
+                                   "-b", "two_coins_environment.p = 0.9")
+    assert code == 0, stdout + stderr
+    data = json.loads((out / "results.json").read_text())
+    assert data["environments"]["two_coins"] == {"arms": 2, "rounds": 30, "seeds": 2}
+    # the fair coin every round: (0.9 - 0.5) * 30, the plugin's binding applied
+    assert [r["final"] for r in data["results"]] == [[pytest.approx(12.0)] * 2]
+    code, stdout, stderr = _invoke("bandit", "-e", "lopsided", "-p", "fixed", "--seeds", "2", "--out",
+                                   str(tmp_path / "o2"))
+    lines = [line for line in (stdout + stderr).splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, stdout + stderr
+    assert "environment 'lopsided': means and rewards must both have shape" in lines[0]
+    assert not (tmp_path / "o2").exists()
+    code, stdout, stderr = _invoke("bandit", "-e", "three_coins", "--seeds", "2", "--out", str(tmp_path / "o3"))
+    assert code == 2 and "unknown environment 'three_coins'" in stdout + stderr and "two_coins" in stdout + stderr

@@ -25,12 +25,13 @@ REGISTRY = registry.load(external=False)
 ZOO = {
     "discounted_ts_policy": {}, "sw_ts_policy": {}, "discounted_ucb_policy": {}, "sw_ucb_policy": {},
     "exp3_policy": {}, "eps_greedy_policy": {}, "grouped_ts_policy": {},  # without arm features: one unit per arm
+    "raw_ucb_policy": {}, "glr_ucb_policy": {},  # decayed_beta_ts_policy (binary rewards): test_rotting_and_changes.py
 }
 #: every learning policy, the paper's included (its 'auto' scale and round-robin warm-up too)
 LEARNERS = {**ZOO, "optima_policy": {"variance_scale": 1e-3},
             "optima_policy(auto)": {"variance_scale": "auto", "warmup": "round_robin"}}
 #: nothing random after the warm-up: the same arms whatever the seed
-DETERMINISTIC = {"discounted_ucb_policy", "sw_ucb_policy"}
+DETERMINISTIC = {"discounted_ucb_policy", "sw_ucb_policy", "raw_ucb_policy", "glr_ucb_policy"}
 
 
 def make(name: str, num_arms: int, seed: int, **extra):
@@ -93,6 +94,8 @@ PINNED_ARMS = {
     "grouped_ts_policy": "4013234314302033303322024240002100411414",
     "optima_policy": "4013234232020102024340230240104314122223",
     "optima_policy(auto)": "4013234012343300304404300210021003003001",
+    "raw_ucb_policy": "0123403121041411121022332244444030223342",
+    "glr_ucb_policy": "0123403120144100024100123411131421443321",
 }
 
 
@@ -164,6 +167,7 @@ def test_update_rejects_non_finite_reward_and_bad_arm(name):
 #: adversary and learns slowly at this scale; uniform play would give 0.2.
 BEST_ARM_SHARE = {"discounted_ts_policy": 0.8, "sw_ts_policy": 0.8, "discounted_ucb_policy": 0.75,
                   "sw_ucb_policy": 0.8, "exp3_policy": 0.1, "eps_greedy_policy": 0.8, "grouped_ts_policy": 0.8,
+                  "raw_ucb_policy": 0.9, "glr_ucb_policy": 0.9,
                   "optima_policy": 0.9,
                   "optima_policy(auto)": 0.9}
 
@@ -217,7 +221,7 @@ def test_the_paper_policy_misses_an_arm_that_recovers_while_idle():
 # ------------------------------------------------------------------ no scale to tune
 
 AUTO_SCALED = ["discounted_ts_policy", "sw_ts_policy", "discounted_ucb_policy", "sw_ucb_policy", "exp3_policy",
-               "eps_greedy_policy", "grouped_ts_policy", "optima_policy(auto)"]
+               "eps_greedy_policy", "grouped_ts_policy", "optima_policy(auto)", "raw_ucb_policy", "glr_ucb_policy"]
 
 
 @pytest.mark.parametrize("name", AUTO_SCALED)
@@ -336,6 +340,25 @@ BAD = [
      "grouped_ts_policy.prior_weight = 0 must be 'auto' or a number > 0"),
     (["distillation.policy = @sw_ts_policy", "sw_ts_policy.warmup = 'sorted'"],
      "sw_ts_policy.warmup = 'sorted' must be one of 'random', 'round_robin'"),
+    (["distillation.policy = @sw_ts_policy", "sw_ts_policy.warmup = 'per_module'"],
+     "sw_ts_policy.warmup = 'per_module' must be one of 'random', 'round_robin'"),
+    (["optima_policy.warmup = 'per_module'", "optima_policy.warmup_rounds = 2"],
+     "optima_policy.warmup_rounds = 2 must be an integer >= the number of modules or units (3), so that every "
+     "one is played once"),
+    (["distillation.policy = @raw_ucb_policy", "raw_ucb_policy.alpha = 0"],
+     "raw_ucb_policy.alpha = 0 must be a number > 0"),
+    (["distillation.policy = @raw_ucb_policy", "raw_ucb_policy.scale = 'big'"],
+     "raw_ucb_policy.scale = 'big' must be 'auto' or a number > 0"),
+    (["distillation.policy = @glr_ucb_policy", "glr_ucb_policy.delta = 1.0"],
+     "glr_ucb_policy.delta = 1.0 must be a number in (0, 1)"),
+    (["distillation.policy = @glr_ucb_policy", "glr_ucb_policy.restart = 'all'"],
+     "glr_ucb_policy.restart = 'all' must be one of 'local', 'global'"),
+    (["distillation.policy = @decayed_beta_ts_policy", "decayed_beta_ts_policy.prior_failures = 0"],
+     "decayed_beta_ts_policy.prior_failures = 0 must be a number > 0"),
+    (["distillation.policy = @decayed_beta_ts_policy", "decayed_beta_ts_policy.gamma = 1.5"],
+     "decayed_beta_ts_policy.gamma = 1.5 must be a number in (0, 1]"),
+    (["distillation.policy = @sw_ucb_policy", "sw_ucb_policy.horizon = 0"],
+     "sw_ucb_policy.horizon = 0 must be an integer >= 1"),
 ]
 
 

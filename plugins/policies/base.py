@@ -29,8 +29,11 @@ from optima.interfaces import Policy
 
 F64 = torch.float64
 I64 = torch.int64
-#: The warm-up orders a policy can play (`warmup` binding).
+#: The warm-up orders a policy can play (`warmup` binding); `optima_policy` also
+#: takes 'per_module' (`PER_MODULE`). Checkpoints store the index: append only.
 WARMUPS = ("random", "round_robin")
+PER_MODULE = "per_module"
+ALL_WARMUPS = (*WARMUPS, PER_MODULE)
 #: 'auto': a scale the policy sets from the rewards it sees.
 AUTO = "auto"
 #: Floor of an estimated reward variance (rewards can all be 0: clipped decrements).
@@ -71,6 +74,48 @@ def check_scale(name: str, value: Any) -> float | str:
         return check_number(name, value, 0.0)
     except ConfigError:
         raise ConfigError(f"{name} = {value!r} must be 'auto' or a number > 0") from None
+
+
+def check_horizon(horizon: Any) -> int | None:
+    """`horizon` (the number of rounds, when the run knows it) or None."""
+    if horizon is None:
+        return None
+    return check_int("horizon", horizon, 1)
+
+
+# Defaults derived from the horizon H (the number of rounds), from Garivier &
+# Moulines 2011 ("On upper-confidence bound policies for switching bandit
+# problems", ALT; Remarks after their Theorems 1 and 3): SW-UCB's window
+# `tau = 2 B sqrt(H log H / Upsilon)` and D-UCB's discount
+# `gamma = 1 - sqrt(Upsilon / H) / (4 B)`, taken with the number of changes
+# `Upsilon` unknown (1, their choice when it is not known) and the reward bound
+# `B = 1`. The fixed defaults (window 50, gamma 0.95) are what a policy uses
+# when the run does not know its horizon.
+
+def horizon_window(horizon: int, num_arms: int) -> int:
+    """`ceil(2 sqrt(H log H))` rounds, at least `num_arms` (every arm fits in it)."""
+    return max(num_arms, math.ceil(2.0 * math.sqrt(horizon * math.log(horizon))))
+
+
+def horizon_gamma(horizon: int) -> float:
+    """`1 - 1 / (4 sqrt(H))`: a halflife of about `2.8 sqrt(H)` rounds."""
+    return 1.0 - 1.0 / (4.0 * math.sqrt(horizon))
+
+
+def default_window(window: Any, horizon: Any, num_arms: int, fallback: int = 50) -> Any:
+    """`window` as bound; unbound (None): from `horizon` when known, else `fallback`."""
+    if window is not None:
+        return window
+    horizon = check_horizon(horizon)
+    return fallback if horizon is None else horizon_window(horizon, num_arms)
+
+
+def default_gamma(gamma: Any, horizon: Any, fallback: float = 0.95) -> Any:
+    """`gamma` as bound; unbound (None): from `horizon` when known, else `fallback`."""
+    if gamma is not None:
+        return gamma
+    horizon = check_horizon(horizon)
+    return fallback if horizon is None else horizon_gamma(horizon)
 
 
 def check_seed(seed: Any) -> int:
@@ -191,23 +236,23 @@ class WarmupPolicy(SeededPolicy):
     """
 
     default_warmup = "round_robin"
+    #: The `warmup` values this policy takes.
+    warmups: tuple[str, ...] = WARMUPS
 
     def __init__(self, num_arms: int, seed: int = 0, entropy_window: int = 20, warmup_rounds: int | None = None,
                  warmup: str | None = None):
         super().__init__(num_arms, seed=seed, entropy_window=entropy_window)
         warmup = self.default_warmup if warmup is None else warmup
-        if warmup not in WARMUPS:
-            raise ConfigError(f"warmup = {warmup!r} must be one of {', '.join(map(repr, WARMUPS))}")
+        if warmup not in self.warmups:
+            raise ConfigError(f"warmup = {warmup!r} must be one of {', '.join(map(repr, self.warmups))}")
+        self.warmup = warmup
         if warmup_rounds is None:
             warmup_rounds = self.default_warmup_rounds()
         minimum = self.min_warmup_rounds()
         if isinstance(warmup_rounds, bool) or not isinstance(warmup_rounds, int) or warmup_rounds < minimum:
-            allowed = f"the number of arms ({minimum}), so that every arm is played once" \
-                if minimum == self.num_arms else str(minimum)
-            raise ConfigError(f"warmup_rounds = {warmup_rounds!r} must be an integer >= {allowed}")
-        self.warmup = warmup
+            raise ConfigError(f"warmup_rounds = {warmup_rounds!r} must be an integer >= {self.min_warmup_reason()}")
         self.warmup_rounds = int(warmup_rounds)
-        self._warmup_order = warmup_order(self.num_arms, self.warmup_rounds, warmup, self.generator).tolist()
+        self._warmup_order = self.make_warmup_order().tolist()
         self._n_updates = 0
 
     def default_warmup_rounds(self) -> int:
@@ -215,6 +260,16 @@ class WarmupPolicy(SeededPolicy):
 
     def min_warmup_rounds(self) -> int:
         return self.num_arms
+
+    def min_warmup_reason(self) -> str:
+        """The least `warmup_rounds` and why, for the binding's error message."""
+        minimum = self.min_warmup_rounds()
+        return f"the number of arms ({minimum}), so that every arm is played once" \
+            if minimum == self.num_arms else str(minimum)
+
+    def make_warmup_order(self) -> torch.Tensor:
+        """The arms of the warm-up rounds, drawn from the generator (`warmup_order`)."""
+        return warmup_order(self.num_arms, self.warmup_rounds, self.warmup, self.generator)
 
     @property
     def in_warmup(self) -> bool:
@@ -254,7 +309,7 @@ class WarmupPolicy(SeededPolicy):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update({"warmup": torch.tensor(WARMUPS.index(self.warmup), dtype=I64),
+        state.update({"warmup": torch.tensor(ALL_WARMUPS.index(self.warmup), dtype=I64),
                       "warmup_rounds": torch.tensor(self.warmup_rounds, dtype=I64),
                       "warmup_order": torch.tensor(self._warmup_order, dtype=I64),
                       "n_updates": torch.tensor(self._n_updates, dtype=I64)})
@@ -262,7 +317,7 @@ class WarmupPolicy(SeededPolicy):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        self.warmup = WARMUPS[int(state["warmup"])]
+        self.warmup = ALL_WARMUPS[int(state["warmup"])]
         self.warmup_rounds = int(state["warmup_rounds"])
         self._warmup_order = [int(a) for a in torch.as_tensor(state["warmup_order"]).reshape(-1)]
         if len(self._warmup_order) != self.warmup_rounds:

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import torch
 
 from optima.errors import ConfigError
-from optima.plugins.policies.base import AUTO, F64, I64, TINY_VARIANCE, WarmupPolicy, check_number, check_scale
+from optima.plugins.policies.base import AUTO, F64, I64, TINY_VARIANCE, WarmupPolicy, check_number, check_scale, \
+    default_gamma
 
 #: The noise variance's prior shape, as in `thompson.py`: InvGamma(2, 2 tau^2).
 PRIOR_ALPHA = 2.0
@@ -46,11 +47,13 @@ class GroupedThompsonPolicy(WarmupPolicy):
     effects to learn) rounds in `warmup` order over the arm list (with many
     arms, a random sample of them). `diagnostics()`: per arm "mean" and "sd"
     of `x_a . w`; per unit `unit_effect` and `unit_sd`; "count", "entropy".
+    `gamma` unbound: from the run's number of rounds as `discounted_ts_policy`'s
+    (`1 - 1 / (4 sqrt(horizon))`), else 0.95.
     """
 
-    def __init__(self, num_arms: int, arm_features: Any = None, gamma: float = 0.95,
+    def __init__(self, num_arms: int, arm_features: Any = None, gamma: float | None = None,
                  variance_scale: float | str = AUTO, prior_weight: float = 1.0, warmup_rounds: int | None = None,
-                 warmup: str = "round_robin", entropy_window: int = 20, seed: int = 0):
+                 warmup: str = "round_robin", entropy_window: int = 20, seed: int = 0, horizon: int | None = None):
         features = torch.eye(int(num_arms), dtype=F64) if arm_features is None and isinstance(num_arms, int) \
             else torch.as_tensor(arm_features if arm_features is not None else [], dtype=F64, device="cpu")
         if features.dim() != 2 or features.shape[0] != num_arms or not ((features == 0) | (features == 1)).all() \
@@ -60,7 +63,7 @@ class GroupedThompsonPolicy(WarmupPolicy):
         self._x = torch.cat([torch.ones(features.shape[0], 1, dtype=F64), features], dim=1)  # (arms, D)
         super().__init__(num_arms, seed=seed, entropy_window=entropy_window, warmup_rounds=warmup_rounds,
                          warmup=warmup)
-        self.gamma = check_number("gamma", gamma, 0.0, 1.0)
+        self.gamma = check_number("gamma", default_gamma(gamma, horizon), 0.0, 1.0)
         self.variance_scale = check_scale("variance_scale", variance_scale)
         self.prior_weight = check_number("prior_weight", prior_weight, 0.0)
         d = self._x.shape[1]

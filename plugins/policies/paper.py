@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import torch
 
 from optima.errors import ConfigError
-from optima.plugins.policies.base import (AUTO, F64, I64, TINY_VARIANCE, SeededPolicy, WarmupPolicy, check_number,
-                                          check_scale, floats, vec)
+from optima.plugins.policies.base import (ALL_WARMUPS, AUTO, F64, I64, PER_MODULE, TINY_VARIANCE, SeededPolicy,
+                                          WarmupPolicy, check_number, check_scale, floats, vec)
 
 class ThompsonPolicy(WarmupPolicy):
     """OPTIMA's non-stationary Gaussian Thompson sampling (`docs/method.md`, "Policy").
@@ -30,6 +30,16 @@ class ThompsonPolicy(WarmupPolicy):
       more: no arm is left with a single play by chance). `select()` returns `warmup_order[n_updates]`. At
       the end of warm-up, `mu_k` is the mean of arm `k`'s warm-up rewards and
       `n_k` their number (0 and 0 for an arm with none).
+    - `warmup = 'per_module'`: a shorter warm-up for many arms, one round per
+      module (or layer-group unit): the arm of that module alone (where it is
+      an arm, else the smallest arm holding it), the modules in a random order,
+      `warmup_rounds` defaulting to (and at least) the number of modules, so
+      every module is distilled once (4 rounds, not 30, for 15 arms over 4
+      modules). Arms not played start from a prior shared across arms: `mu_k`
+      the mean of all warm-up rewards, `n_k = 0` (sd `sqrt(c)`, the widest
+      belief); an unplayed arm is then tried when its draw beats the played
+      ones. Needs `arm_features` (passed by the engine); without them every
+      arm is its own unit (a round-robin pass).
     - Then each `select()` draws `theta_k = mu_k + sqrt(c / (n_k + 1)) * z_k`,
       `z = torch.randn(num_arms, generator, float64)` (one call), and plays
       `argmax_k theta_k`. `update(k, r)`: `mu_k <- gamma * mu_k + (1 - gamma) * r`,
@@ -57,12 +67,20 @@ class ThompsonPolicy(WarmupPolicy):
     """
 
     default_warmup = "random"
+    warmups = ALL_WARMUPS
     #: Absent from checkpoints written before they existed; loaded with these defaults.
     optional_state = {"warmup": 0, "auto": 0, "warm_sq": None}
 
     def __init__(self, num_arms: int, gamma: float = 0.9, warmup_rounds: int | None = None,
                  variance_scale: float | str = 1.0, entropy_window: int = 20, seed: int = 0,
-                 warmup: str = "random"):
+                 warmup: str = "random", arm_features: Any = None):
+        # which units (modules or layer groups) each arm distils; one unit per arm when not given
+        features = torch.eye(num_arms, dtype=F64) if arm_features is None or not isinstance(num_arms, int) \
+            else torch.as_tensor(arm_features, dtype=F64, device="cpu")
+        if features.dim() != 2 or features.shape[0] != num_arms or (features.sum(1) == 0).any():
+            raise ConfigError(f"arm_features must be a 0/1 matrix with one row per arm ({num_arms}), got shape "
+                              f"{tuple(features.shape)}")
+        self._unit_arms = _covering_arms(features)
         super().__init__(num_arms, seed=seed, entropy_window=entropy_window, warmup_rounds=warmup_rounds,
                          warmup=warmup)
         self.gamma = check_number("gamma", gamma, 0.0, 1.0)
@@ -75,7 +93,25 @@ class ThompsonPolicy(WarmupPolicy):
         self._warm_sq = [0.0] * self.num_arms
 
     def default_warmup_rounds(self) -> int:
-        return 2 * self.num_arms
+        return len(self._unit_arms) if self.warmup == PER_MODULE else 2 * self.num_arms
+
+    def min_warmup_rounds(self) -> int:
+        return len(self._unit_arms) if self.warmup == PER_MODULE else self.num_arms
+
+    def min_warmup_reason(self) -> str:
+        if self.warmup != PER_MODULE:
+            return super().min_warmup_reason()
+        return f"the number of modules or units ({len(self._unit_arms)}), so that every one is played once"
+
+    def make_warmup_order(self) -> torch.Tensor:
+        """'per_module': passes over one arm per unit (the unit alone where that is
+        an arm), each pass in a new random order; else `base.warmup_order`."""
+        if self.warmup != PER_MODULE:
+            return super().make_warmup_order()
+        arms = torch.tensor(self._unit_arms, dtype=I64)
+        passes = [arms[torch.randperm(len(arms), generator=self.generator, device="cpu")]
+                  for _ in range(-(-self.warmup_rounds // len(arms)))]
+        return torch.cat(passes)[:self.warmup_rounds]
 
     @property
     def halflife(self) -> float:
@@ -107,6 +143,9 @@ class ThompsonPolicy(WarmupPolicy):
             self._n[arm] += 1.0
             if self._n_updates + 1 == self.warmup_rounds:  # warm-up ends with this update: the prior
                 self._mu = self._mean_of_warmup()
+                if self.warmup == PER_MODULE:  # arms not played: the mean of all warm-up rewards, n = 0
+                    shared = sum(self._warm_sum) / sum(self._n)
+                    self._mu = [m if n > 0 else shared for m, n in zip(self._mu, self._n)]
                 if self.variance_scale == AUTO:
                     self._c = self._warmup_variance()
         else:
@@ -167,6 +206,22 @@ class ThompsonPolicy(WarmupPolicy):
         return (f"ThompsonPolicy(num_arms={self.num_arms}, gamma={self.gamma}, "
                 f"warmup_rounds={self.warmup_rounds}, warmup={self.warmup!r}, "
                 f"variance_scale={self.variance_scale!r}, entropy_window={self.entropy_window}, seed={self.seed})")
+
+
+def _covering_arms(features: torch.Tensor) -> list[int]:
+    """One arm per unit, in unit order, each unit covered: the arm of that unit
+    alone if there is one, else the smallest arm holding it (lowest index);
+    an arm that covers several units this way is listed once."""
+    arms: list[int] = []
+    sizes = features.sum(1)
+    for unit in range(features.shape[1]):
+        holders = [k for k in range(features.shape[0]) if features[k, unit] > 0]
+        if not holders:
+            continue
+        best = min(holders, key=lambda k: (float(sizes[k]), k))
+        if best not in arms:
+            arms.append(best)
+    return arms
 
 
 class FixedPolicy(SeededPolicy):

@@ -41,7 +41,8 @@ from typing import Any, Mapping
 
 import torch
 
-from optima.plugins.policies.base import AUTO, F64, I64, ForgetfulPolicy, argmax, check_scale, empirical_prior, vec
+from optima.plugins.policies.base import AUTO, F64, I64, ForgetfulPolicy, argmax, check_scale, default_gamma, \
+    default_window, empirical_prior, vec
 
 #: The prior's shape for the noise variance: InvGamma(PRIOR_ALPHA, PRIOR_ALPHA * s2) (module doc).
 PRIOR_ALPHA = 2.0
@@ -157,12 +158,16 @@ class DiscountedThompsonPolicy(_GaussianTS):
     ('auto': none to tune) are in the module doc. Warm-up: `warmup_rounds`
     (default `num_arms`) rounds in `warmup` order ('round_robin' or 'random'),
     whose rewards count like any other.
+
+    `gamma` unbound: `1 - 1 / (4 sqrt(horizon))` when the run passes its number
+    of rounds (`horizon`; distillation and `optima bandit` do), else 0.95
+    (`base.horizon_gamma`).
     """
 
-    def __init__(self, num_arms: int, gamma: float = 0.95, variance_scale: float | str = AUTO,
+    def __init__(self, num_arms: int, gamma: float | None = None, variance_scale: float | str = AUTO,
                  prior_weight: float | str = AUTO, warmup_rounds: int | None = None, warmup: str = "round_robin",
-                 entropy_window: int = 20, seed: int = 0):
-        super().__init__(num_arms, gamma=gamma, seed=seed, variance_scale=variance_scale, prior_weight=prior_weight,
+                 entropy_window: int = 20, seed: int = 0, horizon: int | None = None):
+        super().__init__(num_arms, gamma=default_gamma(gamma, horizon), seed=seed, variance_scale=variance_scale, prior_weight=prior_weight,
                          warmup_rounds=warmup_rounds, warmup=warmup, entropy_window=entropy_window)
 
 
@@ -173,12 +178,14 @@ class SlidingWindowThompsonPolicy(_GaussianTS):
 
     The posterior and `variance_scale` ('auto': none to tune) are in the module
     doc (Trovo et al. 2020 use the window with Beta posteriors). Warm-up as
-    `discounted_ts_policy`.
+    `discounted_ts_policy`. `window` unbound: `ceil(2 sqrt(H log H))` rounds (at
+    least the number of arms) when the run passes its number of rounds `H`
+    (`horizon`), else 50 (`base.horizon_window`).
     """
 
-    def __init__(self, num_arms: int, window: int = 50, variance_scale: float | str = AUTO,
+    def __init__(self, num_arms: int, window: int | None = None, variance_scale: float | str = AUTO,
                  prior_weight: float | str = AUTO, warmup_rounds: int | None = None, warmup: str = "round_robin",
-                 entropy_window: int = 20, seed: int = 0):
-        super().__init__(num_arms, window=window, seed=seed, variance_scale=variance_scale,
+                 entropy_window: int = 20, seed: int = 0, horizon: int | None = None):
+        super().__init__(num_arms, window=default_window(window, horizon, num_arms), seed=seed, variance_scale=variance_scale,
                          prior_weight=prior_weight, warmup_rounds=warmup_rounds, warmup=warmup,
                          entropy_window=entropy_window)

@@ -21,7 +21,7 @@ import torch
 
 from optima.errors import ConfigError
 from optima.plugins.policies.base import AUTO, F64, I64, ForgetfulPolicy, argmax, check_number, check_scale, \
-    empirical_prior, vec
+    default_gamma, default_window, empirical_prior, vec
 
 
 class _UCB(ForgetfulPolicy):
@@ -81,12 +81,14 @@ class DiscountedUCBPolicy(_UCB):
     adds its reward; the bonus grows for an idle arm as its weight fades.
 
     Warm-up: `warmup_rounds` (default `num_arms`) rounds in `warmup` order.
+    `gamma` unbound: `1 - 1 / (4 sqrt(horizon))` when the run passes its number
+    of rounds (`horizon`), else 0.95 (Garivier & Moulines 2011; `base.horizon_gamma`).
     """
 
-    def __init__(self, num_arms: int, gamma: float = 0.95, scale: float | str = AUTO, exploration: float = 1.0,
-                 warmup_rounds: int | None = None, warmup: str = "round_robin", entropy_window: int = 20,
-                 seed: int = 0):
-        super().__init__(num_arms, gamma=gamma, seed=seed, scale=scale, exploration=exploration,
+    def __init__(self, num_arms: int, gamma: float | None = None, scale: float | str = AUTO,
+                 exploration: float = 1.0, warmup_rounds: int | None = None, warmup: str = "round_robin",
+                 entropy_window: int = 20, seed: int = 0, horizon: int | None = None):
+        super().__init__(num_arms, gamma=default_gamma(gamma, horizon), seed=seed, scale=scale, exploration=exploration,
                          warmup_rounds=warmup_rounds, warmup=warmup, entropy_window=entropy_window)
 
 
@@ -95,11 +97,15 @@ class SlidingWindowUCBPolicy(_UCB):
     arm not played within the window is played again at once.
 
     Warm-up: `warmup_rounds` (default `num_arms`) rounds in `warmup` order.
+    `window` unbound: `ceil(2 sqrt(H log H))` rounds (at least the number of
+    arms) when the run passes its number of rounds `H` (`horizon`), else 50
+    (Garivier & Moulines 2011; `base.horizon_window`).
     """
 
-    def __init__(self, num_arms: int, window: int = 50, scale: float | str = AUTO, exploration: float = 1.0,
-                 warmup_rounds: int | None = None, warmup: str = "round_robin", entropy_window: int = 20,
-                 seed: int = 0):
+    def __init__(self, num_arms: int, window: int | None = None, scale: float | str = AUTO,
+                 exploration: float = 1.0, warmup_rounds: int | None = None, warmup: str = "round_robin",
+                 entropy_window: int = 20, seed: int = 0, horizon: int | None = None):
+        window = default_window(window, horizon, num_arms)
         if isinstance(window, int) and not isinstance(window, bool) and 0 < window < num_arms:
             raise ConfigError(f"window = {window!r} must be an integer >= the number of arms ({num_arms})")
         super().__init__(num_arms, window=window, seed=seed, scale=scale, exploration=exploration,
