@@ -25,5 +25,6 @@ def synth_command(task: str, out: str, size: int, image_size: int, seed: int, ev
     console.print(f"wrote {record['dataset']} ({counts} examples, {image_size} px, seed {seed}) to {out} "
                   f"in {time.perf_counter() - started:.1f} s")
     console.print("run a paper config on it (with checkpoints in place, or random weights: see README):")
-    console.print(f"  optima run {CONFIGS[task]} -b \"{record['binding']}\"", markup=False, soft_wrap=True)
+    binding = f"{record['configurable']}.data_dir = '{out}'"
+    console.print(f"  optima run {CONFIGS[task]} -b \"{binding}\"", markup=False, soft_wrap=True)
     return record

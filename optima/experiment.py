@@ -23,9 +23,11 @@ stage's gin bindings (`teacher_training.*` and the `teacher/` scope for the
 teacher; `pretraining.*` and the stage's scope for a pretraining stage, whose
 data is its corpus and whose seed is `pretraining.seed`, not the experiment's;
 for a student stage every binding outside the teacher's and the other
-stages' scopes). A rerun, or a second experiment that shares a stage, reuses it;
-a stage is locked while it is made (`.locks/` in the cache), so a parallel run
-that needs the same stage (a sweep's) waits and then reuses it.
+stages' scopes, and outside scopes none of its bindings refers to, such as
+the `tiny6/` scope `gin/common/students.gin` binds for a Tiny12-only run too).
+A rerun, or a second experiment that shares a stage, reuses it; a stage is
+locked while it is made (`.locks/` in the cache), so a parallel run that needs
+the same stage (a sweep's) waits and then reuses it.
 A stage built from a third-party plugin's components (a model, task, policy...
 that `@name` references) is also keyed on that code: the plugin distribution's
 version and installed files, and the source of the component's module
@@ -176,7 +178,23 @@ def _bindings(stage: str, stages: Sequence[str]) -> str:
         return "\n".join(s for s in statements if s.startswith(("teacher_training.", "teacher/")))
     others = tuple(f"{s}/" for s in stages if s != stage) + (
         "teacher_training.", "teacher/", "experiment.student ", "experiment.students ")
-    return "\n".join(s for s in statements if not s.startswith(others))
+    kept = [s for s in statements if not s.startswith(others)]
+    # A scope that is not this stage's and that no kept binding refers to (`@scope/...`)
+    # is another experiment's stage (students.gin binds tiny6/ for the Tiny12-only
+    # config too): its bindings leave this stage as it is, so they stay out of its key.
+    while True:
+        referenced = {stage} | {scope for s in kept for path in re.findall(r"@([\w./]+)/", s)
+                                for scope in path.split("/")}
+        narrowed = [s for s in kept if set(_scopes(s)) <= referenced]
+        if narrowed == kept:
+            return "\n".join(kept)
+        kept = narrowed
+
+
+def _scopes(statement: str) -> list[str]:
+    """`a/b/conf.param = v` -> ['a', 'b'] (a macro or unscoped binding: [])."""
+    name = statement.split("=", 1)[0].strip()
+    return name.split("/")[:-1]
 
 
 def stage_key(**parts: Any) -> str:

@@ -72,8 +72,7 @@ def synthesize(task: str, out: str | os.PathLike, size: int, image_size: int = 2
         writer = _WRITERS[task](work, image_size, seed, on_progress or (lambda _: None))
         counts = writer.write({"train": size, "val": eval_size, "test": eval_size})
         record = {"task": task, "dataset": TASKS[task][0], "examples": counts, "image_size": image_size,
-                  "seed": seed, "world": writer.world_config,
-                  "binding": f"{TASKS[task][1]}.data_dir = '{out}'"}
+                  "seed": seed, "world": writer.world_config, "configurable": TASKS[task][1]}
         (work / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         if out.is_dir():
             out.rmdir()  # empty (checked above): the finished folder takes its place
