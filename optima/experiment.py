@@ -773,19 +773,22 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
             teacher_net = _network(teacher, head, the_task, dev, **teacher_weights)
         summary["params_M"][TEACHER] = _count(teacher_net)
         networks = {TEACHER: teacher_net}
+        _reset_peak_memory(dev)
         summary["stages"][TEACHER] = teacher_training(teacher_net, the_task, seed, dev, reporter, cache, keeper,
                                                      workers)
+        _record_peak_memory(summary["stages"][TEACHER], dev)
         _release_stage_locks()
         upstream, current_teacher = summary["stages"][TEACHER]["key"], teacher_net
         for i, (name, factory) in enumerate(stages.items()):
             seed_everything(seed + 1 + i)
+            _reset_peak_memory(dev)
             with gin.config_scope(name):
                 student_net = _network(factory, head, the_task, dev, **student_weights)
                 summary["params_M"][name] = _count(student_net)
                 result = _distillation_stage(name, current_teacher, student_net, the_task, seed, dev, reporter,
                                              cache, upstream, list(stages), keeper, workers)
                 _release_stage_locks()
-            summary["stages"][name] = result
+            summary["stages"][name] = _record_peak_memory(result, dev)
             if rounds is not None:
                 _share_round_log(rounds.path(name), Path(result["path"]), reused=result["cached"])
             networks[name] = student_net
@@ -922,6 +925,19 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
     if distributed.is_main():
         write_json_atomic(record, result)
     return {**result, "cached": False, **({"resumed_from_step": resumed.step} if resumed else {})}
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _record_peak_memory(stage: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """On a GPU, the stage's peak memory (`torch.cuda.max_memory_allocated`, GiB;
+    a resumed stage: since the resume) goes into metrics.json with it."""
+    if device.type == "cuda":
+        stage["peak_gpu_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+    return stage
 
 
 def _count(module: torch.nn.Module) -> float:

@@ -14,30 +14,38 @@ from conftest import ROOT
 
 
 def test_gpu_step_runs_at_small_shapes_on_the_cpu(tmp_path):
-    """`bench/gpu_step.py --cpu-smoke`: the project's OPTIMA and layerwise steps
-    for both students, with samples/s, FLOPs and the goals, and the reference
-    step beside them when the checkout has it."""
+    """`bench/gpu_step.py --cpu-smoke --compile`: the project's OPTIMA and
+    layerwise steps and the compiled rows (the teacher alone, and student and
+    teacher; traced by the aot_eager backend on the CPU) for both students, with
+    samples/s, FLOPs and the goals, and the reference step beside them when the
+    checkout has it."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from gpu_step import reference_path
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    done = subprocess.run([sys.executable, "bench/gpu_step.py", "--cpu-smoke", "--out", str(tmp_path)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "bench/gpu_step.py", "--cpu-smoke", "--compile", "--out", str(tmp_path)],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_step.json").read_text())
     assert result["smoke"] and result["complete"] and result["shapes"]["batch"] == 4
     for student in ("tiny12", "tiny6"):
-        for row in ("optima", "layerwise", "optima_teacher_autocast"):
+        for row in ("optima", "layerwise", "optima_teacher_autocast", "optima_compile_teacher", "optima_compile"):
             figures = result[student][row]
             assert figures["samples_per_s"] > 0 and figures["tflop_per_step"] > 0, figures
-        assert set(result["goals"][student]) == {"optima_over_reference_samples_per_s", "optima_at_least_1.6x_reference",
-                                                 "optima_time_at_most_layerwise", "optima_memory_at_most_layerwise"}
+        for row in ("optima_compile_teacher", "optima_compile"):
+            assert result[student][row]["backend"] == "aot_eager" and result[student][row]["compile_s"] > 0
+        assert set(result["goals"][student]) == {
+            "optima_over_reference_samples_per_s", "optima_at_least_1.0x_reference", "optima_at_least_1.6x_reference",
+            "best_compiled_over_reference_samples_per_s", "compiled_at_least_1.3x_reference",
+            "optima_time_at_most_layerwise", "optima_memory_at_most_layerwise"}
     if reference_path(None) is None:
         assert "not found" in result["reference"]["error"]
     else:
         assert result["reference"]["tiny12.step_hidden_attn"]["samples_per_s"] > 0
         assert result["goals"]["tiny12"]["optima_over_reference_samples_per_s"] > 0
+        assert result["goals"]["tiny6"]["best_compiled_over_reference_samples_per_s"] > 0
 
 
 def _input_pipeline(*args: str) -> subprocess.CompletedProcess:
