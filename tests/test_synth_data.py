@@ -4,6 +4,7 @@ errors; and every paper config (gin/{snlive,vqa,nlvr2,coco}_{tiny12,tiny6}.gin)
 end to end on it through `optima run`, tiny CoCas in place of the checkpoints."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -161,3 +162,24 @@ def test_every_paper_config_runs_end_to_end_on_synthesized_data(task, tmp_path):
         assert len(summary["stages"][student]["plays"]) == 2 and not summary["stages"][student]["cached"]
     # the Tiny6 run distilled only Tiny6: the teacher and Tiny12 came from the Tiny12 run's cache
     assert summary["stages"]["teacher"]["cached"] and summary["stages"]["tiny12"]["cached"]
+
+
+def test_a_failed_write_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A full disk halfway through: one line, and neither `--out` nor the
+    temporary folder it was being made in is left."""
+    from optima.plugins.tasks.synthetic_world import synth as module
+
+    written = []
+
+    def save_image(pixels, path):
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+
+    monkeypatch.setattr(module, "_save_image", save_image)
+    result = synth("snlive", tmp_path / "data")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"optima: error: --out {tmp_path / 'data'}: writing the data set failed (No space left on device); "
+        "nothing was written"]
+    assert list(tmp_path.iterdir()) == []

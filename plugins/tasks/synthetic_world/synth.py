@@ -66,8 +66,11 @@ def synthesize(task: str, out: str | os.PathLike, size: int, image_size: int = 2
         raise ConfigError(f"--out {out} is a file; give a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty; give a new or empty folder (nothing there is overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=out.parent))
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); give a folder you can write") from None
     try:
         writer = _WRITERS[task](work, image_size, seed, on_progress or (lambda _: None))
         counts = writer.write({"train": size, "val": eval_size, "test": eval_size})
@@ -77,8 +80,11 @@ def synthesize(task: str, out: str | os.PathLike, size: int, image_size: int = 2
         if out.is_dir():
             out.rmdir()  # empty (checked above): the finished folder takes its place
         os.replace(work, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a folder made read-only meanwhile: one line, nothing left behind
+            raise ConfigError(f"--out {out}: writing the data set failed ({e.strerror or e}); nothing was "
+                              "written") from None
         raise
     return record
 
