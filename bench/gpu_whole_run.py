@@ -227,11 +227,12 @@ class Runner:
 
 
 def run_stages(run_dir: Path, run: dict, batch: int, monitor: GpuMonitor) -> dict:
-    """A finished run's stages from its TensorBoard step times and metrics.json."""
+    """A finished run's stages from its TensorBoard step times and metrics.json
+    (a resumed run: the steps logged by this attempt only)."""
     summary = json.loads((run_dir / "metrics.json").read_text())
     out = {}
     for stage in ("teacher", STUDENT):
-        times = step_times(run_dir, stage)
+        times = [(step, wall) for step, wall in step_times(run_dir, stage) if wall >= run["start_wall"]]
         rate = stage_rate(times, batch)
         info = summary["stages"].get(stage, {})
         rate["cached"] = bool(info.get("cached"))
