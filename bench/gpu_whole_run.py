@@ -40,13 +40,18 @@ On a GPU machine (H100/H200) in one call, with the wheels this project needs
 that such a machine lacks carried beside the checkout (it cannot download):
 
     pip download open_clip_torch gin-config ftfy -d wheels/ --no-deps   # here, once
-    # on the device machine, from the repository root (torch is there):
-    pip install --no-deps wheels/*.whl && pip install --no-deps -e . && \\
-        python bench/gpu_whole_run.py --out $OUT          # ~5-8 minutes at the defaults
+    # on the device machine, from the repository root (torch is there; nothing can be fetched,
+    # hence --no-build-isolation):
+    pip install --no-deps wheels/*.whl && pip install --no-deps --no-build-isolation -e . && \\
+        python bench/gpu_whole_run.py --out $OUT
 
 then copy `$OUT/gpu_whole_run_<card>.json` (and `$OUT/step/`) to
-`bench/results/`. `--cpu-smoke` runs every stage at tiny shapes on the CPU in
-about a minute (tests/test_benches.py): tiny CoCas, 32 px, a few steps.
+`bench/results/`. Not yet run on a GPU: the defaults (4,096 examples, 300
+teacher steps at batch 64, 10 rounds of 20 steps: two distillations of 200
+steps, four if the deterministic pair runs) were chosen to stay well inside a 10-minute call; every size is a
+flag. `--cpu-smoke` runs every stage at tiny shapes on the CPU
+(tests/test_benches.py): tiny CoCas, 32 px, a few steps, a few CPU-seconds
+per stage.
 """
 from __future__ import annotations
 
