@@ -390,10 +390,10 @@ def main() -> None:
         recorder.save()
 
         pair = resume_pair(runner, args, data, out, "", out / "cache" / "full", device, deterministic=False)
-        stages.update(pair)
-        record["resumed_equals_uninterrupted"] = pair["resumed_equals_uninterrupted"]
+        record["resumed_equals_uninterrupted"] = same = pair.pop("resumed_equals_uninterrupted")
+        stages.update(pair)  # interrupted, resumed
         recorder.save()
-        if args.deterministic == "on" or (args.deterministic == "auto" and not pair["resumed_equals_uninterrupted"]["equal"]):
+        if args.deterministic == "on" or (args.deterministic == "auto" and not same["equal"]):
             det = resume_pair(runner, args, data, out, "deterministic", out / "cache" / "full", device,
                               deterministic=True)
             plain_rate = full["stages"][STUDENT].get("samples_per_s")
