@@ -23,9 +23,11 @@ stage's gin bindings (`teacher_training.*` and the `teacher/` scope for the
 teacher; `pretraining.*` and the stage's scope for a pretraining stage, whose
 data is its corpus and whose seed is `pretraining.seed`, not the experiment's;
 for a student stage every binding outside the teacher's and the other
-stages' scopes). A rerun, or a second experiment that shares a stage, reuses it;
-a stage is locked while it is made (`.locks/` in the cache), so a parallel run
-that needs the same stage (a sweep's) waits and then reuses it.
+stages' scopes, and outside scopes none of its bindings refers to, such as
+the `tiny6/` scope `gin/common/students.gin` binds for a Tiny12-only run too).
+A rerun, or a second experiment that shares a stage, reuses it; a stage is
+locked while it is made (`.locks/` in the cache), so a parallel run that needs
+the same stage (a sweep's) waits and then reuses it.
 A stage built from a third-party plugin's components (a model, task, policy...
 that `@name` references) is also keyed on that code: the plugin distribution's
 version and installed files, and the source of the component's module
@@ -176,7 +178,23 @@ def _bindings(stage: str, stages: Sequence[str]) -> str:
         return "\n".join(s for s in statements if s.startswith(("teacher_training.", "teacher/")))
     others = tuple(f"{s}/" for s in stages if s != stage) + (
         "teacher_training.", "teacher/", "experiment.student ", "experiment.students ")
-    return "\n".join(s for s in statements if not s.startswith(others))
+    kept = [s for s in statements if not s.startswith(others)]
+    # A scope that is not this stage's and that no kept binding refers to (`@scope/...`)
+    # is another experiment's stage (students.gin binds tiny6/ for the Tiny12-only
+    # config too): its bindings leave this stage as it is, so they stay out of its key.
+    while True:
+        referenced = {stage} | {scope for s in kept for path in re.findall(r"@([\w./]+)/", s)
+                                for scope in path.split("/")}
+        narrowed = [s for s in kept if set(_scopes(s)) <= referenced]
+        if narrowed == kept:
+            return "\n".join(kept)
+        kept = narrowed
+
+
+def _scopes(statement: str) -> list[str]:
+    """`a/b/conf.param = v` -> ['a', 'b'] (a macro or unscoped binding: [])."""
+    name = statement.split("=", 1)[0].strip()
+    return name.split("/")[:-1]
 
 
 def stage_key(**parts: Any) -> str:
@@ -756,19 +774,22 @@ def _run(run_dir: str, reporters: Sequence[Reporter], interrupts: Interrupts, *,
             teacher_net = _network(teacher, head, the_task, dev, **teacher_weights)
         summary["params_M"][TEACHER] = _count(teacher_net)
         networks = {TEACHER: teacher_net}
+        _reset_peak_memory(dev)
         summary["stages"][TEACHER] = teacher_training(teacher_net, the_task, seed, dev, reporter, cache, keeper,
                                                      workers)
+        _record_peak_memory(summary["stages"][TEACHER], dev)
         _release_stage_locks()
         upstream, current_teacher = summary["stages"][TEACHER]["key"], teacher_net
         for i, (name, factory) in enumerate(stages.items()):
             seed_everything(seed + 1 + i)
+            _reset_peak_memory(dev)
             with gin.config_scope(name):
                 student_net = _network(factory, head, the_task, dev, **student_weights)
                 summary["params_M"][name] = _count(student_net)
                 result = _distillation_stage(name, current_teacher, student_net, the_task, seed, dev, reporter,
                                              cache, upstream, list(stages), keeper, workers)
                 _release_stage_locks()
-            summary["stages"][name] = result
+            summary["stages"][name] = _record_peak_memory(result, dev)
             if rounds is not None:
                 _share_round_log(rounds.path(name), Path(result["path"]), reused=result["cached"])
             networks[name] = student_net
@@ -905,6 +926,19 @@ def _distillation_stage(name, teacher, student, task, seed, device, reporter, ca
     if distributed.is_main():
         write_json_atomic(record, result)
     return {**result, "cached": False, **({"resumed_from_step": resumed.step} if resumed else {})}
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _record_peak_memory(stage: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """On a GPU, the stage's peak memory (`torch.cuda.max_memory_allocated`, GiB;
+    a resumed stage: since the resume) goes into metrics.json with it."""
+    if device.type == "cuda":
+        stage["peak_gpu_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+    return stage
 
 
 def _count(module: torch.nn.Module) -> float:

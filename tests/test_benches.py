@@ -31,13 +31,57 @@ def test_gpu_step_runs_at_small_shapes_on_the_cpu(tmp_path):
         for row in ("optima", "layerwise", "optima_teacher_autocast"):
             figures = result[student][row]
             assert figures["samples_per_s"] > 0 and figures["tflop_per_step"] > 0, figures
-        assert set(result["goals"][student]) == {"optima_over_reference_samples_per_s", "optima_at_least_1.6x_reference",
-                                                 "optima_time_at_most_layerwise", "optima_memory_at_most_layerwise"}
+        assert "optima_compile" not in result[student]  # only with --compile
+        assert set(result["goals"][student]) == {
+            "optima_over_reference_samples_per_s", "optima_at_least_1.0x_reference", "optima_at_least_1.6x_reference",
+            "best_compiled_over_reference_samples_per_s", "compiled_at_least_1.3x_reference",
+            "optima_time_at_most_layerwise", "optima_memory_at_most_layerwise"}
     if reference_path(None) is None:
         assert "not found" in result["reference"]["error"]
     else:
         assert result["reference"]["tiny12.step_hidden_attn"]["samples_per_s"] > 0
         assert result["goals"]["tiny12"]["optima_over_reference_samples_per_s"] > 0
+
+
+def test_gpu_step_compile_rows_run_at_small_shapes_on_the_cpu(tmp_path):
+    """`--compile` adds the compiled rows (the teacher's forward alone, and
+    student and teacher: `distillation.compile`), traced on the CPU by the
+    aot_eager backend (inductor on a GPU); one student keeps it short."""
+    done = subprocess.run([sys.executable, "bench/gpu_step.py", "--cpu-smoke", "--compile", "--only", "tiny6",
+                           "--rows", "optima", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_step.json").read_text())
+    rows = result["tiny6"]
+    assert list(rows) == ["params_M", "optima", "optima_compile_teacher", "optima_compile"]
+    for row in ("optima_compile_teacher", "optima_compile"):
+        assert rows[row]["backend"] == "aot_eager" and rows[row]["compile_s"] > 0 and rows[row]["samples_per_s"] > 0
+        assert rows[row]["tflop_per_step"] == rows["optima"]["tflop_per_step"]  # the eager step's count
+    assert result["goals"]["tiny6"]["best_compiled_over_reference_samples_per_s"] is None  # no reference ran
+
+
+def test_gpu_whole_run_runs_every_stage_at_small_shapes_on_the_cpu(tmp_path):
+    """`bench/gpu_whole_run.py --cpu-smoke` (without its gpu_step stage, tested
+    above): synthesized SNLI-VE, the paper config uninterrupted, SIGTERMed
+    mid-distillation and resumed (equal to the uninterrupted run on the CPU),
+    export and eval of the export; every stage timed into one JSON."""
+    done = subprocess.run([sys.executable, "bench/gpu_whole_run.py", "--cpu-smoke", "--no-step", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_whole_run_cpu_smoke.json").read_text())
+    assert result["complete"] and result["smoke"]
+    stages = result["stages"]
+    assert set(stages) == {"synth", "full", "interrupted", "resumed", "export", "eval"}
+    for name, stage in stages.items():
+        assert stage["seconds"] > 0 and stage["exit_code"] == (143 if name == "interrupted" else 0), (name, stage)
+    teacher, student = stages["full"]["stages"]["teacher"], stages["full"]["stages"]["tiny12"]
+    assert teacher["steps"] == 4 and student["steps"] == 32 and student["samples_per_s"] > 0
+    assert not teacher["cached"] and stages["resumed"]["stages"]["teacher"]["cached"]  # one teacher for both
+    assert stages["interrupted"]["sigterm_after_s"] > 0
+    assert result["resumed_equals_uninterrupted"]["equal"], result["resumed_equals_uninterrupted"]
+    assert "deterministic" not in result  # equal already: no second pair
+    assert stages["eval"]["equals_run"], stages["eval"]
 
 
 def _input_pipeline(*args: str) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ def _one_line_error(output: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["export"], ["eval"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["export"], ["eval"], ["data", "synth"]])
 def test_help_does_not_import_torch(command):
     code = ("import sys; from optima.cli.main import app; from typer.testing import CliRunner; "
             f"r = CliRunner().invoke(app, {command + ['--help']!r}); assert r.exit_code == 0, r.output; "

@@ -126,3 +126,22 @@ def test_dry_run_of_a_paper_config_says_what_is_missing_and_where_it_comes_from(
     result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert "data: all present" in result.output and "missing" not in result.output
+
+
+@pytest.mark.parametrize("task", ["snlive", "vqa", "nlvr2", "coco"])
+def test_the_tiny12_stage_of_a_tiny12_run_and_of_a_tiny6_run_has_one_cache_key(task):
+    """gin/<task>_tiny12.gin binds the tiny6/ scope too (gin/common/students.gin);
+    those bindings do not change Tiny12, so the Tiny6 run reuses the Tiny12 run's
+    stage (the README's promise) instead of distilling it again."""
+    from optima import config
+    from optima.experiment import _bindings
+
+    config.setup()
+    keys = []
+    for student, stages in (("tiny12", ["tiny12"]), ("tiny6", ["tiny12", "tiny6"])):
+        config.parse([f"gin/{task}_{student}.gin"])
+        keys.append(_bindings("tiny12", stages))
+    assert keys[0] == keys[1]
+    assert "tiny12/coca_model.layers = (4, 4, 4)" in keys[0] and "tiny6/" not in keys[0]
+    assert "@student/torch.optim.Adafactor" in keys[0]
+    assert "student/Adafactor.lr = " in keys[0]  # a scope the stage refers to stays in its key

@@ -339,6 +339,7 @@ class WorldVqa(WorldTask):
         u = rng.random((m, _DRAWS + self.annotators))
         index = {a: i for i, a in enumerate(ANSWERS)}
         texts, answers, target = [], [], np.zeros((m, len(ANSWERS)), np.float32)
+        humans, kinds = np.empty((m, self.annotators), dtype=object), np.empty(m, dtype=object)
         for i in range(m):
             d = _Draws(u[i])
             question, answer, kind = vqa_question(scenes.objects(i), d)
@@ -349,8 +350,10 @@ class WorldVqa(WorldTask):
                 target[i, index[a]] = vqa_score(matches, len(human))
             texts.append(question)
             answers.append(index[answer])
+            humans[i], kinds[i] = human, kind
+        # the annotators' answers and the answer kind: what VQA v2's annotation files hold (synth.py)
         return {"scenes": (scenes,), "texts": texts, "target": target,
-                "extra": {"answer": np.array(answers, dtype=np.int64)}}
+                "extra": {"answer": np.array(answers, dtype=np.int64), "human": humans, "kind": kinds}}
 
     def _collate(self, data, idx, split, generator):
         return {"image": self._pixels(data, idx), "text": data.text[idx], "target": data.target[idx],
