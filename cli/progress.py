@@ -157,8 +157,8 @@ class StageProgress(Progress):
 class LiveReporter(Reporter):
     """The terminal's display (module doc)."""
 
-    def __init__(self, progress: StageProgress, run: RunClock):
-        self.progress, self.run = progress, run
+    def __init__(self, progress: StageProgress, run: RunClock, header: str = ""):
+        self.progress, self.run, self.header = progress, run, header
         self.tasks: dict[str, int] = {}
         self.rounds: dict[str, str] = {}  # a distillation stage's last round, shown before its losses
         self.run_task = progress.add_task("run", total=max(1, run.total), run=True)
@@ -167,7 +167,15 @@ class LiveReporter(Reporter):
         self.progress.update(self.run_task, completed=self.run.done(), total=max(1, self.run.total),
                              description=f"run {self.run.index + 1}/{self.run.stages}")
 
+    def _announce(self) -> None:
+        """The run's plan, once, when it starts (not before its bindings are checked:
+        a refused run prints its one error line only)."""
+        if self.header:
+            self.progress.console.print(self.header, markup=False, highlight=False, soft_wrap=True)
+            self.header = ""
+
     def on_stage(self, stage, total, unit, start=0):
+        self._announce()
         self.run.start(stage, total, start)
         label = f"{self.run.index + 1}/{self.run.stages} {stage}"
         self.tasks[stage] = self.progress.add_task(label, total=total, completed=start)
@@ -187,6 +195,7 @@ class LiveReporter(Reporter):
         self.progress.status = f"{stage}: step {result.step} {self.rounds[stage]}round losses {losses}"
 
     def on_message(self, text):
+        self._announce()
         # one unbroken line, as written: messages name files (paths may hold [brackets])
         self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
@@ -201,8 +210,8 @@ class LiveReporter(Reporter):
 class PlainReporter(Reporter):
     """The log's lines (module doc), written to `out` and flushed one by one."""
 
-    def __init__(self, out: TextIO, run: RunClock, interval: float = LOG_INTERVAL):
-        self.out, self.run, self.interval = out, run, interval
+    def __init__(self, out: TextIO, run: RunClock, interval: float = LOG_INTERVAL, header: str = ""):
+        self.out, self.run, self.interval, self.header = out, run, interval, header
         self.totals: dict[str, int] = {}
         self.distilling: set[str] = set()  # stages with rounds
         self.last_line = time.monotonic()
@@ -216,7 +225,14 @@ class PlainReporter(Reporter):
         return (f"run {self.run.done()}/{self.run.total} steps, {clock(time.monotonic() - self.run.started)} "
                 f"elapsed, about {clock(self.run.run_left())} left")
 
+    def _announce(self) -> None:
+        """The run's plan, once, when it starts (see `LiveReporter._announce`)."""
+        if self.header:
+            header, self.header = self.header, ""
+            self.line(header)
+
     def on_stage(self, stage, total, unit, start=0):
+        self._announce()
         self.run.start(stage, total, start)
         self.totals[stage] = total
         resumed = f", resumed at step {start}" if start else ""
@@ -249,6 +265,7 @@ class PlainReporter(Reporter):
             self._done(stage)
 
     def on_message(self, text):
+        self._announce()
         self.line(text)
 
     def on_nonfinite(self, stage, step, term, value, skipped):

@@ -280,14 +280,13 @@ def _run(config: str, bindings: Sequence[str], run_dir: str, options: Sequence[s
             raise cfg.translate_call_error(e) from None
 
     run_clock = RunClock(stage_outline())
-    console.print(f"{run_dir}: {run_clock.stages} stage(s) to train or reuse: "
-                  + ", ".join(f"{name} ({steps} steps)" for name, steps in run_clock.outline),
-                  markup=False, highlight=False, soft_wrap=True)
+    header = f"{run_dir}: {run_clock.stages} stage(s) to train or reuse: " \
+        + ", ".join(f"{name} ({steps} steps)" for name, steps in run_clock.outline)
     with contextlib.ExitStack() as live:
         if console.is_terminal:
-            reporter = LiveReporter(live.enter_context(StageProgress(console, run_clock)), run_clock)
+            reporter = LiveReporter(live.enter_context(StageProgress(console, run_clock)), run_clock, header=header)
         else:  # a pipe or a log: flushed lines
-            reporter = PlainReporter(console.file, run_clock)
+            reporter = PlainReporter(console.file, run_clock, header=header)
         try:
             summary = experiment(run_dir, [reporter])
         except Exception as e:
