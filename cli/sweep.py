@@ -116,9 +116,14 @@ class SweepDisplay(SweepObserver):
     def _status_width(self) -> int:
         return max(10, self.console.width - 60)
 
-    def print(self, text: str) -> None:
-        """A line for the log (cut to the width on a terminal), flushed."""
-        if self.progress is not None:
+    def print(self, text: str, unbroken: bool = False) -> None:
+        """A line for the log (cut to the width on a terminal), flushed; `unbroken`:
+        never cut or folded (a path, to be copied whole)."""
+        if unbroken:
+            console = self.progress.console if self.progress is not None else self.console
+            console.print(text, soft_wrap=True, highlight=False)
+            console.file.flush()
+        elif self.progress is not None:
             self.progress.console.print(text, overflow="ellipsis", no_wrap=True, crop=True)
         else:
             self.console.print(text, overflow="fold", soft_wrap=False, highlight=False)
@@ -169,7 +174,7 @@ class SweepDisplay(SweepObserver):
             if job.status == "failed":  # the tail of its log
                 for line in _log_lines(job.log, 4):
                     self.print(f"[dim]  | {escape(line)}[/]")
-                self.print(f"[dim]  log: {escape(str(job.log))}[/]")
+                self.print(f"[dim]  log: {escape(str(job.log))}[/]", unbroken=True)
 
     def on_stopping(self, running: Sequence[Job]) -> None:
         self.print(f"[yellow]stopping[/]: {len(running)} running run(s) save a checkpoint and stop (Ctrl-C "
@@ -397,14 +402,8 @@ def status_command(sweep_dir: str) -> int:
     submitted = slurm.read_jobs(sweep.dir)
     live = slurm.live_jobs(sweep.dir) if submitted else {}
     jobs = write_results(sweep)
-    table = Table(title=f"runs of {sweep_dir}")
-    table.add_column("run", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    if submitted:
-        table.add_column("job", no_wrap=True)
-    table.add_column("time", justify="right", no_wrap=True)
-    table.add_column("error or last line", overflow="ellipsis", no_wrap=True)
     counts: dict[str, int] = {}
+    rows = []
     for j in jobs:
         status = j.status
         if j.label in live:
@@ -413,8 +412,16 @@ def status_command(sweep_dir: str) -> int:
         note = j.error or ("" if status in ("done", "pending", "queued") else (_log_lines(j.log, 1) or [""])[0])
         row = [j.label, status]
         if submitted:
-            row.append(submitted.get(j.label, {}).get("job_id", ""))
-        table.add_row(*row, _duration(j.wall_s) if j.attempts else "", note)
+            row.append(str(submitted.get(j.label, {}).get("job_id", "")))
+        rows.append([*row, _duration(j.wall_s) if j.attempts else "", note])
+    headers = ["run", "status", *(["job"] if submitted else []), "time"]
+    table = Table(title=f"runs of {sweep_dir}")
+    for i, header in enumerate(headers):  # whole, never cut: the error column gives way instead
+        table.add_column(header, no_wrap=True, justify="right" if header == "time" else "left",
+                         min_width=max([len(header), *(len(r[i]) for r in rows)]))
+    table.add_column("error or last line", overflow="ellipsis", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     console.print(f"{len(jobs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f". results: "
                   f"{sweep.dir}/results.csv")

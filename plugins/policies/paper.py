@@ -77,7 +77,8 @@ class ThompsonPolicy(WarmupPolicy):
         # which units (modules or layer groups) each arm distils; one unit per arm when not given
         features = torch.eye(num_arms, dtype=F64) if arm_features is None or not isinstance(num_arms, int) \
             else torch.as_tensor(arm_features, dtype=F64, device="cpu")
-        if features.dim() != 2 or features.shape[0] != num_arms or (features.sum(1) == 0).any():
+        # a row of zeros is the empty arm (`distillation.empty_arm`): it covers no unit
+        if features.dim() != 2 or features.shape[0] != num_arms or not ((features == 0) | (features == 1)).all():
             raise ConfigError(f"arm_features must be a 0/1 matrix with one row per arm ({num_arms}), got shape "
                               f"{tuple(features.shape)}")
         self._unit_arms = _covering_arms(features)
