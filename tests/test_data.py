@@ -222,7 +222,7 @@ time.sleep(600)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux only: workers die with their parent through prctl(PR_SET_PDEATHSIG), and the test finds them in /proc")
 def test_workers_die_with_their_parent_at_once(tmp_path):
     """Real processes: the process that made the workers is SIGKILLed (as a
     preemption or the OOM killer would); a second later no worker is alive.
@@ -252,7 +252,7 @@ def test_workers_die_with_their_parent_at_once(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux only: workers die with their parent through prctl(PR_SET_PDEATHSIG), and the test finds them in /proc")
 def test_a_dead_worker_stops_the_run_in_one_line_with_the_resume_command(tmp_path, monkeypatch):
     """A DataLoader worker SIGKILLed mid-distillation (SNLI-VE, 2 workers): one
     line saying so, the resume command, exit 1; no traceback."""
