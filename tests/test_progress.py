@@ -38,8 +38,10 @@ def _bindings() -> list[str]:
 @pytest.mark.slow
 def test_live_display_keeps_bar_count_and_time_left_at_80_columns(tmp_path, monkeypatch):
     # short paths: a message naming a file is printed unbroken on purpose (the terminal
-    # wraps it), so every line here is the display's own
+    # wraps it), so every line here is the display's own; this environment's scripts
+    # first on PATH so that the TensorBoard hint names `tensorboard`, not a clone's long path
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     result = CliRunner().invoke(app, ["run", CONFIG, *_bindings(), "--run-dir", "r"],
                                 env={"COLUMNS": "80", "TTY_COMPATIBLE": "1", "OPTIMA_CACHE": "c",
                                      "OMP_NUM_THREADS": None})
