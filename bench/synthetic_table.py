@@ -59,6 +59,9 @@ PLAN = [
     ("ve_tiny6-long-task-aware", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/task_aware.toml"),
     ("captions_tiny6-task-aware", "gin/synthetic/captions_tiny6.gin", "gin/sweeps/task_aware.toml"),
     ("captions_tiny12-task-aware", "gin/synthetic/captions_tiny12.gin", "gin/sweeps/task_aware.toml"),
+    # The reward ablation (KD-only, layerwise, combined rewards) where the arms differ
+    ("ve_tiny6-long-rewards", "gin/synthetic/ve_tiny6_long.gin", "gin/sweeps/rewards.toml"),
+    ("captions_tiny6-rewards", "gin/synthetic/captions_tiny6.gin", "gin/sweeps/rewards.toml"),
 ]
 #: `--variant` options a piece adds to its variants file: the task-aware pieces' best
 #: fixed arm (the best of the 7 in the piece's baselines table, 3 seeds), at 5 seeds.
@@ -96,7 +99,17 @@ def run_piece(piece: str, config: str, variants: str, sweeps: Path, jobs: int) -
                        + f"--jobs {jobs} --sweep-dir SWEEPS/{piece}",
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)), "wall_s": round(wall, 1),
             "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()], "machine": machine()}
+            "load_average_after": [round(x, 2) for x in os.getloadavg()], "machine": machine(),
+            "students_from_cache": students_from_cache(sweep_dir)}
+
+
+def students_from_cache(sweep_dir: Path) -> str:
+    """How many of the sweep's runs took their student from the stage cache (the
+    same bindings distilled before: the wall time does not include them)."""
+    runs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/seed-*/metrics.json"))]
+    reused = sum(all(stage.get("cached") for name, stage in run["stages"].items() if name in run["metrics"]
+                     and name != "teacher") for run in runs)
+    return f"{reused} of {len(runs)}"
 
 
 def keep(piece: str, sweep_dir: Path, meta: dict, out: Path = OUT) -> None:
@@ -438,6 +451,9 @@ def write_readme(out: Path = OUT) -> None:
         m = json.loads((out / p / "meta.json").read_text())
         if m.get("note"):  # how a piece was made when not in one pass of this script
             notes.append(f"- {p}: {m['note']}")
+        if not m.get("students_from_cache", "0 of").startswith("0 of"):
+            notes.append(f"- {p}: {m['students_from_cache']} runs took their student from the stage cache "
+                         "(distilled with the same bindings by an earlier sweep): its wall time leaves them out")
         total += m["wall_s"]
         lines.append(f"| {p} | `{m['command']}` | {m['wall_s'] / 60:.1f} min | "
                      f"{m['load_average_before'][0]} / {m['load_average_after'][0]} | {m['started']} |")

@@ -7,9 +7,12 @@ of STEPS steps, alternating 1 and 2 torch threads (1, 2, 1, 2, ...), and times
 each block's steps after its first WARMUP (model building, the corpus and the
 loader's start are not timed), for at most BUDGET seconds. Alternating blocks share the machine's load, so
 the ratio is fair even on a busy machine; the load (`uptime`) is recorded
-before and after. Writes bench/results/thread_count.json.
+before and after. BESIDE=N starts N CPU-bound processes (one-thread torch
+matmuls, as another training job) for the whole run and stops them after: a
+busy machine on purpose. Writes bench/results/thread_count.json (OUT=...).
 
     OMP_NUM_THREADS=1 python bench/thread_count.py            # 4 blocks of <= 50 steps, 1-3 min
+    OMP_NUM_THREADS=1 BESIDE=2 OUT=bench/results/thread_count_beside2.json python bench/thread_count.py
     BLOCKS=2 STEPS=30 python bench/thread_count.py
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +41,7 @@ STAGE = "large"
 STEPS = int(os.environ.get("STEPS", 50))
 WARMUP = int(os.environ.get("WARMUP", 5))
 BLOCKS = int(os.environ.get("BLOCKS", 4))
+BESIDE = int(os.environ.get("BESIDE", 0))
 BUDGET = float(os.environ.get("BUDGET", 30))  # seconds a block times at most (a busy machine's 2 threads crawl)
 OUT = Path(os.environ.get("OUT", ROOT / "bench" / "results" / "thread_count.json"))
 
@@ -85,19 +90,29 @@ def block(threads: int, cache: Path) -> float:
     return (clock.times[last] - clock.times[WARMUP]) / (last - WARMUP), last - WARMUP
 
 
+BUSY_LOOP = "import torch; torch.set_num_threads(1); a = torch.randn(256, 256)\nwhile True: a = torch.tanh(a @ a)"
+
+
 def main() -> None:
     cfg.setup(False)
     cfg.parse([str(CONFIG)], [])
-    load_before = uptime()
-    order = [1 + k % 2 for k in range(BLOCKS)]
-    blocks: list[dict] = []
-    with tempfile.TemporaryDirectory() as cache:
-        for threads in order:
-            seconds, steps = block(threads, Path(cache))
-            blocks.append({"threads": threads, "steps_timed": steps, "ms_per_step": round(seconds * 1000, 1),
-                           "uptime": uptime()})
-            print(f"{threads} thread(s): {seconds * 1000:.1f} ms/step over {steps} steps", flush=True)
-            write(blocks, order, load_before)  # after every block: a long block loses nothing before it
+    beside = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(BESIDE)]
+    try:
+        time.sleep(5 if beside else 0)  # let them start before the first block
+        load_before = uptime()
+        order = [1 + k % 2 for k in range(BLOCKS)]
+        blocks: list[dict] = []
+        with tempfile.TemporaryDirectory() as cache:
+            for threads in order:
+                seconds, steps = block(threads, Path(cache))
+                blocks.append({"threads": threads, "steps_timed": steps, "ms_per_step": round(seconds * 1000, 1),
+                               "uptime": uptime()})
+                print(f"{threads} thread(s): {seconds * 1000:.1f} ms/step over {steps} steps", flush=True)
+                write(blocks, order, load_before)  # after every block: a long block loses nothing before it
+    finally:
+        for process in beside:
+            process.kill()
+            process.wait()
 
 
 def write(blocks: list[dict], order: list[int], load_before: str) -> None:
@@ -105,7 +120,8 @@ def write(blocks: list[dict], order: list[int], load_before: str) -> None:
           for t in (1, 2) if any(b["threads"] == t for b in blocks)}
     result = {
         "command": f"OMP_NUM_THREADS=1 STEPS={STEPS} WARMUP={WARMUP} BLOCKS={BLOCKS} BUDGET={BUDGET:g} "
-                   "nice -n 10 python bench/thread_count.py",
+                   f"BESIDE={BESIDE} {'nice -n %d ' % os.nice(0) if os.nice(0) else ''}python bench/thread_count.py",
+        "beside": f"{BESIDE} CPU-bound process(es) started by the bench (one-thread torch matmul loops)",
         "what": f"{CONFIG.relative_to(ROOT)}: the {STAGE!r} pretraining stage, up to {STEPS} steps per block "
                 f"(the first {WARMUP} untimed, then at most {BUDGET:g} s), blocks alternating torch threads {order}, "
                 f"{default_workers()} DataLoader worker(s)",
