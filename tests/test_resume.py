@@ -33,7 +33,7 @@ from optima.plugins.policies.paper import ThompsonPolicy
 from optima.plugins.rewards.loss_decrement import combined_reward
 from optima.plugins.tasks.synthetic_ve import SyntheticVisualEntailment
 from optima.program import program
-from optima.reporting import read_round_log
+from optima.reporting import read_round_log, text_records
 
 # 3 arms; 6 rounds of T = 2 steps (warm-up: 3 updates, Thompson sampling from
 # round 5); 64 examples in batches of 8 (the data order turns over at step 8);
@@ -388,8 +388,9 @@ def _assert_tensorboard_shows_each_step_once(run_dir: Path, plays: list[int], te
     else:  # reused from the cache: nothing logged
         assert not (tb / "teacher").exists()
     assert [e.step for e in scalars("student", "loss/total/task")] == list(range(1, 2 * ROUNDS + 1))
-    # the played arm is a text record now: its purge on resume is an open defect,
-    # tests/test_round_losses.py::test_a_resumed_stage_shows_each_played_arm_once (xfail)
+    arms = text_records(tb / "student", "plays/arm")  # the played arm, as TensorBoard's server reads it
+    assert [step for step, _ in arms] == list(range(2, 2 * ROUNDS + 1, 2))
+    assert [int(text.rsplit("(arm ", 1)[1].rstrip(")")) for _, text in arms] == plays
     assert len(scalars("summary", "eval/student/accuracy")) == 1
     # the per-round log drops the rounds logged after the checkpoint as well
     _, rounds = read_round_log(run_dir / "rounds" / "student.jsonl")
