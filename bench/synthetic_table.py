@@ -444,8 +444,8 @@ def write_readme(out: Path = OUT) -> None:
         lines += [f"## {p}", "", f"| variant | {student} |", "|---|---:|"]
         lines += [f"| {v} | {fmt(s)} |" for v, s in rows.items()] + [""]
     lines += glossary_lines([out / p for p in done])
-    lines += ["## How each piece was made", "", "| piece | command | wall time | load before/after | started |",
-              "|---|---|---:|---|---|"]
+    lines += ["## How each piece was made", "",
+              "| piece | command | wall time | load before/after | started | CPU |", "|---|---|---:|---|---|---|"]
     notes, total = [], 0.0
     for p in done:
         m = json.loads((out / p / "meta.json").read_text())
@@ -456,18 +456,23 @@ def write_readme(out: Path = OUT) -> None:
                          "(distilled with the same bindings by an earlier sweep): its wall time leaves them out")
         total += m["wall_s"]
         lines.append(f"| {p} | `{m['command']}` | {m['wall_s'] / 60:.1f} min | "
-                     f"{m['load_average_before'][0]} / {m['load_average_after'][0]} | {m['started']} |")
+                     f"{m['load_average_before'][0]} / {m['load_average_after'][0]} | {m['started']} | "
+                     f"{m['machine']['cpu']} |")
     if done:
-        lines.append(f"| all {len(done)} of {len(PLAN)} pieces | | {total / 60:.1f} min | | |")
+        lines.append(f"| all {len(done)} of {len(PLAN)} pieces | | {total / 60:.1f} min | | | |")
     if any((out / p / "results.csv").exists() and "kd-only/" in (out / p / "results.csv").read_text()
            for p in done):
         notes.append("- `output-kd` (the task and output KD, no layer losses; not the KD-only reward of "
                      "`reward-kd`) was named `kd-only` when these pieces ran: their run directories say so")
     lines += [""] + notes if notes else []
-    if done:
-        m = json.loads((out / done[0] / "meta.json").read_text())["machine"]
-        lines += ["", f"Machine: {m['cpu']}, {m['cores_available']} cores available, {m['platform']}, "
-                      f"Python {m['python']}. SWEEPS is `--sweeps` (default `sweeps/synthetic`)."]
+    machines = {}
+    for p in done:  # the same code and seeds give other numbers on another CPU: each piece says where it ran
+        m = json.loads((out / p / "meta.json").read_text())["machine"]
+        machines.setdefault(f"{m['cpu']}, {m['cores_available']} cores available, {m['platform']}, "
+                            f"Python {m['python']}", []).append(p)
+    if machines:
+        lines += [""] + [f"Machine: {where} ({len(ps)} pieces)." for where, ps in machines.items()]
+        lines += ["SWEEPS is `--sweeps` (default `sweeps/synthetic`)."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 

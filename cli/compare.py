@@ -19,6 +19,7 @@ from pathlib import Path
 import typer
 
 from optima.errors import ConfigError
+from optima.program import program
 
 WIDTH = 80
 VALUE = 11  # characters of a value column
@@ -72,7 +73,7 @@ def load(path: str) -> tuple[str, dict[str, Entry]]:
         raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     if (where / "config.gin").is_file():
         raise ConfigError(f"{path}: a run that has not finished (no metrics.json); finish it with "
-                          f"optima run --resume {path}, then compare")
+                          f"{program()} run CONFIG.gin --resume {path}, then compare")
     raise ConfigError(f"{path}: neither a finished run directory (metrics.json) nor a sweep directory "
                       "(sweep.json)")
 

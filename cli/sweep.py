@@ -20,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
 from optima.errors import ConfigError
+from optima.program import program
 from optima.sweep import (Job, Sweep, SweepInterrupted, SweepObserver, Variant, load_slurm_table,
                           load_variants_file, parse_seeds, parse_variant, per_seed, refresh, run_sweep, summarize,
                           write_results)
@@ -245,7 +246,7 @@ def sweep_command(config: str, variant_args: Sequence[str], variants_file: str |
     if dry_run:
         print_plan(console, sweep, todo)
         return 0
-    rerun = f"optima sweep ... --sweep-dir {shlex.quote(sweep_dir)}"
+    rerun = f"{program()} sweep ... --sweep-dir {shlex.quote(sweep_dir)}"
     command = "optima sweep " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["sweep"] else sys.argv[1:])
     if options is not None:
         return _sweep_on_slurm(console, sweep, todo, options, threads, command, wait)
@@ -279,7 +280,7 @@ def _refuse_if_on_slurm(sweep: Sweep) -> None:
         live = live_jobs(sweep.dir)
         if live:
             raise ConfigError(f"{len(live)} run(s) of {sweep.dir} are queued or running in Slurm; wait for them "
-                              f"(optima sweep --status {sweep.dir}) or cancel them (optima sweep --cancel "
+                              f"({program()} sweep --status {sweep.dir}) or cancel them ({program()} sweep --cancel "
                               f"{sweep.dir}) before sweeping it here")
 
 
@@ -298,21 +299,21 @@ def _sweep_on_slurm(console: Console, sweep: Sweep, todo: Sequence[Job], options
     console.print(f"submitted {len(submitted)} run(s) to Slurm" + (f" (job {', '.join(ids)})" if ids else "")
                   + (f"; {len(watched) - len(submitted)} already queued or running" if len(watched) > len(submitted)
                      else ""))
-    status = f"optima sweep --status {shlex.quote(str(sweep.dir))}"
+    status = f"{program()} sweep --status {shlex.quote(str(sweep.dir))}"
     if not wait or not watched:
         if watched:
-            console.print(f"watch them: {status}; stop them: optima sweep --cancel {shlex.quote(str(sweep.dir))}")
+            console.print(f"watch them: {status}; stop them: {program()} sweep --cancel {shlex.quote(str(sweep.dir))}")
             return 0
-        return _summary(console, sweep, write_results(sweep), f"optima sweep ... --sweep-dir {sweep.dir}")
+        return _summary(console, sweep, write_results(sweep), f"{program()} sweep ... --sweep-dir {sweep.dir}")
     done = sum(j.status == "done" for j in todo)
     try:
         with SweepDisplay(console, len(todo), done, min(options.array_parallelism, len(watched))) as display:
             jobs_after = watch(sweep, watched, display)
     except KeyboardInterrupt:
-        console.print(f"[yellow]stopped watching[/]: the jobs go on in Slurm; {status} shows them, optima sweep "
+        console.print(f"[yellow]stopped watching[/]: the jobs go on in Slurm; {status} shows them, {program()} sweep "
                       f"--cancel {shlex.quote(str(sweep.dir))} stops them")
         return 130
-    return _summary(console, sweep, jobs_after, f"optima sweep ... --launcher slurm --sweep-dir {sweep.dir}")
+    return _summary(console, sweep, jobs_after, f"{program()} sweep ... --launcher slurm --sweep-dir {sweep.dir}")
 
 
 def watch(sweep: Sweep, watched: Mapping[str, str], display: SweepObserver, poll_s: float = 2.0) -> list[Job]:
@@ -361,7 +362,7 @@ def print_plan(console: Console, sweep: Sweep, jobs: Sequence[Job]) -> None:
         table.add_column(col)
     for j in jobs:
         cmd = sweep.command(j)
-        table.add_row(j.label, j.status, "optima " + shlex.join(cmd[3:]))
+        table.add_row(j.label, j.status, f"{program()} " + shlex.join(cmd[3:]))
     console.print(table)
 
 
@@ -386,7 +387,7 @@ def print_results(console: Console, sweep: Sweep, jobs: Sequence[Job]) -> None:
         console.print(table)
     console.print(f"vs: the mean of the per-seed differences; better/worse/tie by its 95% bootstrap interval. "
                   f"results: {sweep.dir}/results.csv, "
-                  f"{sweep.dir}/results.md (figures: optima report {sweep.dir}; HParams: tensorboard --logdir "
+                  f"{sweep.dir}/results.md (figures: {program()} report {sweep.dir}; HParams: {program('tensorboard')} --logdir "
                   f"{sweep.dir}/tensorboard)")
 
 

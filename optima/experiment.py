@@ -366,6 +366,12 @@ def _lock_stage(path: Path, stage: str, reporter: Reporter, keeper: RunKeeper | 
                 os.close(fd)
                 raise keeper.interrupts.stop(f"while waiting for {path.name}") from None
             time.sleep(0.5)
+        except OSError as e:  # a filesystem without locks (NFS without lockd, Lustre's noflock)
+            os.close(fd)
+            reporter.on_message(f"{stage}: the cache's filesystem cannot lock {lock} ({e.strerror}); going on "
+                                "without the lock: two runs started together may both make this stage (set "
+                                "OPTIMA_CACHE to a local directory to share it safely)")
+            return
     _held_locks[lock] = fd
 
 

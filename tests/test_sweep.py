@@ -278,6 +278,33 @@ def test_one_sweep_process_per_directory(tmp_path):
     assert not (tmp_path / "sweep" / "optima").exists()
 
 
+def test_a_cache_without_file_locks_is_a_warning_not_a_traceback(tmp_path, monkeypatch):
+    """NFS without lockd or Lustre mounted noflock refuse flock: the run says so
+    and goes on without the lock (only the guard against duplicate work is lost)."""
+    import errno
+    import fcntl
+
+    from optima.experiment import _held_locks, _lock_stage
+    from optima.reporting import Reporter
+
+    messages = []
+
+    class Messages(Reporter):
+        def on_message(self, text):
+            messages.append(text)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    path = tmp_path / "teacher-abc.safetensors"
+    _lock_stage(path, "teacher", Messages(), None)
+    assert not _held_locks
+    assert len(messages) == 1 and messages[0].startswith(
+        f"teacher: the cache's filesystem cannot lock {tmp_path / '.locks' / (path.name + '.lock')} "
+        f"(Function not implemented); going on without the lock")
+
+
 def test_stage_lock_makes_a_second_process_wait(tmp_path):
     """The lock that keeps two parallel runs from training the same teacher: while
     another process holds a stage's lock, a run waits (and says so), then goes on."""
