@@ -352,6 +352,14 @@ GLOSSARY = {
                         "cosine between their gradient and the task gradient is negative (`alignment_gate`)",
     "layerwise-norm": "layerwise with the hidden-state MSE divided by the teacher's variance per layer "
                       "(`optima_loss.hidden_norm = 'teacher_var'`)",
+    # the zoo's non-stationary policies on the task-aware pieces (docs/policies.md)
+    "raw-ucb": "RAW-UCB (`raw_ucb_policy`, for rewards that rot with an arm's own plays) instead of the paper's "
+               "policy, paper's reward",
+    "glr-ucb": "GLR-UCB (`glr_ucb_policy`, restarts when it detects a change) instead of the paper's policy, "
+               "paper's reward",
+    "beta-gain-empty": "discounted Beta-Bernoulli Thompson sampling (`decayed_beta_ts_policy`) rewarded 1 when the "
+                       "held-out task loss did not rise over the round, else 0 (`heldout_gain_reward`), with the "
+                       "empty arm",
 }
 NOT_BINDINGS = {"variant", "seed", "status", "wall_s", "run_dir", "error"}
 
