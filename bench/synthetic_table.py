@@ -352,6 +352,8 @@ GLOSSARY = {
                         "cosine between their gradient and the task gradient is negative (`alignment_gate`)",
     "layerwise-norm": "layerwise with the hidden-state MSE divided by the teacher's variance per layer "
                       "(`optima_loss.hidden_norm = 'teacher_var'`)",
+    **{f"layerwise-norm-w{w}": f"layerwise-norm with the normalised hidden loss weighted {w} "
+                               f"(`optima_loss.hidden_weight = {w}.0`; the configs' weight is 1)" for w in (2, 3, 8)},
     # the zoo's non-stationary policies on the task-aware pieces (docs/policies.md)
     "raw-ucb": "RAW-UCB (`raw_ucb_policy`, for rewards that rot with an arm's own plays) instead of the paper's "
                "policy, paper's reward",
