@@ -67,6 +67,7 @@ from PIL import Image
 from optima.arms import ArmSpace
 from optima.data import BatchStream, available_cpus
 from optima.engine import Distiller, Network
+from optima.model_card import cpu_name
 from optima.plugins.heads.vl_heads import AttentionalPoolerHead
 from optima.plugins.losses.optima_loss import optima_loss
 from optima.plugins.models.coca import coca_model
@@ -340,7 +341,7 @@ def main() -> None:
                        "arm": "every module"}
     result = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "machine": {"cpu": _cpu_name(), "cpus_available": available_cpus(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_name(), "cpus_available": available_cpus(), "platform": platform.platform(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
         "conditions": {"load_average_before": [round(x, 2) for x in load_before],
@@ -389,16 +390,6 @@ def _autogroup(pid: str) -> str | None:
         return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
     except (OSError, IndexError):  # gone meanwhile
         return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

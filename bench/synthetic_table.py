@@ -76,9 +76,9 @@ ROUND_LENGTHS = (5, 10, 20, 40)
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": model, "cores_available": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+    from optima.model_card import cpu_name
+
+    return {"cpu": cpu_name(), "cores_available": len(os.sched_getaffinity(0)), "platform": platform.platform(),
             "python": platform.python_version()}
 
 

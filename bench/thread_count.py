@@ -33,6 +33,7 @@ import torch
 from optima import config as cfg
 from optima.data import default_workers
 from optima.experiment import pretraining
+from optima.model_card import cpu_name
 from optima.reporting import Reporter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,16 +65,6 @@ class StepClock(Reporter):
 
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def block(threads: int, cache: Path) -> float:
