@@ -20,6 +20,7 @@ lengths T (a fixed arm's training does not depend on T). `README.md` there is
 then rewritten from every piece's results.
 
     python bench/synthetic_table.py --report-only   # results.md, metric figures and README.md again
+    python bench/synthetic_table.py --add PIECE SWEEP_DIR... --note "how they were made"  # more runs
 
 `--report-only` runs nothing: from each kept piece's `results.csv` it writes
 `results.md` and the metric figures (per variant, paired) again with the
@@ -171,6 +172,49 @@ def keep_gathered(piece: str, sweep_dirs: list[Path], meta: dict, out: Path = OU
         writer.writeheader()
         writer.writerows(rows)
     (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def add_sweeps(piece: str, sweep_dirs: list[Path], note: str, rename: dict[str, str], out: Path = OUT) -> int:
+    """Add the runs of more sweeps of a kept piece's config (variants of its
+    variants file, under the file's names or renamed by `rename`) to the piece:
+    their rows, arm figures and `note` on how they were made. A run the piece
+    has already (same variant and seed) is skipped where its metrics are the
+    same (the sweep took it from the stage cache) and an error where they are
+    not: then nothing is written."""
+    dest = out / piece
+    with open(dest / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = list(reader.fieldnames or []), list(reader)
+    metrics = [c for c in fields if c.count("/") == 1 and "." not in c]
+    have = {(r["variant"], r["seed"]): [r[m] for m in metrics] for r in rows}
+    new = []
+    for sweep_dir in sweep_dirs:
+        with open(sweep_dir / "results.csv", newline="") as f:
+            for r in csv.DictReader(f):
+                r["variant"] = rename.get(r["variant"], r["variant"])
+                key = (r["variant"], r["seed"])
+                if key in have:
+                    if have[key] == [r.get(m, "") for m in metrics]:
+                        continue
+                    raise SystemExit(f"{sweep_dir / 'results.csv'}: {r['variant']} seed {r['seed']} is in "
+                                     f"{dest / 'results.csv'} already, with other metrics; add only new runs")
+                have[key] = [r.get(m, "") for m in metrics]
+                r["run_dir"] = os.path.relpath(r["run_dir"], sweep_dir.parent) if r.get("run_dir") else ""
+                for c in r:
+                    if c not in fields:  # a key only the new runs bind: with the other bound keys
+                        fields.insert(fields.index(metrics[0]), c)
+                new.append(r)
+    with open(dest / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows + new)
+    for sweep_dir in sweep_dirs:
+        for png in sorted((sweep_dir / "figures").glob("*-arm-*.png")):
+            shutil.copy2(png, dest / "figures" / f"{sweep_dir.name}-{png.name}")
+    meta = json.loads((dest / "meta.json").read_text())
+    meta["note"] = f"{meta['note']}; {note}" if meta.get("note") else note
+    (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return len(new)
 
 
 # -- a piece's results again, from its results.csv ------------------------------------
@@ -362,6 +406,11 @@ GLOSSARY = {
     "beta-gain-empty": "discounted Beta-Bernoulli Thompson sampling (`decayed_beta_ts_policy`) rewarded 1 when the "
                        "held-out task loss did not rise over the round, else 0 (`heldout_gain_reward`), with the "
                        "empty arm",
+    # arms that leave at most one module out, and the encoders' arm (docs/method.md)
+    "optima-loo": "OPTIMA over 4 arms instead of 7: all modules and each pair (no round distils one module alone)",
+    "random-loo": "a uniformly random arm each round over optima-loo's 4 arms",
+    "encoders": "the image and text encoders' layer losses every round, never the multimodal decoder's (the "
+                "fixed arm image+text; picked after the first table, on these pieces' data)",
 }
 NOT_BINDINGS = {"variant", "seed", "status", "wall_s", "run_dir", "error"}
 
@@ -552,6 +601,12 @@ def main() -> None:
                    help="keep PIECE from several sweeps of its config (made with its variants' bindings), "
                         "with --meta JSON describing how")
     p.add_argument("--meta", help="with --gather: a JSON file of the piece's meta (config, commands, times)")
+    p.add_argument("--add", nargs="+", metavar=("PIECE", "SWEEP_DIR"),
+                   help="add the runs of more sweeps of a kept PIECE's config to it, with --note saying how "
+                        "they were made")
+    p.add_argument("--note", help="with --add: the commands, load and times of the added sweeps")
+    p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                   help="with --add: a variant's name in the sweeps -> its name in the variants file")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: each kept piece's results.md and metric figures again from its results.csv, "
                         "then README.md")
@@ -562,6 +617,15 @@ def main() -> None:
         meta = {**json.loads(Path(args.meta).read_text()), "machine": machine()}
         keep_gathered(piece, [Path(d).resolve() for d in dirs], meta)
         report_piece(OUT / piece)
+        args.summary_only = True
+    if args.add:
+        piece, *dirs = args.add
+        if not dirs or not args.note:
+            p.error("--add takes a piece, one or more sweep directories, and --note")
+        rename = dict(r.split("=", 1) for r in args.rename)
+        added = add_sweeps(piece, [Path(d).resolve() for d in dirs], args.note, rename)
+        report_piece(OUT / piece)
+        print(f"{piece}: {added} runs added")
         args.summary_only = True
     if args.report_only:
         for piece, *_ in PLAN:

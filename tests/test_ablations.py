@@ -1,5 +1,6 @@
 """`gin/ablations/`: each file includes the quickstart and changes only the reward
-or only the policy; a run's operative config shows the swap took effect."""
+or only the policy (with the arms it plays); a run's operative config shows the
+swap took effect."""
 import re
 from pathlib import Path
 
@@ -13,13 +14,14 @@ from optima.cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
 ABLATIONS = sorted((ROOT / "gin" / "ablations").glob("*.gin"))
-#: file -> (the one distillation parameter it changes, its value)
+#: file -> the distillation parameters it changes and their values
 EXPECTED = {
-    "reward_kd": ("reward", "@kd_reward()"),
-    "reward_layerwise": ("reward", "@layerwise_reward()"),
-    "reward_combined": ("reward", "@combined_reward()"),
-    "policy_random": ("policy", "@random_policy"),
-    "policy_layerwise": ("policy", "@layerwise_policy"),
+    "reward_kd": {"reward": "@kd_reward()"},
+    "reward_layerwise": {"reward": "@layerwise_reward()"},
+    "reward_combined": {"reward": "@combined_reward()"},
+    "policy_random": {"policy": "@random_policy"},
+    "policy_layerwise": {"policy": "@layerwise_policy"},
+    "policy_encoders": {"policy": "@fixed_policy", "arms": "[['image', 'text']]"},
 }
 TINY = [
     "pretraining.steps = 1", "pretraining.batch_size = 8", "corpus/world_captions_task.train_size = 16",
@@ -47,23 +49,22 @@ def test_every_ablation_is_expected():
 
 @pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
 def test_an_ablation_changes_only_its_reward_or_policy(path):
-    parameter, value = EXPECTED[path.stem]
+    changes = EXPECTED[path.stem]
     config.setup(external_plugins=False)
     config.parse([str(ROOT / "gin" / "quickstart.gin")])
     base = _statements()
     config.parse([str(path)])
     ablation = _statements()
     gin.clear_config()
-    binding = f"distillation.{parameter} = {value}"
-    assert binding in ablation
-    assert ablation - base <= {binding}
-    assert all(s.startswith(f"distillation.{parameter} = ") for s in base - ablation)
+    bindings = {f"distillation.{parameter} = {value}" for parameter, value in changes.items()}
+    assert bindings <= ablation
+    assert ablation - base <= bindings
+    assert all(s.startswith(tuple(f"distillation.{p} = " for p in changes)) for s in base - ablation)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
 def test_the_swap_is_in_the_operative_config(path, tmp_path):
-    parameter, value = EXPECTED[path.stem]
     args = ["run", str(path.relative_to(ROOT)), "--run-dir", str(tmp_path / "run"), "--no-plugins"]
     for b in TINY:
         args += ["-b", b]
@@ -75,5 +76,6 @@ def test_the_swap_is_in_the_operative_config(path, tmp_path):
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     operative = (tmp_path / "run" / "operative_config.gin").read_text()
-    used = re.findall(rf"^(?:\w+/)?distillation\.{parameter} = (.+)$", operative, re.M)
-    assert used == [value]
+    for parameter, value in EXPECTED[path.stem].items():
+        used = re.findall(rf"^(?:\w+/)?distillation\.{parameter} = (.+)$", operative, re.M)
+        assert used == [value]

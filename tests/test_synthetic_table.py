@@ -136,3 +136,43 @@ def test_the_summary_takes_pieces_with_and_without_the_reward_ablation(tmp_path)
     assert "| reward-kd |  | 0.7210 ± 0.0010 (3) |" in readme  # ve_tiny6 comes first in the plan
     assert "| reward-kd |  | +0.0200 better |" in readme  # against layerwise, seed by seed
     assert "| task-only | -0.0100 worse | -0.0100 worse |" in readme
+
+
+def test_more_sweeps_are_added_to_a_kept_piece_and_a_run_it_has_is_refused(tmp_path):
+    """--add: a later sweep's runs join a kept piece under the variants file's names,
+    a key only they bind goes with the bound keys, the note says how they were made;
+    a run the piece has already is skipped when the same (the stage cache's), refused
+    when not, and then nothing is written."""
+    out, sweeps = tmp_path / "results", tmp_path / "sweeps"
+    kept = out / "ve_tiny6-long-task-aware"
+    (kept / "figures").mkdir(parents=True)
+    header = "variant,seed,status,distillation.policy,teacher/accuracy,tiny6/accuracy,wall_s,run_dir,error\n"
+    (kept / "results.csv").write_text(header + "layerwise,0,done,@layerwise_policy,0.8,0.73,1.0,lw/layerwise/seed-0,\n")
+    (kept / "meta.json").write_text(json.dumps({"note": "made by one sweep"}))
+    probe = sweeps / "probe"
+    (probe / "figures").mkdir(parents=True)
+    (probe / "figures" / "tiny6-arm-plays.png").write_bytes(b"png")
+    (probe / "results.csv").write_text(
+        "variant,seed,status,distillation.policy,fixed_policy.arm,teacher/accuracy,tiny6/accuracy,wall_s,run_dir,error\n"
+        f"fixed-image+text,1,done,@fixed_policy,3,0.8,0.74,2.0,{probe}/fixed-image+text/seed-1,\n"
+        f"layerwise,0,done,@layerwise_policy,,0.8,0.73,0.1,{probe}/layerwise/seed-0,\n")
+
+    added = table.add_sweeps(kept.name, [probe], "`optima sweep ... --sweep-dir SWEEPS/probe`",
+                             {"fixed-image+text": "encoders"}, out=out)
+    assert added == 1
+    lines = (kept / "results.csv").read_text().splitlines()
+    assert lines[0] == ("variant,seed,status,distillation.policy,fixed_policy.arm,teacher/accuracy,tiny6/accuracy,"
+                        "wall_s,run_dir,error")
+    assert lines[1] == "layerwise,0,done,@layerwise_policy,,0.8,0.73,1.0,lw/layerwise/seed-0,"
+    assert lines[2] == "encoders,1,done,@fixed_policy,3,0.8,0.74,2.0,probe/fixed-image+text/seed-1,"
+    assert (kept / "figures" / "probe-tiny6-arm-plays.png").exists()
+    assert json.loads((kept / "meta.json").read_text())["note"] == \
+        "made by one sweep; `optima sweep ... --sweep-dir SWEEPS/probe`"
+
+    assert len(lines) == 3  # layerwise seed 0 was there with the same metrics
+    before = (kept / "results.csv").read_text()
+    csv_text = (probe / "results.csv").read_text()
+    (probe / "results.csv").write_text(csv_text.replace("0.74,2.0", "0.75,2.0"))
+    with pytest.raises(SystemExit, match="encoders seed 1 is in .*results.csv already, with other metrics"):
+        table.add_sweeps(kept.name, [probe], "again", {"fixed-image+text": "encoders"}, out=out)
+    assert (kept / "results.csv").read_text() == before
