@@ -182,6 +182,9 @@ def add_sweeps(piece: str, sweep_dirs: list[Path], note: str, rename: dict[str, 
     same (the sweep took it from the stage cache) and an error where they are
     not: then nothing is written."""
     dest = out / piece
+    for path in [dest / "results.csv", *(d / "results.csv" for d in sweep_dirs)]:
+        if not path.is_file():
+            raise SystemExit(f"{path}: not found; --add takes a kept piece and finished sweeps of its config")
     with open(dest / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
         fields, rows = list(reader.fieldnames or []), list(reader)

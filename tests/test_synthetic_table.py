@@ -176,3 +176,5 @@ def test_more_sweeps_are_added_to_a_kept_piece_and_a_run_it_has_is_refused(tmp_p
     with pytest.raises(SystemExit, match="encoders seed 1 is in .*results.csv already, with other metrics"):
         table.add_sweeps(kept.name, [probe], "again", {"fixed-image+text": "encoders"}, out=out)
     assert (kept / "results.csv").read_text() == before
+    with pytest.raises(SystemExit, match="nowhere/results.csv: not found"):
+        table.add_sweeps(kept.name, [tmp_path / "nowhere"], "again", {}, out=out)
