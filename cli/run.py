@@ -362,7 +362,8 @@ def print_plan(plan: dict, config: str) -> None:
     for name, s in plan["stages"].items():
         if s["kind"] == "distill":
             shown = s["arms"] if len(s["arms"]) <= 20 else s["arms"][:20] + ["..."]
-            console.print(f"{name}: {len(s['arms'])} arms: {', '.join(shown)}")
+            n = len(s["arms"])
+            console.print(f"{name}: {n} arm{'s' if n != 1 else ''}: {', '.join(shown)}")
             for unit, layers in (s.get("units") or {}).items():
                 console.print(f"{name}: unit {unit}: {layers}")
             for module, teacher_layers in s["layer_map"].items():

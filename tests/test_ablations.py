@@ -79,3 +79,11 @@ def test_the_swap_is_in_the_operative_config(path, tmp_path):
     for parameter, value in EXPECTED[path.stem].items():
         used = re.findall(rf"^(?:\w+/)?distillation\.{parameter} = (.+)$", operative, re.M)
         assert used == [value]
+
+
+def test_the_encoders_ablation_plays_one_arm_of_both_encoders(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMA_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["run", str(ROOT / "gin" / "ablations" / "policy_encoders.gin"), "--dry-run",
+                                      "--no-plugins"])
+    assert result.exit_code == 0, result.output
+    assert "tiny6: 1 arm: image+text\n" in result.output
