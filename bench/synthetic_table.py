@@ -414,6 +414,7 @@ GLOSSARY = {
     "random-loo": "a uniformly random arm each round over optima-loo's 4 arms",
     "encoders": "the image and text encoders' layer losses every round, never the multimodal decoder's (the "
                 "fixed arm image+text; picked after the first table, on these pieces' data)",
+    "encoders-norm": "encoders with the hidden-state MSE divided by the teacher's variance",
 }
 NOT_BINDINGS = {"variant", "seed", "status", "wall_s", "run_dir", "error"}
 
