@@ -139,6 +139,24 @@ def keep(piece: str, sweep_dir: Path, meta: dict, out: Path = OUT) -> None:
     (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
+def sweep_rows(sweep_dir: Path, rename: dict[str, str]) -> list[dict]:
+    """A sweep's results.csv rows, variants renamed by `rename` (a name in the
+    sweep -> its name in the variants file), run directories relative to `SWEEPS`."""
+    with open(sweep_dir / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["variant"] = rename.get(row["variant"], row["variant"])
+        row["run_dir"] = os.path.relpath(row["run_dir"], sweep_dir.parent) if row.get("run_dir") else ""
+    return rows
+
+
+def copy_arm_figures(sweep_dir: Path, dest: Path) -> None:
+    """A sweep's arm figures into a piece's figures/, named by sweep (the metric
+    figures are `report_piece`'s)."""
+    for png in sorted((sweep_dir / "figures").glob("*-arm-*.png")):
+        shutil.copy2(png, dest / "figures" / f"{sweep_dir.name}-{png.name}")
+
+
 def keep_gathered(piece: str, sweep_dirs: list[Path], meta: dict, out: Path = OUT) -> None:
     """Keep a piece made by several sweeps of its config, each with some of the
     piece's variants and seeds (the same bindings as its variants file): their
@@ -149,19 +167,15 @@ def keep_gathered(piece: str, sweep_dirs: list[Path], meta: dict, out: Path = OU
         shutil.rmtree(dest)
     (dest / "figures").mkdir(parents=True)
     rows, columns, seen = [], {}, set()
-    rename = meta.pop("rename", {})  # a variant's name in a sweep -> its name in the variants file
+    rename = meta.pop("rename", {})
     for sweep_dir in sweep_dirs:
-        with open(sweep_dir / "results.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                row["variant"] = rename.get(row["variant"], row["variant"])
-                if (row["variant"], row["seed"]) in seen:  # a run two sweeps share (the same cached stages)
-                    continue
-                seen.add((row["variant"], row["seed"]))
-                row["run_dir"] = os.path.relpath(row["run_dir"], sweep_dir.parent) if row.get("run_dir") else ""
-                rows.append(row)
-                columns.update(dict.fromkeys(row))
-        for png in sorted((sweep_dir / "figures").glob("*-arm-*.png")):  # the metric figures: report_piece
-            shutil.copy2(png, dest / "figures" / f"{sweep_dir.name}-{png.name}")
+        for row in sweep_rows(sweep_dir, rename):
+            if (row["variant"], row["seed"]) in seen:  # a run two sweeps share (the same cached stages)
+                continue
+            seen.add((row["variant"], row["seed"]))
+            rows.append(row)
+            columns.update(dict.fromkeys(row))
+        copy_arm_figures(sweep_dir, dest)
     order = ["variant", "seed", "status"]
     tail = [c for c in ("wall_s", "run_dir", "error") if c in columns]
     rest = [c for c in columns if c not in order and c not in tail]
@@ -192,28 +206,24 @@ def add_sweeps(piece: str, sweep_dirs: list[Path], note: str, rename: dict[str, 
     have = {(r["variant"], r["seed"]): [r[m] for m in metrics] for r in rows}
     new = []
     for sweep_dir in sweep_dirs:
-        with open(sweep_dir / "results.csv", newline="") as f:
-            for r in csv.DictReader(f):
-                r["variant"] = rename.get(r["variant"], r["variant"])
-                key = (r["variant"], r["seed"])
-                if key in have:
-                    if have[key] == [r.get(m, "") for m in metrics]:
-                        continue
-                    raise SystemExit(f"{sweep_dir / 'results.csv'}: {r['variant']} seed {r['seed']} is in "
-                                     f"{dest / 'results.csv'} already, with other metrics; add only new runs")
-                have[key] = [r.get(m, "") for m in metrics]
-                r["run_dir"] = os.path.relpath(r["run_dir"], sweep_dir.parent) if r.get("run_dir") else ""
-                for c in r:
-                    if c not in fields:  # a key only the new runs bind: with the other bound keys
-                        fields.insert(fields.index(metrics[0]), c)
-                new.append(r)
+        for r in sweep_rows(sweep_dir, rename):
+            key = (r["variant"], r["seed"])
+            if key in have:
+                if have[key] == [r.get(m, "") for m in metrics]:
+                    continue
+                raise SystemExit(f"{sweep_dir / 'results.csv'}: {r['variant']} seed {r['seed']} is in "
+                                 f"{dest / 'results.csv'} already, with other metrics; add only new runs")
+            have[key] = [r.get(m, "") for m in metrics]
+            for c in r:
+                if c not in fields:  # a key only the new runs bind: with the other bound keys
+                    fields.insert(fields.index(metrics[0]), c)
+            new.append(r)
     with open(dest / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows + new)
     for sweep_dir in sweep_dirs:
-        for png in sorted((sweep_dir / "figures").glob("*-arm-*.png")):
-            shutil.copy2(png, dest / "figures" / f"{sweep_dir.name}-{png.name}")
+        copy_arm_figures(sweep_dir, dest)
     meta = json.loads((dest / "meta.json").read_text())
     meta["note"] = f"{meta['note']}; {note}" if meta.get("note") else note
     (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
