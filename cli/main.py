@@ -257,7 +257,22 @@ def synth(
 
 
 def main() -> None:
-    app()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app()
+        return
+    # Under torchrun a run's models (DDP and its gloo process group) end as cyclic
+    # garbage, kept alive by the exit's exception chain (a stopped run's frames).
+    # Freed in the interpreter's teardown, gloo's threads can abort the process
+    # (SIGABRT instead of the run's exit code): free them while it is alive.
+    try:
+        app()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    import gc
+
+    gc.collect()
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

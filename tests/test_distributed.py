@@ -135,6 +135,40 @@ def _optima(args: list[str], cache: Path, processes: int = 1, **env: str) -> sub
                           env={**os.environ, "OPTIMA_CACHE": str(cache), "OMP_NUM_THREADS": "1", **env})
 
 
+EXIT_PROBE = """
+import atexit, gc, os, sys
+from torch.nn.parallel import DistributedDataParallel
+
+def alive():  # what the interpreter's teardown would free (after atexit) instead of the run
+    n = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"rank {os.environ['RANK']}: DDP models alive at exit: {n}", file=sys.stderr)
+
+atexit.register(alive)
+sys.argv[0] = "optima"
+from optima.cli.main import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_stopped_torchrun_run_frees_its_models_before_the_interpreter_exits(tmp_path):
+    """A stopped run's DDP model (and its gloo process group) are cyclic garbage
+    of its error's frames: freed in the interpreter's teardown, gloo's threads
+    once aborted a rank (SIGABRT instead of 143). `main` collects them first."""
+    probe = tmp_path / "optima_probe.py"
+    probe.write_text(EXIT_PROBE)
+    bindings = [x for b in BINDINGS for x in ("-b", b)]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(_free_port()), str(probe), "run", "tests/gin/tiny_ve.gin", *bindings, "--run-dir",
+                           str(tmp_path / "ddp")], cwd=ROOT, text=True, capture_output=True, timeout=900,
+                          env={**os.environ, "OPTIMA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+                               "OPTIMA_TEST_KILL_AT": "step:3", "OPTIMA_TEST_KILL_SIGNAL": "TERM",
+                               "OPTIMA_TEST_KILL_RANK": "1"})
+    assert "interrupted by SIGTERM after step 3" in done.stderr, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: DDP models alive at exit: 0" in done.stderr, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_torchrun_sigterm_on_one_rank_saves_stops_both_and_resumes(tmp_path):
     """`torchrun --nproc-per-node 2 optima run`: the teacher is fine-tuned and the
